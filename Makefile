@@ -1,0 +1,40 @@
+# edgetl: `make demo` and `make test` do all set-up (virtual environment, install) on a fresh machine, offline
+# except for the package registry.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SHARED ?= ../shared
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
+DEMO_WEIGHTS := $(SHARED)/weights/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+demo: install
+	@if [ -f "$(DEMO_WEIGHTS)" ]; then \
+	  echo "demo: using local ImageNet weights for MobileNetV3-Small from $(SHARED)/weights"; \
+	  EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/edgetl run recipes/quickstart.yaml; \
+	else \
+	  echo "demo: no local ImageNet weights ($(DEMO_WEIGHTS) is absent): using random initialisation (weights: none)"; \
+	  $(BIN)/edgetl run recipes/quickstart.yaml --set finetune.weights=none; \
+	fi
+
+test: install
+	EDGETL_SHARED="$(abspath $(SHARED))" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/python benchmarks/export_latency.py
+	EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/python benchmarks/finetune_speed.py
+	EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/python benchmarks/qat_accuracy.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache models/quickstart models/.cache

@@ -1,0 +1,60 @@
+"""The ``edgetl`` command line: thin Typer commands (parse → call library → render).
+
+Importing this package must not import TensorFlow: ``edgetl verify`` runs on devices without it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import typer
+
+from edgetl import __version__
+
+app = typer.Typer(
+    name="edgetl",
+    help=(
+        "Fine-tune a pretrained image classifier on your photos, make it int8 with quantization-aware training, "
+        "export TFLite/ONNX and verify accuracy and latency on the CPU where it will run."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgetl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    if debug:
+        os.environ["EDGETL_DEBUG"] = "1"
+
+
+def _register() -> None:
+    import importlib
+
+    for module in ("finetune_cmd", "export_cmd", "verify_cmd", "run_cmd"):
+        try:
+            mod = importlib.import_module(f"edgetl.cli.{module}")
+        except ModuleNotFoundError as exc:  # a command module not written yet
+            if exc.name != f"edgetl.cli.{module}":
+                raise
+            continue
+        mod.register(app)
+
+
+_register()
+
+
+def entrypoint() -> None:
+    app()

@@ -1,0 +1,627 @@
+"""`edgetl finetune`: transfer learning in three phases, writing a run directory (docs/formats.md).
+
+1. head: the whole backbone frozen; its pooled features are computed once (plus ``feature_views`` augmented
+   views per image) and a dropout+softmax head is trained on the cached features at ``head_lr``.
+2. fine_tune (optional): the backbone above the freeze boundary is unfrozen and trained end to end at a 10-100x
+   lower ``fine_tune_lr``. BatchNormalization layers stay in inference mode (the base is called with
+   ``training=False``), frozen or not.
+3. qat (default on): quantization-aware training from the best float weights (edgetl.quantize).
+
+The run is built in a hidden ``.NAME.partial`` folder beside the target and swapped in when complete; each finished
+phase is checkpointed there, so a killed run resumes from its last completed phase when rerun with the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgetl import __version__
+from edgetl.backbones import Backbone, check_image_size, get_backbone
+from edgetl.config import FinetuneConfig
+from edgetl.data import ImageFolder, LoadedImages, load_images, scan_folder, stratified_split
+from edgetl.errors import ConfigError, DataError, RunDirError, WeightsError
+from edgetl.fsutil import atomic_write_json, atomic_write_text, sha256_file
+from edgetl.manifest import RUN_SCHEMA, config_hash, new_run_id, now_iso, package_versions
+from edgetl.progress import NullReporter, Reporter
+from edgetl.weights import WeightsChoice, keras_download_path, resolve_weights, weights_record
+
+PHASES = ("head", "fine_tune", "qat")
+
+
+# ----------------------------------------------------------------------------------------------------------- model
+
+
+def build_classifier(backbone: Backbone, image_size: int, num_classes: int, weights: WeightsChoice, dropout: float):
+    """The classifier: image (0..255 RGB) -> [rescale] -> backbone (nested, inference BN) -> pool -> dropout -> dense."""
+    from edgetl._tfenv import keras
+
+    k = keras()
+    try:
+        base = backbone.build_base(image_size, weights.keras_arg())
+    except (ValueError, OSError, KeyError) as exc:
+        if weights.path is not None:
+            raise WeightsError(
+                f"weights file {weights.path} does not fit {backbone.name} ({str(exc).splitlines()[0][:160]})",
+                f"pass weights made for {backbone.name} without the top ({backbone.weight_files[1]}) or --weights none",
+            ) from None
+        if weights.source == "imagenet":
+            raise WeightsError(
+                f"could not get ImageNet weights for {backbone.name}: {str(exc).splitlines()[0][:160]}",
+                f"download {backbone.weight_files[1]} and set EDGETL_WEIGHTS_DIR to its folder, or pass --weights none",
+            ) from None
+        raise
+    except Exception as exc:  # Keras download errors (no network) come as various types
+        if weights.source == "imagenet" and weights.path is None:
+            raise WeightsError(
+                f"could not download ImageNet weights for {backbone.name} ({type(exc).__name__})",
+                f"put {backbone.weight_files[1]} in a folder and set EDGETL_WEIGHTS_DIR to it, or pass --weights none",
+            ) from None
+        raise
+    inputs = k.Input((image_size, image_size, 3), name="image")
+    x = inputs
+    if backbone.input_rescale is not None:
+        scale, offset = backbone.input_rescale
+        x = k.layers.Rescaling(scale, offset, name="input_rescale")(x)
+    x = base(x, training=False)
+    x = k.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = k.layers.Dropout(dropout, name="dropout")(x)
+    outputs = k.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    model = k.Model(inputs, outputs, name=f"edgetl_{backbone.name}")
+    return model, base
+
+
+def get_base(model):
+    """The nested backbone model of a classifier built by :func:`build_classifier`."""
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.name not in ("image",):
+            return layer
+    raise RunDirError("the saved model has no nested backbone", "rerun edgetl finetune")
+
+
+# ------------------------------------------------------------------------------------------------------ freezing
+
+
+@dataclass(frozen=True)
+class FreezeDecision:
+    policy: str
+    boundary_index: int  # layers [0, boundary_index] of the base are frozen; -1: none frozen
+    boundary_layer: str | None
+    reason: str
+
+
+def auto_freeze_point(images_per_class: float, domain: str) -> tuple[str, str]:
+    """The decision guide: little data -> freeze more; data unlike ImageNet -> unfreeze more."""
+    n = images_per_class
+    if n < 100:
+        return "all", (f"{n:.0f} images per class is small: feature extraction (whole backbone frozen) avoids "
+                       "overfitting")
+    if n < 1000:
+        point = "late" if domain == "similar" else "mid"
+        return point, (f"{n:.0f} images per class and a {domain} domain: freeze up to the {point} point, "
+                       "fine-tune the top blocks")
+    point = "mid" if domain == "similar" else "early"
+    return point, f"{n:.0f} images per class and a {domain} domain: freeze only up to the {point} point"
+
+
+def decide_freeze(backbone: Backbone, base, policy: str, images_per_class: float, domain: str) -> FreezeDecision:
+    names = [layer.name for layer in base.layers]
+    policy = str(policy).strip()
+    reason = f"--freeze {policy}"
+    point = policy
+    if policy == "auto":
+        point, reason = auto_freeze_point(images_per_class, domain)
+    if point == "all":
+        return FreezeDecision(policy, len(names) - 1, names[-1], reason)
+    if point == "none":
+        return FreezeDecision(policy, -1, None, reason)
+    if point in backbone.freeze_points:
+        layer = backbone.freeze_points[point]
+        return FreezeDecision(policy, names.index(layer), layer, reason)
+    try:
+        fraction = float(point)
+    except ValueError:
+        fraction = None
+    if fraction is not None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"--freeze {policy} is not a fraction between 0 and 1", "use e.g. --freeze 0.7")
+        n_frozen = int(round(fraction * len(names)))
+        return FreezeDecision(policy, n_frozen - 1, names[n_frozen - 1] if n_frozen else None, reason)
+    if point in names:
+        return FreezeDecision(policy, names.index(point), point, reason)
+    import difflib
+
+    close = difflib.get_close_matches(point, names + list(backbone.freeze_points), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(
+        f"--freeze {policy!r} is not a layer of {backbone.name} nor a policy",
+        f"{hint}use auto, all, none, {', '.join(backbone.freeze_points)}, a fraction 0..1 or a layer name",
+    )
+
+
+def apply_freeze(base, decision: FreezeDecision) -> dict:
+    """Set ``trainable`` per layer; return the counts the manifest records."""
+    base.trainable = True
+    frozen = trainable = 0
+    for i, layer in enumerate(base.layers):
+        layer.trainable = i > decision.boundary_index
+        if layer.weights:
+            if layer.trainable:
+                trainable += 1
+            else:
+                frozen += 1
+    return {
+        "policy": decision.policy,
+        "boundary_layer": decision.boundary_layer,
+        "boundary_index": decision.boundary_index,
+        "frozen_layers": frozen,
+        "trainable_layers": trainable,
+        "backbone_layers": len(base.layers),
+        "reason": decision.reason,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- training bits
+
+
+def set_seeds(seed: int) -> None:
+    from edgetl._tfenv import keras
+
+    random.seed(seed)
+    np.random.seed(seed)
+    keras().utils.set_random_seed(seed)
+
+
+def make_augmenter(cfg: FinetuneConfig, seed: int):
+    from edgetl._tfenv import keras
+
+    k = keras()
+    a = cfg.augment
+    layers = []
+    if a.flip:
+        layers.append(k.layers.RandomFlip("horizontal", seed=seed))
+    if a.rotation:
+        layers.append(k.layers.RandomRotation(a.rotation, fill_mode="reflect", seed=seed + 1))
+    if a.zoom:
+        layers.append(k.layers.RandomZoom(a.zoom, fill_mode="reflect", seed=seed + 2))
+    if a.contrast:
+        layers.append(k.layers.RandomContrast(a.contrast, seed=seed + 3))
+    return k.Sequential(layers, name="augment") if layers else None
+
+
+class _EpochProgress:
+    """A Keras callback driving a Reporter task: one tick per batch, metrics per epoch."""
+
+    def __new__(cls, task, best: dict):
+        from edgetl._tfenv import keras
+
+        class _Callback(keras().callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                task.advance(1)
+
+            def on_epoch_end(self, epoch, logs=None):
+                logs = logs or {}
+                best["epochs_run"] = epoch + 1
+                task.update(epoch=epoch + 1, loss=float(logs.get("loss", np.nan)),
+                            val_acc=float(logs.get("val_accuracy", np.nan)))
+
+        return _Callback()
+
+
+def _history(h) -> dict[str, list[float]]:
+    return {k: [float(v) for v in vals] for k, vals in h.history.items()}
+
+
+def evaluate_accuracy(model, images: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> float:
+    probs = model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0)
+    return float(np.mean(np.argmax(probs, axis=1) == labels))
+
+
+def tflite_accuracy(content: bytes, images: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of a .tflite flatbuffer, run with LiteRT exactly as a device would (batch 1)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=content, num_threads=os.cpu_count() or 1)
+    interp.allocate_tensors()
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    correct = 0
+    for image, label in zip(images, labels):
+        x = image[None].astype(np.float32)
+        scale, zero = inp["quantization"]
+        if inp["dtype"] != np.float32:
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.round(x / scale + zero), info.min, info.max)
+        interp.set_tensor(inp["index"], x.astype(inp["dtype"]))
+        interp.invoke()
+        correct += int(np.argmax(interp.get_tensor(out["index"])[0]) == label)
+    return correct / len(labels)
+
+
+# --------------------------------------------------------------------------------------------------------- phases
+
+
+def head_phase(cfg, model, train: LoadedImages, val: LoadedImages, reporter: Reporter, seed: int) -> dict:
+    """Train the head on cached features of the frozen backbone."""
+    from edgetl._tfenv import keras, tf
+
+    k, tf = keras(), tf()
+    feature_model = k.Model(model.input, model.get_layer("pool").output)
+    augment = make_augmenter(cfg, seed)
+    views = cfg.feature_views if augment is not None else 0
+    bs = cfg.batch_size
+
+    @tf.function(reduce_retracing=True)
+    def clean_features(batch):
+        return feature_model(tf.cast(batch, tf.float32), training=False)
+
+    @tf.function(reduce_retracing=True)
+    def augmented_features(batch):
+        return feature_model(augment(tf.cast(batch, tf.float32), training=True), training=False)
+
+    if augment is not None:  # build the augmentation layers' state outside tf.function
+        augment(tf.zeros((1,) + train.images.shape[1:]), training=True)
+
+    def extract(images: np.ndarray, n_views: int, task) -> np.ndarray:
+        out = []
+        for view in range(n_views):
+            chunks = []
+            for i in range(0, len(images), bs):
+                fn = augmented_features if view > 0 else clean_features
+                chunks.append(fn(images[i : i + bs]).numpy())
+                task.advance(1)
+            out.append(np.concatenate(chunks))
+        return np.concatenate(out)
+
+    t0 = time.perf_counter()
+    n_batches = -(-len(train.images) // bs) * (1 + views) + -(-len(val.images) // bs)
+    with reporter.task(f"caching features (1+{views} views)", n_batches) as task:
+        x_train = extract(train.images, 1 + views, task)
+        y_train = np.tile(train.labels, 1 + views)
+        x_val = extract(val.images, 1, task)
+    cache_s = time.perf_counter() - t0
+
+    head_in = k.Input(x_train.shape[1:], name="features")
+    h = k.layers.Dropout(cfg.dropout, name="dropout")(head_in)
+    head_out = k.layers.Dense(model.output_shape[-1], activation="softmax", name="predictions")(h)
+    head = k.Model(head_in, head_out)
+    head.compile(k.optimizers.Adam(cfg.head_lr), _loss(cfg, k), metrics=["accuracy"])
+    best: dict = {}
+    steps = -(-len(x_train) // bs)
+    t1 = time.perf_counter()
+    with reporter.task("head phase", steps * cfg.epochs) as task:
+        hist = head.fit(
+            x_train, _targets(y_train, cfg, model.output_shape[-1]), validation_data=(x_val, _targets(val.labels, cfg, model.output_shape[-1])),
+            epochs=cfg.epochs, batch_size=bs, shuffle=True, verbose=0,
+            callbacks=[k.callbacks.EarlyStopping("val_accuracy", patience=cfg.patience, mode="max",
+                                                 restore_best_weights=True),
+                       _EpochProgress(task, best)],
+        )
+    model.get_layer("predictions").set_weights(head.get_layer("predictions").get_weights())
+    history = _history(hist)
+    val_acc = evaluate_accuracy(model, val.images, val.labels, bs)
+    return {
+        "status": "done", "epochs": cfg.epochs, "epochs_run": best.get("epochs_run", cfg.epochs), "lr": cfg.head_lr,
+        "feature_views": views, "cached_samples": int(len(x_train)), "cache_seconds": round(cache_s, 2),
+        "train_seconds": round(time.perf_counter() - t1, 2), "val_accuracy": val_acc, "history": history,
+    }
+
+
+def _loss(cfg: FinetuneConfig, k):
+    if cfg.label_smoothing:
+        return k.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+    return "sparse_categorical_crossentropy"
+
+
+def _targets(labels: np.ndarray, cfg: FinetuneConfig, num_classes: int) -> np.ndarray:
+    if cfg.label_smoothing:
+        return np.eye(num_classes, dtype=np.float32)[labels]
+    return labels
+
+
+def image_dataset(images: np.ndarray, labels: np.ndarray, cfg: FinetuneConfig, num_classes: int, seed: int,
+                  augment=None, shuffle: bool = True):
+    from edgetl._tfenv import tf
+
+    tf = tf()
+    ds = tf.data.Dataset.from_tensor_slices((images, _targets(labels, cfg, num_classes)))
+    if shuffle:
+        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(cfg.batch_size)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if augment is not None:
+        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def fit_phase(name, cfg, model, train, val, lr, epochs, reporter, seed, augment=True) -> dict:
+    """End-to-end training of the trainable layers (fine-tune or QAT), early stopping on val accuracy."""
+    from edgetl._tfenv import keras
+
+    k = keras()
+    num_classes = model.output_shape[-1]
+    model.compile(k.optimizers.Adam(lr), _loss(cfg, k), metrics=["accuracy"])
+    train_ds = image_dataset(train.images, train.labels, cfg, num_classes, seed,
+                             make_augmenter(cfg, seed) if augment else None)
+    val_ds = image_dataset(val.images, val.labels, cfg, num_classes, seed, None, shuffle=False)
+    steps = -(-len(train.images) // cfg.batch_size)
+    best: dict = {}
+    t0 = time.perf_counter()
+    with reporter.task(f"{name} phase", steps * epochs) as task:
+        hist = model.fit(
+            train_ds, validation_data=val_ds, epochs=epochs, verbose=0,
+            callbacks=[k.callbacks.EarlyStopping("val_accuracy", patience=cfg.patience, mode="max",
+                                                 restore_best_weights=True),
+                       _EpochProgress(task, best)],
+        )
+    return {
+        "status": "done", "epochs": epochs, "epochs_run": best.get("epochs_run", epochs), "lr": lr,
+        "train_seconds": round(time.perf_counter() - t0, 2), "history": _history(hist),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    manifest: dict
+
+
+def default_run_dir(cfg: FinetuneConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    name = cfg.name or f"{Path(cfg.data).resolve().name}-{cfg.backbone}"
+    return Path("models") / name
+
+
+def _load_split(cfg: FinetuneConfig, image_size: int, reporter: Reporter):
+    folder = scan_folder(cfg.data)
+    if cfg.val_data:
+        val_folder = scan_folder(cfg.val_data, classes=folder.classes)
+        train_items, val_items = list(folder.items), list(val_folder.items)
+    else:
+        train_items, val_items = stratified_split(folder.items, cfg.val_split, cfg.seed)
+    size = (image_size, image_size)
+    with reporter.task("loading images", len(train_items) + len(val_items)) as task:
+        train = load_images(train_items, size, cfg.skip_bad_images, task.advance)
+        val = load_images(val_items, size, cfg.skip_bad_images, task.advance)
+    if len(set(train.labels.tolist())) < len(folder.classes):
+        missing = sorted(set(range(len(folder.classes))) - set(train.labels.tolist()))
+        raise DataError(f"class(es) {', '.join(folder.classes[i] for i in missing)} have no readable training image",
+                        "add images to them")
+    return folder, train, val, train_items, val_items
+
+
+def _rel(path: Path) -> str:
+    return str(path)
+
+
+def _plot_curves(phases: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    offset = 0
+    for name in PHASES:
+        hist = phases.get(name, {}).get("history")
+        if not hist:
+            continue
+        n = len(hist.get("loss", []))
+        xs = np.arange(offset + 1, offset + n + 1)
+        for key, ax in (("accuracy", axes[0]), ("loss", axes[1])):
+            if key in hist:
+                ax.plot(xs, hist[key], label=f"{name} train")
+            if f"val_{key}" in hist:
+                ax.plot(xs, hist[f"val_{key}"], "--", label=f"{name} val")
+        offset += n
+    for ax, title in zip(axes, ("accuracy", "loss")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch (phases in order)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.partial.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None) -> RunResult:
+    """Run all configured phases and write the run directory. Returns its path and manifest."""
+    reporter = reporter or NullReporter()
+    backbone = get_backbone(cfg.backbone)
+    image_size = cfg.image_size or backbone.default_size
+    check_image_size(backbone, image_size)
+    weights = resolve_weights(backbone, cfg.weights, image_size, cfg.weights_dir)
+    run_dir = default_run_dir(cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file", "pass a folder path for the run directory")
+
+    folder, train, val, train_items, val_items = _load_split(cfg, image_size, reporter)
+    config = cfg.model_dump()
+    config["image_size"] = image_size
+    chash = config_hash({k: v for k, v in config.items() if k not in ("out", "name")})
+
+    work = run_dir.with_name(f".{run_dir.name}.partial")
+    state = _read_state(work, chash)
+    if state is None:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        state = {"config_hash": chash, "run_id": new_run_id(), "created": now_iso(), "completed": [], "phases": {}}
+    else:
+        reporter.info(f"resuming {run_dir} after phase(s): {', '.join(state['completed'])}")
+
+    from edgetl.distribute import select_strategy
+
+    strategy = select_strategy()
+    set_seeds(cfg.seed)
+    from edgetl._tfenv import keras
+
+    k = keras()
+    n_per_class = len(train.labels) / len(folder.classes)
+    with strategy.scope():
+        if state["completed"]:
+            model = k.models.load_model(work / "float.keras", compile=False, safe_mode=True)
+            base = get_base(model)
+        else:
+            model, base = build_classifier(backbone, image_size, len(folder.classes), weights, cfg.dropout)
+        decision = decide_freeze(backbone, base, cfg.freeze, n_per_class, cfg.domain)
+        reporter.info(f"weights: {weights.describe()}")
+        reporter.info(f"freeze: {decision.reason}")
+        phases = state["phases"]
+
+        if "head" not in state["completed"]:
+            for layer in base.layers:
+                layer.trainable = False
+            phases["head"] = head_phase(cfg, model, train, val, reporter, cfg.seed)
+            reporter.info(f"head phase: val_accuracy {phases['head']['val_accuracy']:.4f}")
+            _checkpoint(work, model, state, "head")
+
+        freeze_info = apply_freeze(base, decision)
+        if "fine_tune" not in state["completed"]:
+            if cfg.fine_tune_epochs > 0 and freeze_info["trainable_layers"] > 0:
+                before = phases["head"]["val_accuracy"]
+                saved = model.get_weights()
+                rec = fit_phase("fine_tune", cfg, model, train, val, cfg.fine_tune_lr, cfg.fine_tune_epochs,
+                                reporter, cfg.seed + 1)
+                rec["val_accuracy"] = evaluate_accuracy(model, val.images, val.labels, cfg.batch_size)
+                if rec["val_accuracy"] < before:
+                    model.set_weights(saved)
+                    rec["kept"] = "head weights (fine-tuning did not improve val accuracy)"
+                    rec["val_accuracy_after"] = rec["val_accuracy"]
+                    rec["val_accuracy"] = before
+                phases["fine_tune"] = rec
+                reporter.info(f"fine-tune phase: val_accuracy {rec['val_accuracy']:.4f}")
+            else:
+                why = "fine_tune_epochs is 0" if cfg.fine_tune_epochs == 0 else "nothing unfrozen (--freeze all)"
+                phases["fine_tune"] = {"status": "skipped", "reason": why}
+            _checkpoint(work, model, state, "fine_tune")
+
+    float_acc = phases["fine_tune"].get("val_accuracy", phases["head"]["val_accuracy"])
+    metrics = {"float_val_accuracy": float_acc}
+    if cfg.qat:
+        if "qat" not in state["completed"]:
+            phases["qat"] = qat_phase(cfg, model, train, val, work, reporter)
+            state["completed"].append("qat")
+            _save_state(work, state)
+        metrics.update(phases["qat"].get("metrics", {}))
+    else:
+        phases["qat"] = {"status": "skipped", "reason": "--no-qat"}
+        (work / "qat.keras").unlink(missing_ok=True)
+
+    atomic_write_text(work / "labels.txt", "\n".join(folder.classes) + "\n")
+    splits = {
+        "data_root": str(Path(cfg.data).resolve()),
+        "val_root": str(Path(cfg.val_data).resolve()) if cfg.val_data else None,
+        "train": [[_rel(p), int(label)] for p, label in zip(train.paths, train.labels.tolist())],
+        "val": [[_rel(p), int(label)] for p, label in zip(val.paths, val.labels.tolist())],
+        "skipped": [str(p) for p in train.skipped + val.skipped],
+    }
+    atomic_write_json(work / "splits.json", splits)
+    _plot_curves(phases, work / "curves.png")
+
+    loaded = weights.path or (keras_download_path(backbone) if weights.source == "imagenet" else None)
+    files = {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.is_file() and not p.name.startswith(".")
+             and p.name not in ("manifest.json", "progress.json")}
+    manifest = {
+        "schema": RUN_SCHEMA,
+        "edgetl_version": __version__,
+        "run_id": state["run_id"],
+        "created": state["created"],
+        "finished": now_iso(),
+        "backbone": backbone.name,
+        "image_size": [image_size, image_size],
+        "labels": list(folder.classes),
+        "input": {"layout": "NHWC", "height": image_size, "width": image_size, "channels": 3, "color": "RGB",
+                  "dtype": "float32", "range": [0, 255], "preprocessing": backbone.preprocessing},
+        "weights": weights_record(weights, loaded),
+        "freeze": freeze_info,
+        "seed": cfg.seed,
+        "config": config,
+        "versions": package_versions(),
+        "data": {"classes": folder.counts, "train_images": int(len(train.labels)), "val_images": int(len(val.labels)),
+                 "skipped_images": len(splits["skipped"])},
+        "phases": {name: {k2: v for k2, v in rec.items() if k2 != "history"} for name, rec in phases.items()},
+        "metrics": metrics,
+        "completed_phases": list(state["completed"]),
+        "files": files,
+    }
+    atomic_write_json(work / "manifest.json", manifest)
+    (work / "progress.json").unlink(missing_ok=True)
+    _swap_in(work, run_dir)
+    return RunResult(run_dir, manifest)
+
+
+def qat_phase(cfg, model, train, val, work: Path, reporter: Reporter) -> dict:
+    """Phase 3: rewrite + annotate, calibrate ranges on training images, train at a low lr, measure int8 files."""
+    from edgetl import quantize
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(cfg.seed)
+    calib_idx = rng.permutation(len(train.images))[: cfg.calibration_images]
+    calib = train.images[np.sort(calib_idx)].astype(np.float32)
+    with reporter.task("QAT: rewrite, annotate, calibrate", None):
+        qat_model = quantize.quantize_for_training(model)
+        quantize.calibrate(qat_model, calib, batch_size=cfg.batch_size)
+    calibrated_acc = evaluate_accuracy(qat_model, val.images, val.labels, cfg.batch_size)
+    rec = fit_phase("qat", cfg, qat_model, train, val, cfg.qat_lr, cfg.qat_epochs, reporter, cfg.seed + 2)
+    fake_acc = evaluate_accuracy(qat_model, val.images, val.labels, cfg.batch_size)
+    quantize.save_qat_model(qat_model, work / "qat.keras")
+    with reporter.task("QAT: converting int8 TFLite (QAT and PTQ) to measure them", None):
+        qat_int8 = tflite_accuracy(quantize.qat_to_tflite_int8(qat_model, calib[:64]), val.images, val.labels)
+        ptq_int8 = tflite_accuracy(quantize.ptq_to_tflite_int8(model, calib), val.images, val.labels)
+    rec.update({
+        "calibrated_val_accuracy": calibrated_acc,
+        "val_accuracy": fake_acc,
+        "calibration_images": int(len(calib)),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "metrics": {"qat_val_accuracy": fake_acc, "qat_int8_val_accuracy": qat_int8, "ptq_int8_val_accuracy": ptq_int8},
+    })
+    reporter.info(f"QAT: fake-quant val_accuracy {fake_acc:.4f}, int8 TFLite {qat_int8:.4f} (PTQ int8 {ptq_int8:.4f})")
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------- persistence
+
+
+def _read_state(work: Path, chash: str) -> dict | None:
+    try:
+        state = json.loads((work / "progress.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("config_hash") != chash or not (work / "float.keras").is_file():
+        return None
+    return state
+
+
+def _save_state(work: Path, state: dict) -> None:
+    atomic_write_json(work / "progress.json", state)
+
+
+def _checkpoint(work: Path, model, state: dict, phase: str) -> None:
+    tmp = work / ".float.partial.keras"
+    model.save(tmp)
+    os.replace(tmp, work / "float.keras")
+    state["completed"].append(phase)
+    _save_state(work, state)
+
+
+def _swap_in(work: Path, run_dir: Path) -> None:
+    old = None
+    if run_dir.exists():
+        old = run_dir.with_name(f".{run_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(run_dir, old)
+    os.replace(work, run_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

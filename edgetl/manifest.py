@@ -1,0 +1,38 @@
+"""Run provenance: schema names, run ids, package versions (TF-free)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+import uuid
+from importlib import metadata
+
+RUN_SCHEMA = "edgetl.run/1"
+BUNDLE_SCHEMA = "edgetl.bundle/1"
+
+_PACKAGES = ("edgetl", "tensorflow", "tensorflow-cpu", "tf-keras", "tensorflow-model-optimization", "tf2onnx", "onnx",
+             "onnxruntime", "ai-edge-litert", "numpy", "pillow", "typer", "rich", "pydantic")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def config_hash(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,71 @@
+"""A tiny reporting interface so library code shows progress without knowing about the terminal."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Protocol
+
+
+class Task(Protocol):
+    def advance(self, n: int = 1) -> None: ...
+    def update(self, **fields: object) -> None: ...
+
+
+class Reporter(Protocol):
+    def task(self, description: str, total: int | None) -> contextlib.AbstractContextManager[Task]: ...
+    def info(self, message: str) -> None: ...
+
+
+class _NullTask:
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def update(self, **fields: object) -> None:
+        pass
+
+
+class NullReporter:
+    """Reports nothing (library use, tests)."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Task]:
+        yield _NullTask()
+
+    def info(self, message: str) -> None:
+        self.messages.append(message)
+
+
+class RichReporter:
+    """Rich progress bars on stderr (used by the CLI)."""
+
+    def __init__(self, console=None) -> None:
+        from rich.console import Console
+
+        self.console = console or Console(stderr=True)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Task]:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            task_id = progress.add_task(description, total=total, status="")
+
+            class _Task:
+                def advance(self, n: int = 1) -> None:
+                    progress.advance(task_id, n)
+
+                def update(self, **fields: object) -> None:
+                    status = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+                    progress.update(task_id, status=status)
+
+            yield _Task()
+
+    def info(self, message: str) -> None:
+        self.console.print(message, highlight=False)

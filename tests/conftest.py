@@ -1,0 +1,64 @@
+"""Shared fixtures: the ../shared folder, tiny generated image folders, the CLI runner."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EDGETL_SHARED", REPO.parent / "shared"))
+V3S_NO_TOP = SHARED / "weights" / "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"shared data folder {SHARED} not present")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def weights_dir(shared) -> Path:
+    return shared / "weights"
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """3 classes x 16 generated images, 48 px: learnable, tiny."""
+    from edgetl.demo import make_shapes
+
+    return make_shapes(tmp_path_factory.mktemp("shapes"), per_class=16, size=48, seed=1)
+
+
+@pytest.fixture
+def cli():
+    """Run the real CLI in-process; returns (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from edgetl.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str, env: dict | None = None):
+        result = runner.invoke(app, [str(a) for a in args], env=env, catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    return invoke
+
+
+def subset_of(src: Path, dst: Path, classes: int, per_class: int) -> Path:
+    """Symlink a few images per class of a shared dataset into dst (fast, nothing copied)."""
+    for cls in sorted(p for p in src.iterdir() if p.is_dir())[:classes]:
+        (dst / cls.name).mkdir(parents=True, exist_ok=True)
+        for img in sorted(cls.iterdir())[:per_class]:
+            (dst / cls.name / img.name).symlink_to(img.resolve())
+    return dst
+
+
+sys.path.insert(0, str(Path(__file__).parent))

@@ -1,0 +1,146 @@
+"""The backbone table, freeze policies (which layers train) and weights resolution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgetl.backbones import BACKBONES, check_image_size, get_backbone
+from edgetl.errors import ConfigError, WeightsError
+from edgetl.finetune import apply_freeze, auto_freeze_point, build_classifier, decide_freeze, get_base
+from edgetl.weights import ENV_VAR, WeightsChoice, resolve_weights
+
+NONE = WeightsChoice("none", None)
+
+
+@pytest.fixture(scope="module")
+def small():
+    b = get_backbone("mobilenet_v3_small")
+    model, base = build_classifier(b, 32, 3, NONE, 0.2)
+    return b, model, base
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_table_row_builds_with_its_freeze_points(name):
+    b = BACKBONES[name]
+    model, base = build_classifier(b, 32, 4, NONE, 0.1)
+    names = [layer.name for layer in base.layers]
+    for point, layer in b.freeze_points.items():
+        assert layer in names, f"{name}: freeze point {point}={layer} is not a layer"
+    idx = [names.index(b.freeze_points[p]) for p in ("early", "mid", "late")]
+    assert idx == sorted(idx) and len(set(idx)) == 3
+    out = model(np.full((1, 32, 32, 3), 127.0, np.float32)).numpy()
+    assert out.shape == (1, 4) and abs(out.sum() - 1) < 1e-5
+    assert get_base(model) is base
+
+
+def _trainable(base):
+    return [layer.trainable for layer in base.layers]
+
+
+def test_freeze_all_none_point_fraction_and_layer(small):
+    b, _, base = small
+    names = [layer.name for layer in base.layers]
+    d = decide_freeze(b, base, "all", 50, "similar")
+    info = apply_freeze(base, d)
+    assert not any(_trainable(base)) and info["trainable_layers"] == 0 and info["frozen_layers"] > 0
+
+    info = apply_freeze(base, decide_freeze(b, base, "none", 50, "similar"))
+    assert all(_trainable(base)) and info["frozen_layers"] == 0
+
+    info = apply_freeze(base, decide_freeze(b, base, "mid", 50, "similar"))
+    k = names.index("expanded_conv_5/Add")
+    assert not any(_trainable(base)[: k + 1]) and all(_trainable(base)[k + 1 :])
+    assert info["boundary_layer"] == "expanded_conv_5/Add"
+
+    apply_freeze(base, decide_freeze(b, base, "0.5", 50, "similar"))
+    assert sum(not t for t in _trainable(base)) == round(0.5 * len(names))
+
+    apply_freeze(base, decide_freeze(b, base, "expanded_conv_2/Add", 50, "similar"))
+    assert _trainable(base).index(True) == names.index("expanded_conv_2/Add") + 1
+
+
+def test_freeze_bad_values(small):
+    b, _, base = small
+    with pytest.raises(ConfigError, match="did you mean"):
+        decide_freeze(b, base, "expanded_conv_2/ad", 50, "similar")
+    with pytest.raises(ConfigError, match="fraction"):
+        decide_freeze(b, base, "1.5", 50, "similar")
+
+
+def test_auto_freeze_follows_the_decision_guide():
+    assert auto_freeze_point(40, "similar")[0] == "all"
+    assert auto_freeze_point(40, "different")[0] == "all"
+    assert auto_freeze_point(300, "similar")[0] == "late"
+    assert auto_freeze_point(300, "different")[0] == "mid"
+    assert auto_freeze_point(3000, "similar")[0] == "mid"
+    assert auto_freeze_point(3000, "different")[0] == "early"
+    assert "images per class" in auto_freeze_point(300, "similar")[1]
+
+
+def test_batchnorm_stays_in_inference_mode_when_trainable(small):
+    _, model, base = small
+    apply_freeze(base, decide_freeze(get_backbone("mobilenet_v3_small"), base, "none", 50, "similar"))
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    bn = next(layer for layer in base.layers if "BatchNorm" in type(layer).__name__)
+    before = [w.numpy().copy() for w in bn.non_trainable_weights]
+    model(x, training=True)  # training=True at the top must not update moving statistics
+    after = [w.numpy() for w in bn.non_trainable_weights]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_image_size_checks():
+    b = get_backbone("mobilenet_v3_small")
+    check_image_size(b, 96)
+    for bad in (8, 100, 4096):
+        with pytest.raises(ConfigError):
+            check_image_size(b, bad)
+    with pytest.raises(ConfigError, match="did you mean mobilenet_v3_small"):
+        get_backbone("mobilenet_v3_smal")
+
+
+def test_weights_found_in_env_folder(monkeypatch, weights_dir):
+    monkeypatch.setenv(ENV_VAR, str(weights_dir))
+    choice = resolve_weights(get_backbone("mobilenet_v3_small"), "imagenet", 224)
+    assert choice.path.name == "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"
+    assert choice.keras_arg() == str(choice.path)
+
+
+def test_weights_dir_argument_wins(monkeypatch, tmp_path, weights_dir):
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    choice = resolve_weights(get_backbone("mobilenet_v3_small"), "imagenet", 224, weights_dir=weights_dir)
+    assert choice.path.parent == weights_dir.resolve()
+
+
+def test_missing_imagenet_weights_offline_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setenv("EDGETL_OFFLINE", "1")
+    with pytest.raises(WeightsError) as err:
+        resolve_weights(get_backbone("efficientnet_b0"), "imagenet", 224)
+    assert "efficientnetb0_notop.h5" in err.value.one_line() and ENV_VAR in err.value.one_line()
+
+
+def test_weights_path_errors(tmp_path):
+    b = get_backbone("mobilenet_v3_small")
+    with pytest.raises(WeightsError, match="does not exist"):
+        resolve_weights(b, str(tmp_path / "nope.h5"), 224)
+    with pytest.raises(WeightsError, match="is a folder"):
+        resolve_weights(b, str(tmp_path), 224)
+    assert resolve_weights(b, "none", 224).keras_arg() is None
+
+
+def test_wrong_architecture_weights_file_is_refused(weights_dir):
+    b = get_backbone("mobilenet_v3_large")
+    choice = resolve_weights(b, str(weights_dir / "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"), 64)
+    with pytest.raises(WeightsError, match="does not fit mobilenet_v3_large"):
+        build_classifier(b, 64, 3, choice, 0.2)
+
+
+def test_shared_weights_load_into_small(weights_dir):
+    b = get_backbone("mobilenet_v3_small")
+    choice = resolve_weights(b, "imagenet", 64, weights_dir=weights_dir)
+    model, base = build_classifier(b, 64, 3, choice, 0.2)
+    random_model, random_base = build_classifier(b, 64, 3, NONE, 0.2)
+    w = base.get_layer("Conv").get_weights()[0]
+    assert not np.allclose(w, random_base.get_layer("Conv").get_weights()[0])
