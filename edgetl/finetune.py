@@ -547,6 +547,7 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None) -> RunResult
         "weights": weights_record(weights, loaded),
         "freeze": freeze_info,
         "seed": cfg.seed,
+        "distribution": {"strategy": type(strategy).__name__, "replicas": int(strategy.num_replicas_in_sync)},
         "config": config,
         "versions": package_versions(),
         "data": {"classes": folder.counts, "train_images": int(len(train.labels)), "val_images": int(len(val.labels)),

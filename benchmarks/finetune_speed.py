@@ -1,0 +1,105 @@
+"""Head-phase speed: edgetl's cached-feature head training vs a plain `model.fit` over the full frozen-base model.
+
+Same data, same split, same epochs, same optimizer, no augmentation on either side (so both see identical inputs);
+prints both wall times, the speed-up and both validation accuracies, measured side by side in one run.
+
+    EDGETL_WEIGHTS_DIR=../shared/weights python benchmarks/finetune_speed.py [--data DIR] [--image-size 160] [--epochs 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from edgetl.backbones import get_backbone  # noqa: E402
+from edgetl.config import FinetuneConfig  # noqa: E402
+from edgetl.data import load_images, scan_folder, stratified_split  # noqa: E402
+from edgetl.finetune import build_classifier, evaluate_accuracy, head_phase, set_seeds  # noqa: E402
+from edgetl.weights import resolve_weights  # noqa: E402
+
+
+def main() -> None:
+    here = Path(__file__).resolve().parents[1]
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(here.parent / "shared" / "data" / "trashnet"))
+    ap.add_argument("--backbone", default="mobilenet_v3_small")
+    ap.add_argument("--weights", default="imagenet")
+    ap.add_argument("--image-size", type=int, default=160)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from edgetl._tfenv import keras
+
+    k = keras()
+    b = get_backbone(args.backbone)
+    folder = scan_folder(args.data)
+    tr, va = stratified_split(folder.items, 0.2, args.seed)
+    size = (args.image_size, args.image_size)
+    train, val = load_images(tr, size), load_images(va, size)
+    weights = resolve_weights(b, args.weights, args.image_size)
+    cfg = FinetuneConfig(data=args.data, backbone=args.backbone, image_size=args.image_size, epochs=args.epochs,
+                         patience=args.epochs + 1, feature_views=0, seed=args.seed,
+                         augment={"flip": False, "rotation": 0, "zoom": 0, "contrast": 0})
+    print(f"data {args.data}: {len(train.labels)} train / {len(val.labels)} val images, {args.image_size} px, "
+          f"{args.epochs} epochs, weights {weights.describe()}, {os.cpu_count()} CPUs")
+
+    # edgetl: features of the frozen backbone computed once, head trained on them
+    set_seeds(args.seed)
+    model, base = build_classifier(b, args.image_size, len(folder.classes), weights, cfg.dropout)
+    base.trainable = False
+    t0 = time.perf_counter()
+    rec = head_phase(cfg, model, train, val, _Quiet(), args.seed)
+    edgetl_s = time.perf_counter() - t0
+    edgetl_acc = rec["val_accuracy"]
+
+    # baseline: the same classifier, plain model.fit over images (the frozen base runs every epoch)
+    set_seeds(args.seed)
+    model2, base2 = build_classifier(b, args.image_size, len(folder.classes), weights, cfg.dropout)
+    base2.trainable = False
+    model2.compile(k.optimizers.Adam(cfg.head_lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    t0 = time.perf_counter()
+    hist = model2.fit(train.images.astype(np.float32), train.labels, batch_size=cfg.batch_size, epochs=args.epochs,
+                      validation_data=(val.images.astype(np.float32), val.labels), verbose=0,
+                      callbacks=[k.callbacks.EarlyStopping("val_accuracy", patience=args.epochs + 1, mode="max",
+                                                           restore_best_weights=True)])
+    plain_s = time.perf_counter() - t0
+    plain_acc = evaluate_accuracy(model2, val.images, val.labels)
+
+    print()
+    print(f"{'method':<44}{'seconds':>10}{'val acc':>10}")
+    print(f"{'edgetl head phase (cached features)':<44}{edgetl_s:>10.1f}{edgetl_acc:>10.4f}")
+    print(f"{'plain model.fit, frozen base':<44}{plain_s:>10.1f}{plain_acc:>10.4f}")
+    speedup = plain_s / edgetl_s
+    diff_pp = (edgetl_acc - plain_acc) * 100
+    print(f"\nspeed-up {speedup:.1f}x (goal >= 5x); accuracy difference {diff_pp:+.2f} pp (goal within +-1 pp)")
+    print("RESULT", "PASS" if speedup >= 5 and abs(diff_pp) <= 1.0 else "MISS")
+
+
+class _Quiet:
+    import contextlib
+
+    @contextlib.contextmanager
+    def task(self, description, total):
+        class T:
+            def advance(self, n=1):
+                pass
+
+            def update(self, **f):
+                pass
+
+        yield T()
+
+    def info(self, message):
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""TFLite variants: fp32, fp16, dynamic_int8 (built here), ptq_int8 and qat_int8 (via edgetl.quantize).
+
+Every builder takes a :class:`~edgetl.export.context.BuildContext` and returns the raw flatbuffer; the export
+driver then embeds the metadata (:func:`embed_metadata`) and records the actual I/O types (:func:`describe`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from edgetl.export.context import BuildContext, quantize_module
+from edgetl.export.metadata import TFLITE_LABELS_NAME, TFLITE_METADATA_NAME
+
+EXTENSION = ".tflite"
+
+
+def _converter(model):
+    from edgetl._tfenv import tf
+
+    return tf().lite.TFLiteConverter.from_keras_model(model)
+
+
+def build_fp32(ctx: BuildContext) -> bytes:
+    return bytes(_converter(ctx.float_model()).convert())
+
+
+def build_fp16(ctx: BuildContext) -> bytes:
+    from edgetl._tfenv import tf
+
+    conv = _converter(ctx.float_model())
+    conv.optimizations = [tf().lite.Optimize.DEFAULT]
+    conv.target_spec.supported_types = [tf().float16]
+    return bytes(conv.convert())
+
+
+def build_dynamic_int8(ctx: BuildContext) -> bytes:
+    """int8 weights, float32 activations and I/O (dynamic-range quantization: no calibration data)."""
+    from edgetl._tfenv import tf
+
+    conv = _converter(ctx.float_model())
+    conv.optimizations = [tf().lite.Optimize.DEFAULT]
+    return bytes(conv.convert())
+
+
+def build_ptq_int8(ctx: BuildContext) -> bytes:
+    """Full-int8 post-training quantization of the float model, calibrated on training images."""
+    quantize = quantize_module()
+    return bytes(quantize.ptq_to_tflite_int8(ctx.float_model(), ctx.calibration_images()))
+
+
+def build_qat_int8(ctx: BuildContext) -> bytes:
+    """Full-int8 conversion of the QAT (fake-quant) model."""
+    quantize = quantize_module()
+    return bytes(quantize.qat_to_tflite_int8(ctx.qat_model(), ctx.calibration_images()))
+
+
+# --- metadata --------------------------------------------------------------------------------------------------
+
+
+def embed_metadata(model: bytes, meta: dict[str, Any], labels_text: str) -> bytes:
+    """Return ``model`` with ``edgetl`` (JSON) and ``edgetl.labels`` metadata entries (replacing older ones)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    obj = schema.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    if obj.buffers is None:
+        obj.buffers = []
+    entries = [m for m in (obj.metadata or []) if _name(m.name) not in (TFLITE_METADATA_NAME, TFLITE_LABELS_NAME)]
+    payloads = {
+        TFLITE_METADATA_NAME: json.dumps(meta, sort_keys=True).encode("utf-8"),
+        TFLITE_LABELS_NAME: labels_text.encode("utf-8"),
+    }
+    for name, payload in payloads.items():
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(payload, dtype=np.uint8).copy()
+        obj.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name = name
+        entry.buffer = len(obj.buffers) - 1
+        entries.append(entry)
+    obj.metadata = entries
+    builder = flatbuffers.Builder(len(model) + 4096)
+    builder.Finish(obj.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def _name(value: Any) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _quant(detail: dict[str, Any]) -> list[float] | None:
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    if not scale:
+        return None
+    return [float(scale), int(zero_point)]
+
+
+def describe(model: bytes) -> dict[str, Any]:
+    """Actual I/O of a TFLite model (dtype names, [scale, zero_point] or None, names, shapes) via LiteRT."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=model)
+    inp = interp.get_input_details()[0]
+    out = interp.get_output_details()[0]
+    return {
+        "input_name": str(inp["name"]),
+        "input_dtype": np.dtype(inp["dtype"]).name,
+        "input_quant": _quant(inp),
+        "input_shape": [int(x) for x in inp.get("shape_signature", inp["shape"])],
+        "output_name": str(out["name"]),
+        "output_dtype": np.dtype(out["dtype"]).name,
+        "output_quant": _quant(out),
+        "output_shape": [int(x) for x in out.get("shape_signature", out["shape"])],
+    }

@@ -1,0 +1,237 @@
+"""Read and validate a run directory written by ``edgetl finetune`` (TF-free).
+
+See docs/formats.md ("Run directory"). :func:`read_run` checks what export needs and raises
+:class:`~edgetl.errors.RunDirError` with a fix for anything missing, unreadable or from an incompatible edgetl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgetl import __version__
+from edgetl.errors import RunDirError
+
+#: The run-manifest schema this edgetl reads: ``edgetl.run/<major>``.
+RUN_SCHEMA = "edgetl.run/1"
+RUN_SCHEMA_PREFIX = "edgetl.run/"
+RUN_SCHEMA_MAJOR = 1
+
+MANIFEST = "manifest.json"
+FLOAT_MODEL = "float.keras"
+QAT_MODEL = "qat.keras"
+LABELS = "labels.txt"
+SPLITS = "splits.json"
+
+_FINETUNE_FIX = "run `edgetl finetune` to completion for this run (or pass the folder it wrote, e.g. models/<name>)"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What export needs from a run directory; paths are absolute."""
+
+    path: Path
+    manifest: dict[str, Any]
+    float_model: Path
+    qat_model: Path | None
+    labels: tuple[str, ...]
+    image_size: tuple[int, int]  # (height, width)
+    splits: dict[str, Any] | None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def run_id(self) -> str:
+        return str(self.manifest.get("run_id") or self.path.name)
+
+    @property
+    def backbone(self) -> str | None:
+        value = self.manifest.get("backbone")
+        return None if value is None else str(value)
+
+    @property
+    def edgetl_version(self) -> str | None:
+        return self.manifest.get("edgetl_version")
+
+    @property
+    def has_qat(self) -> bool:
+        return self.qat_model is not None
+
+    @property
+    def input_contract(self) -> dict[str, Any]:
+        """The model input contract (docs/formats.md), from the manifest or derived from ``image_size``."""
+        height, width = self.image_size
+        contract = {
+            "layout": "NHWC",
+            "height": height,
+            "width": width,
+            "channels": 3,
+            "color": "RGB",
+            "dtype": "float32",
+            "range": [0, 255],
+        }
+        given = self.manifest.get("input")
+        if isinstance(given, dict):
+            contract.update({k: v for k, v in given.items() if k in contract})
+        return contract
+
+    def split_items(self, split: str, data_root: str | Path | None = None) -> list[tuple[Path, int]]:
+        """Resolve ``splits.json[split]`` to absolute (path, label) items.
+
+        Relative entries resolve against ``data_root`` (override), else ``val_root`` (for "val", when set) or
+        ``data_root`` from splits.json; a relative root itself resolves against the run dir, then the cwd.
+        """
+        if self.splits is None:
+            raise RunDirError(f"{self.path / SPLITS} is missing", _FINETUNE_FIX)
+        entries = self.splits.get(split)
+        if not isinstance(entries, list):
+            raise RunDirError(f"{self.path / SPLITS} has no {split!r} list", _FINETUNE_FIX)
+        if data_root is not None:
+            root: Path | None = Path(data_root)
+        else:
+            raw = self.splits.get("val_root") if split == "val" and self.splits.get("val_root") else None
+            raw = raw or self.splits.get("data_root")
+            root = None if raw in (None, "") else self._resolve_root(Path(raw))
+        items: list[tuple[Path, int]] = []
+        n_labels = len(self.labels)
+        for entry in entries:
+            try:
+                rel, label = entry[0], int(entry[1])
+            except (TypeError, ValueError, IndexError, KeyError):
+                raise RunDirError(
+                    f"{self.path / SPLITS} has a malformed {split!r} entry {entry!r}", "expected [path, label] pairs"
+                ) from None
+            if not 0 <= label < n_labels:
+                raise RunDirError(
+                    f"{self.path / SPLITS} has label {label} outside the run's {n_labels} classes", _FINETUNE_FIX
+                )
+            p = Path(rel)
+            if not p.is_absolute():
+                p = (root / p) if root is not None else self._resolve_root(p)
+            items.append((p, label))
+        return items
+
+    def _resolve_root(self, p: Path) -> Path:
+        if p.is_absolute():
+            return p
+        for base in (self.path, Path.cwd()):
+            if (base / p).exists():
+                return (base / p).resolve()
+        return (self.path / p).resolve()
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"cannot read {what} {path}: {exc}", _FINETUNE_FIX) from None
+
+
+def check_schema(manifest: dict[str, Any], path: Path) -> None:
+    """Refuse a manifest whose schema major version differs from :data:`RUN_SCHEMA_MAJOR`."""
+    schema = manifest.get("schema")
+    made_by = manifest.get("edgetl_version") or "an unknown edgetl version"
+    if not isinstance(schema, str) or not schema.startswith(RUN_SCHEMA_PREFIX):
+        raise RunDirError(
+            f"{path} is not an edgetl run manifest (schema {schema!r}, expected {RUN_SCHEMA!r})",
+            "pass the run folder written by `edgetl finetune`",
+        )
+    version = schema[len(RUN_SCHEMA_PREFIX) :]
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        raise RunDirError(f"{path} has an unreadable schema {schema!r}", _FINETUNE_FIX) from None
+    if major != RUN_SCHEMA_MAJOR:
+        raise RunDirError(
+            f"this run was made by edgetl {made_by} (schema {schema}); edgetl {__version__} reads {RUN_SCHEMA}",
+            f"export it with edgetl {made_by}, or re-run `edgetl finetune` with edgetl {__version__}",
+        )
+
+
+def read_run(path: str | Path, verify_checksums: bool = True) -> RunInfo:
+    """Validate and read a run directory. Raises RunDirError naming what is missing and how to fix it."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise RunDirError(f"run directory {root} does not exist", _FINETUNE_FIX)
+    if not root.is_dir():
+        raise RunDirError(f"{root} is a file, not a run directory", _FINETUNE_FIX)
+    root = root.resolve()
+    missing = [name for name in (MANIFEST, FLOAT_MODEL) if not (root / name).is_file()]
+    if missing:
+        partial = " (finetune may have been interrupted)" if any(root.iterdir()) else ""
+        raise RunDirError(f"run directory {root} is missing {' and '.join(missing)}{partial}", _FINETUNE_FIX)
+    manifest = _read_json(root / MANIFEST, "run manifest")
+    if not isinstance(manifest, dict):
+        raise RunDirError(f"{root / MANIFEST} is not a JSON object", _FINETUNE_FIX)
+    check_schema(manifest, root / MANIFEST)
+
+    labels = manifest.get("labels")
+    labels_file = root / LABELS
+    file_labels = None
+    if labels_file.is_file():
+        try:
+            file_labels = [ln.strip() for ln in labels_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RunDirError(f"cannot read {labels_file}: {exc}", _FINETUNE_FIX) from None
+    if not labels:
+        labels = file_labels
+    if not labels or not isinstance(labels, list) or len(labels) < 2:
+        raise RunDirError(f"{root / MANIFEST} lists no class labels", _FINETUNE_FIX)
+    labels = [str(x) for x in labels]
+    if file_labels is not None and file_labels != labels:
+        raise RunDirError(
+            f"{labels_file} does not match the labels in {root / MANIFEST}",
+            "restore labels.txt (one class per line, in manifest order) or re-run `edgetl finetune`",
+        )
+
+    size = manifest.get("image_size")
+    if size is None and isinstance(manifest.get("input"), dict):
+        size = [manifest["input"].get("height"), manifest["input"].get("width")]
+    try:
+        if isinstance(size, int):
+            size = [size, size]
+        height, width = int(size[0]), int(size[1])
+        if height <= 0 or width <= 0:
+            raise ValueError
+    except (TypeError, ValueError, IndexError):
+        raise RunDirError(f"{root / MANIFEST} has no valid image_size [h, w] (got {size!r})", _FINETUNE_FIX) from None
+
+    notes: list[str] = []
+    qat_path: Path | None = root / QAT_MODEL
+    if not os.path.exists(qat_path):
+        qat_status = (manifest.get("phases") or {}).get("qat", {})
+        if isinstance(qat_status, dict) and qat_status.get("status") == "done":
+            notes.append(f"manifest says QAT ran but {QAT_MODEL} is missing; QAT variants are unavailable")
+        qat_path = None
+
+    if verify_checksums:
+        from edgetl.fsutil import sha256_file
+
+        files = manifest.get("files") or {}
+        for name in (FLOAT_MODEL, QAT_MODEL):
+            expected = files.get(name) if isinstance(files, dict) else None
+            target = root / name
+            if expected and target.is_file() and sha256_file(target) != expected:
+                raise RunDirError(
+                    f"{target} does not match the checksum in {root / MANIFEST} (changed or truncated since finetune)",
+                    "restore the file or re-run `edgetl finetune`",
+                )
+
+    splits = None
+    if (root / SPLITS).is_file():
+        splits = _read_json(root / SPLITS, "splits file")
+        if not isinstance(splits, dict):
+            raise RunDirError(f"{root / SPLITS} is not a JSON object", _FINETUNE_FIX)
+
+    return RunInfo(
+        path=root,
+        manifest=manifest,
+        float_model=root / FLOAT_MODEL,
+        qat_model=qat_path,
+        labels=tuple(labels),
+        image_size=(height, width),
+        splits=splits,
+        notes=tuple(notes),
+    )
