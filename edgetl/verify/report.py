@@ -1,0 +1,309 @@
+"""The verification report: data, ``report.json``/``report.md``/plots (written atomically) and the rich table."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl.errors import ConfigError
+from edgetl.fsutil import atomic_path, atomic_write_json, atomic_write_text
+from edgetl.verify.checks import ArtifactResult, LatencyStats, Thresholds
+
+REPORT_SCHEMA = "edgetl.verify/1"
+LATENCY_PLOT = "latency.png"
+CONFUSION_PLOT = "confusion.png"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            info = fh.read()
+    except OSError:
+        info = ""
+    keys = ("model name", "Model", "Hardware", "cpu model", "Processor")
+    for key in keys:
+        for line in info.splitlines():
+            name, sep, value = line.partition(":")
+            if sep and name.strip() == key and value.strip():
+                return value.strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _dist_version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """What this report's numbers were measured on (no TensorFlow import)."""
+    return {
+        "cpu": _cpu_model(),
+        "arch": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnxruntime": _dist_version("onnxruntime"),
+        "ai_edge_litert": _dist_version("ai-edge-litert"),
+        "os": platform.platform(),
+        "hostname": platform.node(),
+    }
+
+
+@dataclass
+class ReferenceInfo:
+    name: str
+    kind: str  # "keras" (run dir: the original) or "onnx" (bundle: float32 ONNX standing in for it)
+    accuracy: float
+    latency: LatencyStats | None
+    outputs_source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "accuracy": self.accuracy,
+            "latency_ms": self.latency.to_dict() if self.latency else None,
+            "outputs_source": self.outputs_source,
+        }
+
+
+@dataclass
+class Report:
+    target: str
+    bundle: str
+    run_id: str | None
+    labels: tuple[str, ...]
+    reference: ReferenceInfo
+    artifacts: list[ArtifactResult]
+    thresholds: Thresholds
+    machine: dict[str, Any]
+    samples: int
+    data: str
+    labels_true: np.ndarray | None = field(default=None, repr=False)
+    warnings: list[str] = field(default_factory=list)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def passed(self) -> bool:
+        return all(a.passed for a in self.artifacts)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{a.name}: {f}" for a in self.artifacts for f in a.failures]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": REPORT_SCHEMA,
+            "passed": self.passed,
+            "created": self.created,
+            "target": self.target,
+            "bundle": self.bundle,
+            "run_id": self.run_id,
+            "data": self.data,
+            "samples": self.samples,
+            "labels": list(self.labels),
+            "reference": self.reference.to_dict(),
+            "artifacts": [a.to_dict() for a in self.artifacts],
+            "failures": self.failures,
+            "thresholds": self.thresholds.to_dict(),
+            "machine": self.machine,
+            "warnings": list(self.warnings),
+        }
+
+    # -- files ----------------------------------------------------------------------------------------
+    def write(self, directory: str | Path) -> Path:
+        """Write report.json, report.md and the two plots into ``directory`` (each file atomically)."""
+        directory = Path(directory)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            plots = write_plots(self, directory)
+            atomic_write_text(directory / "report.md", to_markdown(self, plots))
+            atomic_write_json(directory / "report.json", self.to_dict())
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the verify report to {directory}: {exc.strerror or exc}", "pass --report DIR (a writable folder)"
+            ) from None
+        return directory
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _row(a: ArtifactResult) -> list[str]:
+    return [
+        a.name + (" (ref)" if a.is_reference else ""),
+        f"{a.format} {a.quantization}",
+        _fmt(a.accuracy, ".4f"),
+        _fmt(a.accuracy_drop_pp, "+.2f"),
+        _fmt(a.top1_agreement, ".4f"),
+        _fmt(a.max_abs_diff, ".1e"),
+        _fmt(a.latency.p50, ".3f"),
+        _fmt(a.latency.p90, ".3f"),
+        _fmt(a.latency_ratio, ".2f"),
+        f"{a.size_bytes / 1024:.1f}",
+        "PASS" if a.passed else "FAIL",
+    ]
+
+
+HEADERS = ["artifact", "type", "acc", "drop pp", "agree", "max Δp", "p50 ms", "p90 ms", "ratio", "KiB", "verdict"]
+
+
+def to_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
+    ref = report.reference
+    lines = [
+        f"# edgetl verify: {'PASS' if report.passed else 'FAIL'}",
+        "",
+        f"- bundle: `{report.bundle}`" + (f" (run `{report.run_id}`)" if report.run_id else ""),
+        f"- data: {report.data} ({report.samples} images)",
+        f"- reference: `{ref.name}` ({ref.kind}), accuracy {ref.accuracy:.4f}, "
+        + (f"p50 {ref.latency.p50:.3f} ms / p90 {ref.latency.p90:.3f} ms" if ref.latency else "no latency reference"),
+        f"- machine: {report.machine.get('cpu')} ({report.machine.get('arch')}), threads {report.machine.get('threads')}, "
+        f"python {report.machine.get('python')}, onnxruntime {report.machine.get('onnxruntime')}, "
+        f"ai_edge_litert {report.machine.get('ai_edge_litert')}, {report.machine.get('os')}",
+        f"- created: {report.created}",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "|".join("---" for _ in HEADERS) + "|",
+    ]
+    lines += ["| " + " | ".join(_row(a)) + " |" for a in report.artifacts]
+    lines += ["", "## Thresholds", ""]
+    lines += [f"- `{k}`: {v:g}" for k, v in report.thresholds.to_dict().items()]
+    lines += ["", "## Failures", ""]
+    lines += [f"- {f}" for f in report.failures] or ["- none"]
+    if report.warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report.warnings]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{title}]({name})" for title, name in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _confusion_artifact(report: Report) -> ArtifactResult | None:
+    candidates = [a for a in report.artifacts if a.predictions is not None]
+    int8 = [a for a in candidates if "int8" in a.quantization]
+    if int8:
+        return max(int8, key=lambda a: a.accuracy)  # max keeps the first on ties
+    return candidates[0] if candidates else None
+
+
+def write_plots(report: Report, directory: Path) -> dict[str, str]:
+    """Latency bar chart and a confusion matrix; returns {title: filename}. Matplotlib is imported lazily."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        report.warnings.append("matplotlib is not installed: no plots were written")
+        return {}
+    plots: dict[str, str] = {}
+
+    names, p50, p90 = [], [], []
+    if report.reference.latency and report.reference.kind == "keras":
+        names.append(f"{report.reference.name} (ref)")
+        p50.append(report.reference.latency.p50)
+        p90.append(report.reference.latency.p90)
+    for a in report.artifacts:
+        names.append(a.name + (" (ref)" if a.is_reference else ""))
+        p50.append(a.latency.p50)
+        p90.append(a.latency.p90)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 4.5))
+    x = np.arange(len(names))
+    bars = ax.bar(x - 0.2, p50, 0.4, label="p50")
+    ax.bar(x + 0.2, p90, 0.4, label="p90")
+    ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
+    if report.reference.latency:
+        ax.axhline(report.reference.latency.p50 * report.thresholds.max_latency_ratio, color="red", linestyle="--",
+                   linewidth=1, label="max allowed p50")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_ylabel("ms per image (batch 1)")
+    ax.set_title(f"Latency, {report.machine.get('threads')} thread(s): {report.machine.get('cpu')}"[:90], fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(directory / LATENCY_PLOT) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    plots["latency p50/p90"] = LATENCY_PLOT
+
+    chosen = _confusion_artifact(report)
+    if chosen is not None and report.labels_true is not None:
+        n = len(report.labels)
+        matrix = np.zeros((n, n), dtype=np.int64)
+        np.add.at(matrix, (report.labels_true, np.argmax(chosen.predictions, axis=1)), 1)
+        size = min(max(4.0, 0.45 * n + 2), 16.0)
+        fig, ax = plt.subplots(figsize=(size, size))
+        ax.imshow(matrix, cmap="Blues")
+        ax.set_xticks(range(n))
+        ax.set_yticks(range(n))
+        ax.set_xticklabels(report.labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticklabels(report.labels, fontsize=8)
+        if n <= 30:
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"Confusion: {chosen.name} (accuracy {chosen.accuracy:.3f})", fontsize=9)
+        fig.tight_layout()
+        with atomic_path(directory / CONFUSION_PLOT) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
+        plots[f"confusion matrix ({chosen.name})"] = CONFUSION_PLOT
+    return plots
+
+
+def render(report: Report, console: Any) -> None:
+    """Print the rich table (one row per artifact, coloured verdict), then every failure and warning."""
+    from rich import box
+    from rich.table import Table
+
+    ref = report.reference
+    title = f"edgetl verify — {report.samples} images from {report.data}"
+    table = Table(title=title, title_style="bold", header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1),
+                  pad_edge=False)
+    # Narrow terminals (a device's serial console): keep the columns that decide the verdict.
+    narrow = getattr(console, "width", 200) < 118
+    keep = [i for i, h in enumerate(HEADERS) if not (narrow and h in ("type", "p90 ms", "KiB"))]
+    for i in keep:
+        header = HEADERS[i]
+        if header in ("artifact", "type"):
+            table.add_column(header, justify="left", overflow="fold", min_width=8)
+        else:
+            table.add_column(header, justify="left" if header == "verdict" else "right", no_wrap=True)
+    if ref.kind == "keras":
+        lat = ref.latency
+        cells = [f"{ref.name} (ref)", "keras fp32", f"{ref.accuracy:.4f}", "", "", "",
+                 _fmt(lat.p50 if lat else None, ".3f"), _fmt(lat.p90 if lat else None, ".3f"), "1.00", "", ""]
+        table.add_row(*[cells[i] for i in keep], style="dim")
+    for a in report.artifacts:
+        cells = _row(a)
+        cells[-1] = "[bold green]PASS[/]" if a.passed else "[bold red]FAIL[/]"
+        table.add_row(*[cells[i] for i in keep])
+    console.print(table)
+    console.print(
+        f"reference: {ref.name} ({ref.kind}); machine: {report.machine.get('cpu')}, threads={report.machine.get('threads')}",
+        highlight=False,
+    )
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if report.failures:
+        console.print(f"[bold red]{len(report.failures)} check(s) failed:[/]")
+        for failure in report.failures:
+            console.print(f"  [red]✗[/] {failure}", highlight=False, soft_wrap=True)
+    else:
+        console.print("[bold green]all checks passed[/]")
