@@ -382,13 +382,20 @@ def default_run_dir(cfg: FinetuneConfig) -> Path:
     return Path("models") / name
 
 
-def _load_split(cfg: FinetuneConfig, image_size: int, reporter: Reporter):
+def _scan_split(cfg: FinetuneConfig) -> tuple[ImageFolder, list, list]:
+    """Scan the folders and split them (cheap: no image is decoded). Raises DataError for a bad layout."""
     folder = scan_folder(cfg.data)
     if cfg.val_data:
         val_folder = scan_folder(cfg.val_data, classes=folder.classes)
         train_items, val_items = list(folder.items), list(val_folder.items)
     else:
         train_items, val_items = stratified_split(folder.items, cfg.val_split, cfg.seed)
+    return folder, train_items, val_items
+
+
+def _load_split(cfg: FinetuneConfig, folder: ImageFolder, train_items, val_items, image_size: int,
+                reporter: Reporter) -> tuple[LoadedImages, LoadedImages]:
+    """Decode every image (DataError naming unreadable ones, unless --skip-bad-images)."""
     size = (image_size, image_size)
     with reporter.task("loading images", len(train_items) + len(val_items)) as task:
         train = load_images(train_items, size, cfg.skip_bad_images, task.advance)
@@ -397,7 +404,7 @@ def _load_split(cfg: FinetuneConfig, image_size: int, reporter: Reporter):
         missing = sorted(set(range(len(folder.classes))) - set(train.labels.tolist()))
         raise DataError(f"class(es) {', '.join(folder.classes[i] for i in missing)} have no readable training image",
                         "add images to them")
-    return folder, train, val, train_items, val_items
+    return train, val
 
 
 def _rel(path: Path) -> str:
@@ -444,23 +451,45 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None) -> RunResult
     check_image_size(backbone, image_size)
     weights = resolve_weights(backbone, cfg.weights, image_size, cfg.weights_dir)
     run_dir = default_run_dir(cfg)
+    _restore_old(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is a file", "pass a folder path for the run directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "manifest.json").is_file():
+        # finetune replaces the whole folder: never swap away a folder that is not an edgetl run (data, home...)
+        raise ConfigError(
+            f"--out {run_dir} exists and is not an edgetl run directory; finetune replaces the whole folder",
+            "pick a new or empty folder",
+        )
 
-    folder, train, val, train_items, val_items = _load_split(cfg, image_size, reporter)
+    # Cheap checks first (no image decoded, no TensorFlow): folder layout, classes, split.
+    folder, train_items, val_items = _scan_split(cfg)
     config = cfg.model_dump()
     config["image_size"] = image_size
-    chash = config_hash({k: v for k, v in config.items() if k not in ("out", "name")})
+    # the data's classes and per-class counts too: a resume must never continue on a changed data set
+    chash = config_hash({**{k: v for k, v in config.items() if k not in ("out", "name")},
+                         "data_classes": list(folder.classes), "data_counts": folder.counts,
+                         "split_sizes": [len(train_items), len(val_items)]})
 
     work = run_dir.with_name(f".{run_dir.name}.partial")
     state = _read_state(work, chash)
+    fresh = state is None
     if state is None:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         state = {"config_hash": chash, "run_id": new_run_id(), "created": now_iso(), "completed": [], "phases": {}}
     else:
         reporter.info(f"resuming {run_dir} after phase(s): {', '.join(state['completed'])}")
+    try:
+        return _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, train_items, val_items,
+                           config, work, state)
+    except BaseException:
+        if fresh and not state["completed"]:  # nothing worth resuming: leave no trace
+            shutil.rmtree(work, ignore_errors=True)
+        raise
 
+
+def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, train_items, val_items, config, work,
+                state) -> RunResult:
     from edgetl.distribute import select_strategy
 
     strategy = select_strategy()
@@ -468,13 +497,18 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None) -> RunResult
     from edgetl._tfenv import keras
 
     k = keras()
-    n_per_class = len(train.labels) / len(folder.classes)
     with strategy.scope():
+        # The model before the images: a weights file that does not fit fails in seconds, before decoding a
+        # large data set.
         if state["completed"]:
-            model = k.models.load_model(work / "float.keras", compile=False, safe_mode=True)
+            from edgetl.export.context import load_float_model
+
+            model = load_float_model(work / "float.keras")  # safe mode, .keras (zip) only
             base = get_base(model)
         else:
             model, base = build_classifier(backbone, image_size, len(folder.classes), weights, cfg.dropout)
+        train, val = _load_split(cfg, folder, train_items, val_items, image_size, reporter)
+        n_per_class = len(train.labels) / len(folder.classes)
         decision = decide_freeze(backbone, base, cfg.freeze, n_per_class, cfg.domain)
         reporter.info(f"weights: {weights.describe()}")
         reporter.info(f"freeze: {decision.reason}")
@@ -615,6 +649,13 @@ def _checkpoint(work: Path, model, state: dict, phase: str) -> None:
     os.replace(tmp, work / "float.keras")
     state["completed"].append(phase)
     _save_state(work, state)
+
+
+def _restore_old(run_dir: Path) -> None:
+    """A run killed between the two renames of :func:`_swap_in` left only ``.NAME.old``: put it back."""
+    old = run_dir.with_name(f".{run_dir.name}.old")
+    if not run_dir.exists() and (old / "manifest.json").is_file():
+        os.replace(old, run_dir)
 
 
 def _swap_in(work: Path, run_dir: Path) -> None:

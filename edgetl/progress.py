@@ -65,7 +65,12 @@ class RichReporter:
                     status = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
                     progress.update(task_id, status=status)
 
-            yield _Task()
+            try:
+                yield _Task()
+            except BaseException:
+                # A failed step's half-full bar is noise: the error line that follows says what went wrong.
+                progress.remove_task(task_id)
+                raise
 
     def info(self, message: str) -> None:
         self.console.print(message, highlight=False)

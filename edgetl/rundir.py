@@ -134,8 +134,9 @@ def check_schema(manifest: dict[str, Any], path: Path) -> None:
     schema = manifest.get("schema")
     made_by = manifest.get("edgetl_version") or "an unknown edgetl version"
     if not isinstance(schema, str) or not schema.startswith(RUN_SCHEMA_PREFIX):
+        by = f", written by edgetl {manifest['edgetl_version']}" if manifest.get("edgetl_version") else ""
         raise RunDirError(
-            f"{path} is not an edgetl run manifest (schema {schema!r}, expected {RUN_SCHEMA!r})",
+            f"{path} is not an edgetl run manifest (schema {schema!r}{by}; edgetl {__version__} reads {RUN_SCHEMA!r})",
             "pass the run folder written by `edgetl finetune`",
         )
     version = schema[len(RUN_SCHEMA_PREFIX) :]

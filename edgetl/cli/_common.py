@@ -22,18 +22,45 @@ def debug_enabled() -> bool:
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print one red line to stderr and exit."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print one red line to stderr and exit. The message is plain text (paths may contain "[...]")."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(' '.join(str(message).splitlines()))}", highlight=False, soft_wrap=True)
     raise SystemExit(code)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())  # multi-line messages (TensorFlow's) folded into one line
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+#: Exit code for bugs / unexpected failures (not the user's input): distinct from 2 (bad input), 1 (check failed).
+INTERNAL_ERROR_CODE = 1
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Map EdgetlError (and a few user-caused OS errors) to one line + exit 2; --debug shows the traceback."""
+    """Map EdgetlError to one line + its exit code (2); anything unexpected to one "internal error" line + exit 1.
+
+    ``--debug`` (or ``EDGETL_DEBUG=1``) prints the traceback first. Typer/click control flow (``typer.Exit``,
+    usage errors, aborts) passes through untouched.
+    """
+    import typer
+
+    # typer.Exit/Abort are RuntimeErrors and usage errors are TyperExceptions: CLI control flow, not failures.
+    passthrough = tuple(
+        t for t in (getattr(typer, "Exit", None), getattr(typer, "Abort", None), getattr(typer, "TyperException", None))
+        if isinstance(t, type)
+    )
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except SystemExit:
+            raise
+        except passthrough:
+            raise
         except EdgetlError as exc:
             if debug_enabled():
                 console.print_exception()
@@ -44,6 +71,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if debug_enabled():
                 console.print_exception()
             fail("out of memory; use a smaller --image-size or fewer images", 2)
+        except Exception as exc:  # a bug or an unanticipated library failure: still one line, never a raw traceback
+            if debug_enabled():
+                console.print_exception()
+            fail(f"internal error: {_first_line(exc)}; rerun with --debug for the traceback", INTERNAL_ERROR_CODE)
 
     return wrapper
 

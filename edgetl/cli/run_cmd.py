@@ -45,6 +45,27 @@ def resolve_builtin_data(data: str) -> str:
     return str(make_shapes(Path("models") / ".cache" / "shapes"))
 
 
+def precheck(recipe, ft) -> None:
+    """Cheap checks of every stage's settings before any stage starts (a typo in `export:` must not surface only
+    after an hour of training): backbone, image size, data folder layout, export formats and quantizations."""
+    from edgetl.backbones import check_image_size, get_backbone
+
+    if "finetune" in recipe.stages:
+        backbone = get_backbone(ft.backbone)
+        check_image_size(backbone, ft.image_size or backbone.default_size)
+        from edgetl.data import scan_folder
+
+        folder = scan_folder(ft.data)
+        if ft.val_data:
+            scan_folder(ft.val_data, classes=folder.classes)
+    if "export" in recipe.stages:
+        from edgetl.export import select_variants
+
+        # without a finetune stage the run's QAT model is unknown here: check the names only
+        has_qat = ft.qat if "finetune" in recipe.stages else True
+        select_variants(recipe.export.format, recipe.export.quantization, has_qat=has_qat)
+
+
 def run_recipe(path: Path, overrides: list[str], reporter, as_json: bool = False) -> int:
     import yaml
 
@@ -59,6 +80,7 @@ def run_recipe(path: Path, overrides: list[str], reporter, as_json: bool = False
         ft = FinetuneConfig.model_validate({**ft.model_dump(), "data": resolve_builtin_data(ft.data)})
     if not ft.name and recipe.name:
         ft = FinetuneConfig.model_validate({**ft.model_dump(), "name": recipe.name})
+    precheck(recipe, ft)
     summary: dict = {"recipe": str(path), "stages": recipe.stages}
     from edgetl.finetune import default_run_dir
 

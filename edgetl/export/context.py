@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgetl.errors import ExportError, ModelFileError
+from edgetl.errors import EdgetlError, ExportError, ModelFileError
 from edgetl.rundir import RunInfo
 
 
@@ -37,17 +37,111 @@ def _custom_objects() -> dict[str, Any]:
     return dict(getter()) if getter is not None else {}
 
 
+def _unloadable(what: str, path: Path, exc: BaseException, fix: str) -> ModelFileError:
+    text = str(exc)
+    if "safe_mode" in text or "Lambda" in text:
+        return ModelFileError(
+            f"refusing to load the {what} {path}: it contains Python code (e.g. a Lambda layer), which edgetl never "
+            "runs (Keras safe mode)",
+            "only use run directories written by `edgetl finetune`; re-run it to rewrite the model",
+        )
+    reason = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if len(reason) > 200:
+        reason = reason[:197] + "..."
+    return ModelFileError(f"cannot load the {what} {path}: {reason}", fix)
+
+
 def load_float_model(path: Path):
+    """Load a run's ``float.keras`` in Keras safe mode (no Python code from the file is ever run).
+
+    Only the zip-based ``.keras`` format is accepted: tf_keras silently falls back to its legacy HDF5 loader for
+    any other file, and that loader ignores ``safe_mode`` (an HDF5 file renamed to ``float.keras`` would run the
+    bytecode of its Lambda layers).
+    """
+    import zipfile
+
     from edgetl._tfenv import keras
 
+    path = Path(path)
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise ModelFileError(f"cannot read the float model {path}: {exc.strerror or exc}", "check the run directory") from None
+    if not is_zip:
+        raise ModelFileError(
+            f"cannot load the float model {path}: it is not a .keras (zip) archive (truncated, corrupt, or another "
+            "format such as HDF5, which edgetl does not load because it bypasses Keras safe mode)",
+            "re-run `edgetl finetune` to rewrite it",
+        )
     k = keras()
     try:
         return k.models.load_model(str(path), custom_objects=_custom_objects(), compile=False, safe_mode=True)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except EdgetlError:
+        raise
+    except Exception as exc:  # Keras/h5py/zipfile raise many types for truncated or garbage files
+        raise _unloadable("float model", path, exc, "re-run `edgetl finetune` to rewrite it") from None
+
+
+def _has_code(node: Any) -> bool:
+    """True if a Keras model config (nested dicts/lists) holds a Lambda layer (serialized Python bytecode)."""
+    if isinstance(node, dict):
+        if node.get("class_name") == "Lambda" or "function_type" in node:
+            return True
+        return any(_has_code(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_code(v) for v in node)
+    return False
+
+
+def refuse_code_in_h5(path: Path, what: str) -> None:
+    """tf_keras's HDF5 loader ignores safe mode: refuse an HDF5 model whose config carries Python code."""
+    import json
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            return  # the .keras (zip) format: Keras safe mode (load_model's default) refuses Lambda code itself
+        import h5py
+
+        with h5py.File(path, "r") as fh:
+            raw = fh.attrs.get("model_config")
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"cannot read the {what} {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                             "re-run `edgetl finetune` to rewrite it") from None
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    try:
+        config = json.loads(raw) if raw is not None else None
+    except ValueError:
+        config = None
+    if config is None:
+        raise ModelFileError(f"cannot load the {what} {path}: it holds no readable model config",
+                             "re-run `edgetl finetune` to rewrite it")
+    if _has_code(config):
         raise ModelFileError(
-            f"cannot load the float model {path}: {reason}", "re-run `edgetl finetune` to rewrite it"
-        ) from None
+            f"refusing to load the {what} {path}: it contains Python code (a Lambda layer), which edgetl never runs",
+            "only use run directories written by `edgetl finetune`; re-run it to rewrite the model",
+        )
+
+
+def check_model_fits(model: Any, run: RunInfo, path: Path) -> None:
+    """The model's input size and class count must match the run's manifest/labels (both can be edited by hand)."""
+    try:
+        in_shape = tuple(model.input_shape)
+        n_out = int(model.output_shape[-1])
+    except (AttributeError, TypeError, ValueError, IndexError):
+        raise ModelFileError(f"{path} is not a single-input, single-output classifier", "re-run `edgetl finetune`") from None
+    if n_out != len(run.labels):
+        raise ModelFileError(
+            f"{path.name} outputs {n_out} classes but the run lists {len(run.labels)} labels (labels.txt / manifest.json)",
+            "restore the run's labels.txt and manifest.json, or re-run `edgetl finetune`",
+        )
+    height, width = run.image_size
+    if len(in_shape) == 4 and (in_shape[1] not in (None, height) or in_shape[2] not in (None, width)):
+        raise ModelFileError(
+            f"{path.name} takes {in_shape[1]}x{in_shape[2]} images but the run's manifest says {height}x{width}",
+            "restore the run's manifest.json, or re-run `edgetl finetune`",
+        )
 
 
 @dataclass
@@ -59,7 +153,9 @@ class BuildContext:
 
     def float_model(self):
         if "float_model" not in self.cache:
-            self.cache["float_model"] = load_float_model(self.run.float_model)
+            model = load_float_model(self.run.float_model)
+            check_model_fits(model, self.run, self.run.float_model)
+            self.cache["float_model"] = model
         return self.cache["float_model"]
 
     def qat_model(self):
@@ -70,14 +166,17 @@ class BuildContext:
             )
         if "qat_model" not in self.cache:
             quantize = quantize_module()
+            refuse_code_in_h5(self.run.qat_model, "QAT model")
             try:
-                self.cache["qat_model"] = quantize.load_qat_model(self.run.qat_model)
-            except (OSError, ValueError, TypeError, KeyError) as exc:
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise ModelFileError(
-                    f"cannot load the QAT model {self.run.qat_model}: {reason}",
-                    "re-run `edgetl finetune` with QAT to rewrite it",
+                model = quantize.load_qat_model(self.run.qat_model)
+            except EdgetlError:
+                raise
+            except Exception as exc:  # Keras/h5py/zipfile raise many types for truncated or garbage files
+                raise _unloadable(
+                    "QAT model", self.run.qat_model, exc, "re-run `edgetl finetune` with QAT to rewrite it"
                 ) from None
+            check_model_fits(model, self.run, self.run.qat_model)
+            self.cache["qat_model"] = model
         return self.cache["qat_model"]
 
     def calibration_images(self) -> np.ndarray:
