@@ -529,15 +529,11 @@ CASES: list[tuple[Callable[[Env], tuple], str | None]] = [
     (ex_newer_version, None), (ex_foreign_schema_version, None), (ex_out_is_a_file, None),
     (ve_missing, None), (ve_not_a_bundle, None), (ve_changed_file, None), (ve_changed_artifact, None),
     (ve_path_outside, None), (ve_artifact_absolute_path, None), (ve_truncated_tflite, None), (ve_garbage_onnx, None),
-    (ve_bundle_json_garbage, None), (ve_newer_bundle_schema, None), (ve_run_newer_version, "verify (edgetl/verify/__init__.py _load_run) names the run schema but not the "
-                            "edgetl version that wrote it: 'use the edgetl version that made it' without saying which"),
+    (ve_bundle_json_garbage, None), (ve_newer_bundle_schema, None), (ve_run_newer_version, None),
     (ve_unknown_only, None),
-    (ve_contract_channels_text, "edgetl/verify/bundle.py _parse_contract: int(raw.get('channels', 3)) is unguarded: "
-                                "ValueError -> 'internal error', exit 1 instead of a BundleError"),
-    (ve_contract_height_inf, "edgetl/verify/bundle.py _parse_contract: int(inf) raises OverflowError, which is not "
-                             "caught -> 'internal error', exit 1 instead of a BundleError"),
-    (ve_file_name_too_long, "edgetl/verify/bundle.py _check_files: Path.is_file() raises OSError(ENAMETOOLONG) for a "
-                            "300-char name -> 'internal error', exit 1 instead of a BundleError"),
+    (ve_contract_channels_text, None),
+    (ve_contract_height_inf, None),
+    (ve_file_name_too_long, None),
     (run_missing_recipe, None), (run_invalid_yaml, None), (run_misspelt_key, None), (run_wrong_type, None),
     (run_unknown_backbone, None), (run_unknown_export_format, None), (run_bad_set, None), (run_not_a_mapping, None),
 ]
@@ -701,11 +697,11 @@ def test_internal_errors_are_one_line(command, cli, tmp_path, monkeypatch, shape
         (tmp_path / "x" / "bundle.json").write_text("{}")
     code, _, stderr = cli(*args, env={"EDGETL_DEBUG": None})
     lines = stderr.strip().splitlines()
-    assert code == 1 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert code == 3 and len(lines) == 1 and "Traceback" not in stderr, stderr
     assert lines[0].startswith("error: internal error: FakeTFError: Graph execution error")
     assert "--debug" in lines[0] and "[[" in lines[0]  # printed as plain text, not eaten as rich markup
     code, _, stderr = cli("--debug", *args, env={"EDGETL_DEBUG": None})
-    assert code == 1 and "Traceback" in stderr and "FakeTFError" in stderr
+    assert code == 3 and "Traceback" in stderr and "FakeTFError" in stderr
 
 
 def test_error_text_with_brackets_is_not_markup(cli, tmp_path):
@@ -736,9 +732,7 @@ def test_lambda_in_float_keras_is_refused_by_export(base_run, tmp_path, h5):
 
 @pytest.mark.parametrize("h5", [
     False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "edgetl/verify/runners.py KerasRunner: load_model(..., safe_mode=True) on an HDF5 file named float.keras "
-        "uses tf_keras's legacy H5 loader, which ignores safe_mode and runs the Lambda layer's bytecode"))),
+    True,
 ], ids=["keras_lambda", "h5_renamed_to_keras"])
 def test_lambda_in_float_keras_is_refused_by_verify(base_run, tmp_path, cli, h5):
     run = shutil.copytree(base_run, tmp_path / "run")

@@ -36,11 +36,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 #: Exit code for bugs / unexpected failures (not the user's input): distinct from 2 (bad input), 1 (check failed).
-INTERNAL_ERROR_CODE = 1
+INTERNAL_ERROR_CODE = 3
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Map EdgetlError to one line + its exit code (2); anything unexpected to one "internal error" line + exit 1.
+    """Map EdgetlError to one line + its exit code (2); anything unexpected to one "internal error" line + exit 3.
 
     ``--debug`` (or ``EDGETL_DEBUG=1``) prints the traceback first. Typer/click control flow (``typer.Exit``,
     usage errors, aborts) passes through untouched.

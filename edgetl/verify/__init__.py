@@ -19,8 +19,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 import numpy as np
 
+from edgetl import __version__
 from edgetl.errors import BundleError, ConfigError, RunDirError
 from edgetl.fsutil import sha256_file
+from edgetl.manifest import RUN_SCHEMA
 from edgetl.verify.bundle import ArtifactSpec, Bundle, InputContract, Sample, load_bundle
 from edgetl.verify.checks import ArtifactResult, LatencyStats, Thresholds, accuracy, check, compare_outputs
 from edgetl.verify.report import Report, ReferenceInfo, machine_info
@@ -40,7 +42,6 @@ __all__ = [
     "verify",
 ]
 
-RUN_SCHEMA = "edgetl.run/1"
 #: Below this many images a single flipped prediction moves accuracy by more than 1 pp.
 SMALL_SAMPLE = 100
 
@@ -77,7 +78,9 @@ def _load_run(run_dir: Path, bundle: Bundle) -> Path:
     schema = manifest.get("schema")
     if schema != RUN_SCHEMA:
         raise RunDirError(
-            f"{run_dir} has run schema {schema!r}, not {RUN_SCHEMA!r}", "use the edgetl version that made it, or re-run `edgetl finetune`"
+            f"{run_dir} has run schema {schema!r} (written by edgetl {manifest.get('edgetl_version', 'unknown')}), "
+            f"not {RUN_SCHEMA!r} (this is edgetl {__version__})",
+            f"use edgetl {manifest.get('edgetl_version', 'of that version')} to verify it, or re-run `edgetl finetune`"
         )
     model = run_dir / "float.keras"
     if not model.is_file():

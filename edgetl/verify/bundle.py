@@ -123,6 +123,8 @@ def _confine(root: Path, relpath: Any, what: str) -> Path:
         raise _err(f"bundle.json: {what} path {relpath!r} is not a string")
     try:
         return confined(root, relpath)
+    except OSError:
+        raise _err(f"bundle.json: {what} path {relpath[:60]!r}... cannot be a file name here") from None
     except ValueError:
         raise _err(
             f"bundle.json: {what} path {relpath!r} is unsafe (absolute or outside the bundle); refusing the bundle",
@@ -161,8 +163,11 @@ def _quant(value: Any, where: str) -> tuple[float, int] | None:
         or isinstance(value[1], bool)
     ):
         raise _err(f"bundle.json: {where} must be [scale, zero_point] or null (got {value!r})")
-    scale, zero_point = float(value[0]), value[1]
-    if not math.isfinite(scale) or scale <= 0 or int(zero_point) != zero_point:
+    try:
+        scale, zero_point = float(value[0]), float(value[1])
+    except OverflowError:
+        raise _err(f"bundle.json: {where} has an out-of-range scale/zero_point") from None
+    if not math.isfinite(scale) or scale <= 0 or not math.isfinite(zero_point) or int(zero_point) != zero_point:
         raise _err(f"bundle.json: {where} has an invalid scale/zero_point {list(value)!r}")
     return scale, int(zero_point)
 
@@ -172,9 +177,12 @@ def _parse_contract(raw: Any) -> InputContract:
         raise _err("bundle.json: `input` (the model input contract) is missing or not an object")
     try:
         height, width = int(raw["height"]), int(raw["width"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise _err("bundle.json: `input` needs integer `height` and `width`") from None
-    channels = int(raw.get("channels", 3))
+    try:
+        channels = int(raw.get("channels", 3))
+    except (TypeError, ValueError, OverflowError):
+        raise _err("bundle.json: `input.channels` must be an integer") from None
     layout = str(raw.get("layout", "NHWC"))
     color = str(raw.get("color", "RGB"))
     dtype = str(raw.get("dtype", "float32"))
@@ -307,8 +315,20 @@ def _check_files(root: Path, files: Any) -> dict[str, str]:
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Read and fully validate the bundle at ``path`` (a folder, or its ``bundle.json``)."""
-    path = Path(path)
+    """Read and fully validate the bundle at ``path`` (a folder, or its ``bundle.json``).
+
+    Anything malformed is a BundleError: the specific checks below name the problem; a value so odd that it slips
+    past them (and makes Python raise while parsing) is still reported as a malformed bundle, never a traceback.
+    """
+    try:
+        return _load_bundle(Path(path))
+    except BundleError:
+        raise
+    except (TypeError, ValueError, OverflowError, OSError, KeyError, IndexError) as exc:
+        raise _err(f"bundle.json in {path} is malformed ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
+
+
+def _load_bundle(path: Path) -> Bundle:
     if path.name == "bundle.json" and path.is_file():
         path = path.parent
     if not path.exists():

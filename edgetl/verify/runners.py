@@ -387,10 +387,9 @@ class KerasRunner(Runner):
         except RuntimeError:  # TF already initialised in this process; keep its settings
             pass
         self.runtime = f"tf_keras {_version('tf_keras')} (tensorflow {_version('tensorflow')})"
-        try:
-            self.model = keras_mod.models.load_model(str(self.path), safe_mode=True, compile=False)
-        except Exception as exc:
-            raise ModelFileError(f"{self.path.name} is not a loadable Keras model: {_first_line(exc)}", "re-run `edgetl finetune`") from None
+        from edgetl.export.context import load_float_model  # zip-only, safe mode: never runs code from the file
+
+        self.model = load_float_model(self.path)
         shape = list(self.model.input_shape) if not isinstance(self.model.input_shape, list) else []
         _check_hw(self.path, shape, self.contract)
         if int(self.model.output_shape[-1]) != self.n_classes:
