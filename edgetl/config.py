@@ -78,6 +78,7 @@ class VerifyConfig(_Strict):
     min_agreement: float = Field(0.95, ge=0, le=1)
     max_latency_ratio: float = Field(1.0, gt=0)
     float_tolerance: float = Field(1e-4, gt=0)
+    fp16_tolerance: float = Field(1e-2, gt=0)
     report: Optional[str] = None
 
 

@@ -407,8 +407,12 @@ def _load_split(cfg: FinetuneConfig, folder: ImageFolder, train_items, val_items
     return train, val
 
 
-def _rel(path: Path) -> str:
-    return str(path)
+def _rel(path: Path, root: Path) -> str:
+    """A split entry: the path relative to its data root (portable: the data may move, see --data-root)."""
+    try:
+        return Path(os.path.abspath(path)).relative_to(root).as_posix()
+    except ValueError:
+        return os.path.abspath(path)
 
 
 def _plot_curves(phases: dict, path: Path) -> None:
@@ -551,14 +555,16 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
         metrics.update(phases["qat"].get("metrics", {}))
     else:
         phases["qat"] = {"status": "skipped", "reason": "--no-qat"}
-        (work / "qat.keras").unlink(missing_ok=True)
+        (work / "qat.h5").unlink(missing_ok=True)
 
     atomic_write_text(work / "labels.txt", "\n".join(folder.classes) + "\n")
+    data_root = Path(os.path.abspath(cfg.data))
+    val_root = Path(os.path.abspath(cfg.val_data)) if cfg.val_data else data_root
     splits = {
-        "data_root": str(Path(cfg.data).resolve()),
-        "val_root": str(Path(cfg.val_data).resolve()) if cfg.val_data else None,
-        "train": [[_rel(p), int(label)] for p, label in zip(train.paths, train.labels.tolist())],
-        "val": [[_rel(p), int(label)] for p, label in zip(val.paths, val.labels.tolist())],
+        "data_root": str(data_root),
+        "val_root": str(val_root) if cfg.val_data else None,
+        "train": [[_rel(p, data_root), int(label)] for p, label in zip(train.paths, train.labels.tolist())],
+        "val": [[_rel(p, val_root), int(label)] for p, label in zip(val.paths, val.labels.tolist())],
         "skipped": [str(p) for p in train.skipped + val.skipped],
     }
     atomic_write_json(work / "splits.json", splits)
@@ -611,7 +617,7 @@ def qat_phase(cfg, model, train, val, work: Path, reporter: Reporter) -> dict:
     calibrated_acc = evaluate_accuracy(qat_model, val.images, val.labels, cfg.batch_size)
     rec = fit_phase("qat", cfg, qat_model, train, val, cfg.qat_lr, cfg.qat_epochs, reporter, cfg.seed + 2)
     fake_acc = evaluate_accuracy(qat_model, val.images, val.labels, cfg.batch_size)
-    quantize.save_qat_model(qat_model, work / "qat.keras")
+    quantize.save_qat_model(qat_model, work / "qat.h5")
     with reporter.task("QAT: converting int8 TFLite (QAT and PTQ) to measure them", None):
         qat_int8 = tflite_accuracy(quantize.qat_to_tflite_int8(qat_model, calib[:64]), val.images, val.labels)
         ptq_int8 = tflite_accuracy(quantize.ptq_to_tflite_int8(model, calib), val.images, val.labels)

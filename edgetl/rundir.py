@@ -22,7 +22,7 @@ RUN_SCHEMA_MAJOR = 1
 
 MANIFEST = "manifest.json"
 FLOAT_MODEL = "float.keras"
-QAT_MODEL = "qat.keras"
+QAT_MODEL = "qat.h5"
 LABELS = "labels.txt"
 SPLITS = "splits.json"
 

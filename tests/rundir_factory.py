@@ -2,7 +2,7 @@
 
 ``make_run_dir(tmp_path)`` writes colored-noise PNGs in class folders, a small tf_keras classifier with
 Rescaling inside (briefly trained so its outputs are not uniform), ``float.keras``, ``labels.txt``,
-``splits.json``, ``manifest.json`` and, with ``qat=True`` and ``edgetl.quantize`` importable, ``qat.keras``.
+``splits.json``, ``manifest.json`` and, with ``qat=True`` and ``edgetl.quantize`` importable, ``qat.h5``.
 """
 
 from __future__ import annotations
@@ -96,9 +96,9 @@ def make_run_dir(
             qmodel = quantize.quantize_for_training(model)
             if hasattr(quantize, "calibrate"):
                 quantize.calibrate(qmodel, x.images.astype(np.float32))
-            quantize.save_qat_model(qmodel, run / "qat.keras")
+            quantize.save_qat_model(qmodel, run / "qat.h5")
             QAT_MODELS[str(run.resolve())] = qmodel
-            files["qat.keras"] = sha256_file(run / "qat.keras")
+            files["qat.h5"] = sha256_file(run / "qat.h5")
             qat_status = "done"
 
     (run / "labels.txt").write_text("".join(f"{c}\n" for c in labels))

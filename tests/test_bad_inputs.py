@@ -752,8 +752,8 @@ def test_lambda_in_qat_model_is_refused_by_export(base_run, tmp_path):
 
     run = shutil.copytree(base_run, tmp_path / "run", ignore=shutil.ignore_patterns("export"))
     marker = tmp_path / "code-ran"
-    _lambda_keras(run / "qat.keras", 32, 3, marker=marker, h5=True)
-    _manifest_edit(run, files={**json.loads((run / "manifest.json").read_text())["files"], "qat.keras": ""})
+    _lambda_keras(run / "qat.h5", 32, 3, marker=marker, h5=True)
+    _manifest_edit(run, files={**json.loads((run / "manifest.json").read_text())["files"], "qat.h5": ""})
     _rehash_run(run)
     with pytest.raises(ModelFileError, match="Python code"):
         export_run(run, "tflite", "qat_int8", tmp_path / "b", samples=4, calibration=4)

@@ -82,17 +82,17 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def qat_loader(run_dir):
-    """quantize.load_qat_model, or (if reloading qat.keras is broken) the in-memory QAT model, with a warning."""
+    """quantize.load_qat_model, or (if reloading qat.h5 is broken) the in-memory QAT model, with a warning."""
     from edgetl import quantize
 
-    if not (run_dir / "qat.keras").exists():
+    if not (run_dir / "qat.h5").exists():
         pytest.skip("edgetl.quantize could not make a QAT model")
     try:
-        quantize.load_qat_model(run_dir / "qat.keras")
+        quantize.load_qat_model(run_dir / "qat.h5")
         yield None
         return
     except Exception as exc:  # a quantize.py bug, not export's: keep testing export's QAT path
-        warnings.warn(f"quantize.load_qat_model cannot reload qat.keras ({exc}); using the in-memory QAT model")
+        warnings.warn(f"quantize.load_qat_model cannot reload qat.h5 ({exc}); using the in-memory QAT model")
     mp = pytest.MonkeyPatch()
     mp.setattr(quantize, "load_qat_model", lambda p: rundir_factory.QAT_MODELS[str(Path(p).parent.resolve())])
     yield "patched"
@@ -178,7 +178,7 @@ def test_read_run_errors(tmp_path, run_dir):
 def test_qat_variant_on_run_without_qat(tmp_path, run_dir):
     noqat = tmp_path / "noqat"
     shutil.copytree(run_dir, noqat)
-    (noqat / "qat.keras").unlink()
+    (noqat / "qat.h5").unlink()
     with pytest.raises(ExportError, match="QAT"):
         export_run(noqat, "tflite", "qat_int8", tmp_path / "b")
     assert not (tmp_path / "b").exists()

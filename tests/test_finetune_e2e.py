@@ -45,12 +45,13 @@ def test_finetune_real_photos_with_shared_weights(trash_subset, weights_dir, tmp
     splits = json.loads((run / "splits.json").read_text())
     assert len(splits["train"]) + len(splits["val"]) == 90
     assert not {p for p, _ in splits["train"]} & {p for p, _ in splits["val"]}
+    assert all(not Path(p).is_absolute() for p, _ in splits["train"] + splits["val"])  # portable, under data_root
     # the saved model loads in safe mode and reproduces the recorded accuracy
     from edgetl._tfenv import keras
     from edgetl.data import load_images
 
     model = keras().models.load_model(run / "float.keras", safe_mode=True, compile=False)
-    val = load_images([(Path(p), y) for p, y in splits["val"]], (96, 96))
+    val = load_images([(Path(splits["data_root"]) / p, y) for p, y in splits["val"]], (96, 96))
     acc = float(np.mean(model.predict(val.images.astype(np.float32), verbose=0).argmax(1) == val.labels))
     assert abs(acc - m["metrics"]["float_val_accuracy"]) < 1e-6
     assert not list(tmp_path.glob(".*partial*"))

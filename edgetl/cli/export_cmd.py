@@ -11,7 +11,7 @@ from edgetl.cli._common import console, handle_errors, out, print_json
 
 HELP = """Export a fine-tuned run to TFLite and/or ONNX, as a self-contained verification bundle.
 
-RUN_DIR is the folder `edgetl finetune` wrote (manifest.json, float.keras, qat.keras when QAT ran, splits.json).
+RUN_DIR is the folder `edgetl finetune` wrote (manifest.json, float.keras, qat.h5 when QAT ran, splits.json).
 The bundle (default RUN_DIR/export/) holds the artifacts, labels.txt, sample/ (held-out images, their labels and
 the original Keras model's outputs) and bundle.json with every file's sha256; copy it to the device and run
 `edgetl verify BUNDLE` there (no TensorFlow needed).

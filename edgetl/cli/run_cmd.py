@@ -109,16 +109,20 @@ def run_recipe(path: Path, overrides: list[str], reporter, as_json: bool = False
             render_export(result, False)
         summary["bundle"] = str(result.bundle_dir)
     if "verify" in recipe.stages:
-        from edgetl.cli.verify_cmd import render_report, thresholds_from
-        from edgetl.verify import verify
+        from edgetl.verify import Thresholds, default_report_dir, verify
+        from edgetl.verify.report import render
 
         console.rule("[bold]verify")
         vc = recipe.verify
+        thresholds = Thresholds(max_accuracy_drop=vc.max_accuracy_drop, min_agreement=vc.min_agreement,
+                                max_latency_ratio=vc.max_latency_ratio, float_tolerance=vc.float_tolerance,
+                                fp16_tolerance=vc.fp16_tolerance)
         report = verify(run_dir, data=vc.data, threads=vc.threads, runs=vc.runs, warmup=vc.warmup,
-                        thresholds=thresholds_from(vc), report_dir=Path(vc.report) if vc.report else None)
-        if not as_json:
-            render_report(report, False)
-        summary["verify"] = {"passed": report.passed, "report": str(report.report_dir)}
+                        thresholds=thresholds)
+        written = report.write(Path(vc.report) if vc.report else default_report_dir(run_dir))
+        render(report, console if as_json else out)
+        console.print(f"report: {written / 'report.md'}", highlight=False)
+        summary["verify"] = {"passed": report.passed, "report": str(written), "failures": report.failures}
         if as_json:
             print_json(summary)
         return 0 if report.passed else 1

@@ -160,7 +160,7 @@ def select_variants(
         for v in VARIANTS:
             if v.format in fmts:
                 if v.needs_qat and not has_qat:
-                    notes.append(f"skipped {v.name}: this run has no QAT model (qat.keras)")
+                    notes.append(f"skipped {v.name}: this run has no QAT model (qat.h5)")
                     continue
                 chosen.append(v)
         return chosen, notes
@@ -180,7 +180,7 @@ def select_variants(
             )
         if any(v.needs_qat for v in matches) and not has_qat:
             raise ExportError(
-                f"{q} needs the run's QAT model, and this run has none (no qat.keras)",
+                f"{q} needs the run's QAT model, and this run has none (no qat.h5)",
                 "run `edgetl finetune` with QAT enabled, or use --quantization ptq_int8 (tflite) / ort_static_int8 (onnx)",
             )
         chosen.extend(v for v in matches if v not in chosen)
@@ -476,7 +476,7 @@ def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, 
                 input_contract=contract,
                 quantization=v.quantization,
                 fmt=v.format,
-                source="qat.keras" if v.needs_qat else "float.keras",
+                source="qat.h5" if v.needs_qat else "float.keras",
             )
             if v.format == "tflite":
                 data = tflite_export.embed_metadata(raw, meta, labels_text)

@@ -161,7 +161,7 @@ class BuildContext:
     def qat_model(self):
         if self.run.qat_model is None:
             raise ExportError(
-                f"run {self.run.path} has no QAT model (qat.keras)",
+                f"run {self.run.path} has no QAT model (qat.h5)",
                 "run `edgetl finetune` with QAT enabled, or pick --quantization ptq_int8 / ort_static_int8",
             )
         if "qat_model" not in self.cache:
