@@ -1,0 +1,1230 @@
+"""Quantization-aware training (QAT) for the stock ``tf_keras.applications`` classifiers.
+
+Stock ``tfmot.quantization.keras.quantize_model`` refuses MobileNetV3 (``TFOpLambda`` ``x + 3`` and
+``* 1/6`` inside hard-sigmoid / hard-swish), EfficientNet (``Rescaling``, ``Normalization``, swish,
+squeeze-excite ``Multiply``) and any model nested inside another. This module:
+
+1. :func:`flatten_for_qat` rewrites the float model into one flat functional graph made only of
+   layers tfmot can annotate: nested models are inlined, BatchNorm is folded into the preceding
+   convolution (so it is in inference mode by construction), ``TFOpLambda`` arithmetic becomes
+   :class:`AddConst` / :class:`ScaleConst` / :class:`ChannelAffine` layers, swish becomes
+   ``sigmoid`` + ``Multiply`` and fused conv activations are split out. Float outputs are
+   unchanged (max abs diff ~1e-7).
+2. :func:`quantize_for_training` annotates that graph (tfmot defaults for Conv/Depthwise/Dense/ReLU/
+   Add/pooling, edgetl QuantizeConfigs for the rest) and calls ``quantize_apply``.
+3. :func:`calibrate` sets every activation range from data (tfmot's moving averages start at
+   +-6 with EMA 0.999 and barely move in a short fine-tune).
+4. :func:`qat_to_tflite_int8` / :func:`qat_to_onnx` convert. Every tensor of the int8 graph carries
+   a fake-quant range, so the converter never has to guess statistics. Hard-swish is expressed as
+   ``ADD(+3, fused RELU6) -> MUL`` with its ``1/6`` pushed into the next conv's kernel, the SE
+   hard-sigmoid as ``CONV(bias+3, fused RELU6) -> MUL(1/6)``, per-channel input scaling as a 1x1
+   DEPTHWISE_CONV: every op of the int8 graph is one XNNPACK runs in int8 (the converter's fused
+   ``HARD_SWISH``, ``MINIMUM`` and standalone ``RELU``/``RELU6`` are not, and split the graph into
+   ~20 partitions). See ``docs/qat.md`` for the measurements.
+
+Type choices of the int8 TFLite files: input ``uint8`` NHWC RGB 0..255 by default (for QAT models
+the input quantization is exactly scale 1, zero point 0, i.e. the raw pixel bytes; ``input_type=
+"int8"`` / ``"float32"`` are faster, see :func:`qat_to_tflite_int8`), output ``float32``
+probabilities (the last DEQUANTIZE is tiny and keeps callers dtype-agnostic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgetl._tfenv import keras, tf
+from edgetl.errors import ConfigError, ExportError, ModelFileError
+
+__all__ = [
+    "AddConst",
+    "ScaleConst",
+    "ChannelAffine",
+    "SpaceToDepth",
+    "flatten_for_qat",
+    "quantize_for_training",
+    "calibrate",
+    "custom_objects",
+    "save_qat_model",
+    "load_qat_model",
+    "qat_to_tflite_int8",
+    "ptq_to_tflite_int8",
+    "qat_to_onnx",
+    "float_to_tflite",
+    "float_to_onnx",
+    "INPUT_RANGE",
+]
+
+_UNSUPPORTED_FIX = "use a supported backbone (mobilenet_v3_small, mobilenet_v3_large, efficientnet_b0) or export without int8"
+
+#: The value range of the model input (RGB pixels); the int8 input is quantized with exactly it.
+INPUT_RANGE = (0.0, 255.0)
+
+_K = keras()
+_TF = tf()
+
+
+# --------------------------------------------------------------------------------------------
+# Serializable layers that replace TFOpLambda / preprocessing arithmetic
+# --------------------------------------------------------------------------------------------
+
+
+@_K.utils.register_keras_serializable(package="edgetl")
+class AddConst(_K.layers.Layer):
+    """``y = x + value`` for a scalar constant (the ``x + 3`` of hard-sigmoid)."""
+
+    def __init__(self, value: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.value = float(value)
+
+    def call(self, inputs):
+        return inputs + _TF.constant(self.value, dtype=inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "value": self.value}
+
+
+@_K.utils.register_keras_serializable(package="edgetl")
+class ScaleConst(_K.layers.Layer):
+    """``y = x * value`` for a scalar constant (the ``* 1/6`` of hard-sigmoid)."""
+
+    def __init__(self, value: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.value = float(value)
+
+    def call(self, inputs):
+        return inputs * _TF.constant(self.value, dtype=inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "value": self.value}
+
+
+@_K.utils.register_keras_serializable(package="edgetl")
+class SpaceToDepth(_K.layers.Layer):
+    """``tf.nn.space_to_depth`` (NHWC): used to turn the 3-channel stride-2 stem conv into a
+    12-channel stride-1 2x2 conv, which XNNPACK runs much faster in int8."""
+
+    def __init__(self, block_size: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.block_size = int(block_size)
+
+    def call(self, inputs):
+        return _TF.nn.space_to_depth(inputs, self.block_size)
+
+    def compute_output_shape(self, input_shape):
+        b = self.block_size
+        n, h, w, c = input_shape
+        return (n, None if h is None else h // b, None if w is None else w // b, None if c is None else c * b * b)
+
+    def get_config(self):
+        return {**super().get_config(), "block_size": self.block_size}
+
+
+@_K.utils.register_keras_serializable(package="edgetl")
+class ChannelAffine(_K.layers.Layer):
+    """``y = x * scale + offset`` per channel (last axis); frozen Rescaling/Normalization/BN."""
+
+    def __init__(self, channels: int = 1, **kwargs):
+        kwargs.setdefault("trainable", False)
+        super().__init__(**kwargs)
+        self.channels = int(channels)
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(
+            name="scale", shape=(self.channels,), initializer="ones", trainable=False
+        )
+        self.offset = self.add_weight(
+            name="offset", shape=(self.channels,), initializer="zeros", trainable=False
+        )
+        super().build(input_shape)
+
+    def call(self, inputs):
+        return inputs * self.scale + self.offset
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+# --------------------------------------------------------------------------------------------
+# QuantizeConfigs
+# --------------------------------------------------------------------------------------------
+
+_tfmot_cache: dict[str, Any] = {}
+
+
+def _tfmot():
+    if "m" not in _tfmot_cache:
+        tf()  # environment first
+        import tensorflow_model_optimization as tfmot
+
+        _tfmot_cache["m"] = tfmot
+    return _tfmot_cache["m"]
+
+
+def _QuantizeLayer():
+    _tfmot()
+    from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import QuantizeLayer
+
+    return QuantizeLayer
+
+
+def _make_configs():
+    if "configs" in _tfmot_cache:
+        return _tfmot_cache["configs"]
+    tfmot = _tfmot()
+    QuantizeConfig = tfmot.quantization.keras.QuantizeConfig
+    MovingAverageQuantizer = tfmot.quantization.keras.quantizers.MovingAverageQuantizer
+
+    class OutputQuantizeConfig(QuantizeConfig):
+        """No weights to quantize; fake-quantize the layer output (asymmetric, per tensor).
+
+        Used for Multiply, ScaleConst, ChannelAffine, Activation(sigmoid/softmax) and AddConst when
+        it is not followed by a ReLU: each of these is its own int8 op in TFLite, so its output is
+        a quantization point whose range the converter must know.
+        """
+
+        def get_weights_and_quantizers(self, layer):
+            return []
+
+        def get_activations_and_quantizers(self, layer):
+            return []
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            pass
+
+        def set_quantize_activations(self, layer, quantize_activations):
+            pass
+
+        def get_output_quantizers(self, layer):
+            return [MovingAverageQuantizer(num_bits=8, per_axis=False, symmetric=False, narrow_range=False)]
+
+        def get_config(self):
+            return {}
+
+    class NoOpQuantizeConfig(OutputQuantizeConfig):
+        """Nothing is quantized: used for AddConst feeding a ReLU (the converter fuses ADD+RELU6 into
+        one int8 ADD whose output range is the ReLU's) and for range-preserving layers."""
+
+        def get_output_quantizers(self, layer):
+            return []
+
+    LastValueQuantizer = tfmot.quantization.keras.quantizers.LastValueQuantizer
+
+    class AffineQuantizeConfig(OutputQuantizeConfig):
+        """ChannelAffine: per-tensor symmetric int8 scale and offset (so the converter emits int8
+        MUL/ADD with constant operands instead of a float island with DEQUANTIZE/QUANTIZE around it),
+        output fake-quantized."""
+
+        def get_weights_and_quantizers(self, layer):
+            q = lambda: LastValueQuantizer(num_bits=8, per_axis=False, symmetric=True, narrow_range=True)  # noqa: E731
+            return [(layer.scale, q()), (layer.offset, q())]
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            layer.scale, layer.offset = quantize_weights
+
+    QuantizeWrapperV2 = tfmot.quantization.keras.QuantizeWrapperV2
+
+    class QATWrapper(QuantizeWrapperV2):
+        """QuantizeWrapperV2 that honours ``trainable=False``.
+
+        tfmot's wrapper always lists the quantized kernel among its trainable weights, so a frozen
+        conv would still be updated by the optimizer. Same config/weights as QuantizeWrapperV2."""
+
+        @property
+        def trainable_weights(self):
+            if not self.trainable:
+                return []
+            return super().trainable_weights
+
+        @property
+        def non_trainable_weights(self):
+            if self.trainable:
+                return super().non_trainable_weights
+            return self._dedup_weights(
+                self._trainable_weights + self.layer.trainable_weights + self.layer.non_trainable_weights
+                + self._non_trainable_weights
+            )
+
+    for cls in (OutputQuantizeConfig, NoOpQuantizeConfig, AffineQuantizeConfig, QATWrapper):
+        cls.__module__ = __name__
+        _K.utils.register_keras_serializable(package="edgetl")(cls)
+    _tfmot_cache["configs"] = (OutputQuantizeConfig, NoOpQuantizeConfig, AffineQuantizeConfig)
+    _tfmot_cache["wrapper"] = QATWrapper
+    return _tfmot_cache["configs"]
+
+
+def custom_objects() -> dict:
+    """Every class needed to deserialize a QAT model (edgetl layers/configs + tfmot wrappers)."""
+    tfmot = _tfmot()
+    out_cfg, noop_cfg, aff_cfg = _make_configs()
+    from tensorflow_model_optimization.python.core.quantization.keras import quantize as _q
+
+    scope = _q.quantize_scope()
+    objs = {}
+    for d in scope.custom_objects if hasattr(scope, "custom_objects") else []:
+        objs.update(d)
+    objs.update(
+        {
+            "AddConst": AddConst,
+            "ScaleConst": ScaleConst,
+            "ChannelAffine": ChannelAffine,
+            "SpaceToDepth": SpaceToDepth,
+            "edgetl>SpaceToDepth": SpaceToDepth,
+            "edgetl>AddConst": AddConst,
+            "edgetl>ScaleConst": ScaleConst,
+            "edgetl>ChannelAffine": ChannelAffine,
+            "OutputQuantizeConfig": out_cfg,
+            "NoOpQuantizeConfig": noop_cfg,
+            "edgetl>OutputQuantizeConfig": out_cfg,
+            "edgetl>NoOpQuantizeConfig": noop_cfg,
+            "AffineQuantizeConfig": aff_cfg,
+            "edgetl>AffineQuantizeConfig": aff_cfg,
+            "QATWrapper": _tfmot_cache["wrapper"],
+            "edgetl>QATWrapper": _tfmot_cache["wrapper"],
+        }
+    )
+    # tfmot public objects (explicit, in case quantize_scope changes what it exposes)
+    objs.update(
+        {
+            "QuantizeWrapper": tfmot.quantization.keras.QuantizeWrapper,
+            "QuantizeWrapperV2": tfmot.quantization.keras.QuantizeWrapperV2,
+            "QuantizeLayer": _QuantizeLayer(),
+            "MovingAverageQuantizer": tfmot.quantization.keras.quantizers.MovingAverageQuantizer,
+            "LastValueQuantizer": tfmot.quantization.keras.quantizers.LastValueQuantizer,
+            "AllValuesQuantizer": tfmot.quantization.keras.quantizers.AllValuesQuantizer,
+        }
+    )
+    return objs
+
+
+# --------------------------------------------------------------------------------------------
+# Graph flattening / rewriting
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Op:
+    kind: str  # layer | add_const | scale_const | affine | relu | sigmoid | multiply
+    inputs: list  # tensor ids (str)
+    out: str
+    name: str
+    layer: Any = None  # original layer (kind == "layer")
+    list_input: bool = False
+    trainable: bool = True
+    params: dict = field(default_factory=dict)
+    weights: list | None = None  # float weights for the new layer (kind == "layer")
+    config: dict | None = None
+
+
+_LINEAR_PRODUCERS = ("Conv2D", "DepthwiseConv2D", "Dense")
+
+
+def _is_kt(v) -> bool:
+    from tf_keras.src.engine.keras_tensor import KerasTensor
+
+    return isinstance(v, KerasTensor)
+
+
+def _const_value(v):
+    if isinstance(v, (int, float, np.number)):
+        return np.asarray(v, dtype=np.float32)
+    if isinstance(v, np.ndarray):
+        return v.astype(np.float32)
+    if _TF.is_tensor(v) and not _is_kt(v):
+        return np.asarray(v.numpy(), dtype=np.float32)
+    return None
+
+
+class _Tracer:
+    def __init__(self):
+        self.ops: list[_Op] = []
+        self.shapes: dict[str, tuple] = {}
+        self.n = 0
+        self.names: set[str] = set()
+
+    def tid(self) -> str:
+        self.n += 1
+        return f"t{self.n}"
+
+    def uniq(self, name: str) -> str:
+        base, i = name, 1
+        while name in self.names:
+            i += 1
+            name = f"{base}_{i}"
+        self.names.add(name)
+        return name
+
+    def add(self, op: _Op) -> str:
+        op.name = self.uniq(op.name)
+        self.ops.append(op)
+        return op.out
+
+    # ---- affine helper -------------------------------------------------------------------
+    def affine(self, x, scale, offset, name, channels):
+        scale = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (channels,)).copy()
+        offset = np.broadcast_to(np.asarray(offset, np.float32).reshape(-1), (channels,)).copy()
+        return self.add(_Op("affine", [x], self.tid(), name, params={"scale": scale, "offset": offset}, trainable=False))
+
+    # ---- activations ---------------------------------------------------------------------
+    def activation(self, x, act: str, name: str, channels: int, trainable: bool):
+        if act in ("linear", None):
+            return x
+        if act == "relu":
+            return self.add(_Op("relu", [x], self.tid(), name, params={"max_value": None}, trainable=trainable))
+        if act == "relu6":
+            return self.add(_Op("relu", [x], self.tid(), name, params={"max_value": 6.0}, trainable=trainable))
+        if act == "sigmoid":
+            return self.add(_Op("sigmoid", [x], self.tid(), name, trainable=trainable))
+        if act in ("swish", "silu"):
+            s = self.add(_Op("sigmoid", [x], self.tid(), name + "_sigmoid", trainable=trainable))
+            return self.add(_Op("multiply", [x, s], self.tid(), name, trainable=trainable))
+        if act == "hard_swish":  # keras 'hard_silu'
+            return self._hard_swish(x, name, trainable)
+        if act == "softmax":
+            return self.add(_Op("softmax", [x], self.tid(), name, trainable=trainable))
+        raise ExportError(
+            f"activation {act!r} (layer {name}) is not supported by edgetl QAT",
+            "use relu, relu6, sigmoid, swish, hard_swish or softmax",
+        )
+
+    def _hard_swish(self, x, name, trainable):
+        a = self.add(_Op("add_const", [x], self.tid(), name + "_add3", params={"value": 3.0}, trainable=trainable))
+        r = self.add(_Op("relu", [a], self.tid(), name + "_relu6", params={"max_value": 6.0}, trainable=trainable))
+        s = self.add(_Op("scale_const", [r], self.tid(), name + "_div6", params={"value": 1.0 / 6.0}, trainable=trainable))
+        return self.add(_Op("multiply", [x, s], self.tid(), name, trainable=trainable))
+
+    # ---- main walk -----------------------------------------------------------------------
+    def trace(self, model, in_ids: list, inference: bool) -> list:
+        if not getattr(model, "_is_graph_network", False):
+            raise ExportError(
+                f"model {model.name!r} is a subclassed model; QAT needs a functional graph",
+                "build the classifier with the functional tf_keras API",
+            )
+        tmap: dict[int, str] = {}
+        for kt, t in zip(model.inputs, in_ids):
+            tmap[id(kt)] = t
+            self.shapes.setdefault(t, tuple(kt.shape))
+        for depth in sorted(model._nodes_by_depth.keys(), reverse=True):
+            for node in model._nodes_by_depth[depth]:
+                layer = node.layer
+                if isinstance(layer, _K.layers.InputLayer) or node.is_input:
+                    continue
+                kins = _TF.nest.flatten(node.keras_inputs)
+                ins = [tmap[id(k)] for k in kins]
+                outs = _TF.nest.flatten(node.outputs)
+                call_kw = node.call_kwargs or {}
+                inner_inference = inference or (call_kw.get("training", None) is False)
+                res = self.convert(layer, node, ins, inner_inference)
+                if len(res) != len(outs):
+                    raise ExportError(f"layer {layer.name} has an unexpected number of outputs", _UNSUPPORTED_FIX)
+                for k, r in zip(outs, res):
+                    tmap[id(k)] = r
+                    self.shapes.setdefault(r, tuple(k.shape))
+        return [tmap[id(k)] for k in _TF.nest.flatten(model.outputs)]
+
+    def convert(self, layer, node, ins, inference) -> list:
+        L = _K.layers
+        cls = type(layer).__name__
+        tr = layer.trainable
+        if isinstance(layer, _K.Model):
+            return self.trace(layer, ins, inference)
+        if cls == "TFOpLambda":
+            return [self._op_lambda(layer, node, ins)]
+        if cls == "Rescaling":
+            ch = int(layer.input_shape[-1]) if layer.input_shape else 3
+            return [self.affine(ins[0], layer.scale, layer.offset, layer.name, ch)]
+        if cls == "Normalization":
+            mean = np.asarray(layer.mean.numpy() if hasattr(layer.mean, "numpy") else layer.mean, np.float32)
+            var = np.asarray(layer.variance.numpy() if hasattr(layer.variance, "numpy") else layer.variance, np.float32)
+            if layer.invert:
+                raise ExportError("Normalization(invert=True) is not supported by edgetl QAT", _UNSUPPORTED_FIX)
+            ch = int(node.outputs.shape[-1])
+            std = np.maximum(np.sqrt(var), _K.backend.epsilon())
+            return [self.affine(ins[0], 1.0 / std, -mean / std, layer.name, ch)]
+        if isinstance(layer, L.BatchNormalization):
+            ax = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
+            if ax not in (-1, len(node.outputs.shape) - 1):
+                raise ExportError("BatchNormalization on a non-channel axis is not supported", _UNSUPPORTED_FIX)
+            ch = int(node.outputs.shape[-1])
+            gamma = layer.gamma.numpy() if layer.scale else np.ones(ch, np.float32)
+            beta = layer.beta.numpy() if layer.center else np.zeros(ch, np.float32)
+            s = gamma / np.sqrt(layer.moving_variance.numpy() + layer.epsilon)
+            return [self.affine(ins[0], s, beta - layer.moving_mean.numpy() * s, layer.name, ch)]
+        if isinstance(layer, L.Dropout) and inference:
+            return [ins[0]]  # called with training=False inside the base: identity, keep it that way
+        if isinstance(layer, L.Activation):
+            act = _K.activations.serialize(layer.activation)
+            act = act if isinstance(act, str) else act.get("config", act)
+            return [self.activation(ins[0], act, layer.name, int(node.outputs.shape[-1]), tr)]
+        if isinstance(layer, L.ReLU):
+            if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
+                raise ExportError(f"ReLU {layer.name} with slope/threshold is not supported by edgetl QAT", _UNSUPPORTED_FIX)
+            mv = None if layer.max_value is None else float(layer.max_value)
+            return [self.add(_Op("relu", ins, self.tid(), layer.name, params={"max_value": mv}, trainable=tr))]
+        if isinstance(layer, L.Multiply):
+            return [self.add(_Op("multiply", ins, self.tid(), layer.name, trainable=tr))]
+        if isinstance(layer, L.Softmax):
+            return [self.add(_Op("softmax", ins, self.tid(), layer.name, trainable=tr))]
+        if cls in _LINEAR_PRODUCERS and layer.get_config().get("activation", "linear") != "linear":
+            cfg = layer.get_config()
+            act = cfg["activation"]
+            if cls == "Dense" and act == "softmax":
+                return [self._layer(layer, node, ins)]  # tfmot quantizes the softmax of Dense itself
+            cfg["activation"] = "linear"
+            y = self._layer(layer, node, ins, config=cfg)
+            ch = int(node.outputs.shape[-1])
+            return [self.activation(y, act, layer.name + "_act", ch, tr)]
+        return [self._layer(layer, node, ins)]
+
+    def _layer(self, layer, node, ins, config=None):
+        args = node.call_args
+        list_input = bool(args) and isinstance(args[0], (list, tuple))
+        op = _Op(
+            "layer",
+            ins,
+            self.tid(),
+            layer.name,
+            layer=layer,
+            list_input=list_input,
+            trainable=layer.trainable,
+            weights=[w.copy() for w in layer.get_weights()],
+            config=config or layer.get_config(),
+        )
+        return self.add(op)
+
+    def _op_lambda(self, layer, node, ins):
+        fn = layer.get_config()["function"]
+        args = list(node.call_args) + list((node.call_kwargs or {}).values())
+        tensors = [a for a in args if _is_kt(a)]
+        consts = [c for c in (_const_value(a) for a in args if not _is_kt(a)) if c is not None]
+        if len(tensors) != 1 or len(consts) != 1 or len(ins) != 1:
+            raise ExportError(
+                f"TensorFlow op {fn!r} (layer {layer.name}) is not supported by edgetl QAT",
+                "only tensor (+,-,*,/) constant arithmetic can be rewritten",
+            )
+        c = consts[0]
+        x_first = _is_kt(args[0])
+        ch = int(node.outputs.shape[-1])
+        name = layer.name
+        if fn in ("__operators__.add", "math.add", "__operators__.radd"):
+            kind, val = "add", c
+        elif fn in ("math.subtract", "__operators__.sub") and x_first:
+            kind, val = "add", -c
+        elif fn in ("math.multiply", "__operators__.mul", "__operators__.rmul"):
+            kind, val = "mul", c
+        elif fn in ("math.truediv", "math.divide", "__operators__.truediv") and x_first:
+            kind, val = "mul", 1.0 / c
+        else:
+            raise ExportError(f"TensorFlow op {fn!r} (layer {name}) is not supported by edgetl QAT", _UNSUPPORTED_FIX)
+        if val.size == 1:
+            v = float(val.reshape(()))
+            if kind == "add":
+                return self.add(_Op("add_const", ins, self.tid(), name, params={"value": v}))
+            return self.add(_Op("scale_const", ins, self.tid(), name, params={"value": v}))
+        if val.size != ch:
+            raise ExportError(f"op {fn!r} (layer {name}) broadcasts a non per-channel constant", _UNSUPPORTED_FIX)
+        if kind == "add":
+            return self.affine(ins[0], 1.0, val, name, ch)
+        return self.affine(ins[0], val, 0.0, name, ch)
+
+
+def _consumers(ops: list[_Op]) -> dict[str, list[_Op]]:
+    cons: dict[str, list[_Op]] = {}
+    for op in ops:
+        for t in op.inputs:
+            cons.setdefault(t, []).append(op)
+    return cons
+
+
+def _fold(ops: list[_Op], outputs: list[str]) -> list[_Op]:
+    """Fold affine / add_const ops into the linear layer that produces their input."""
+    changed = True
+    while changed:
+        changed = False
+        cons = _consumers(ops)
+        prod = {op.out: op for op in ops}
+        for op in ops:
+            if op.kind not in ("affine", "add_const", "scale_const"):
+                continue
+            p = prod.get(op.inputs[0])
+            if p is None or len(cons.get(p.out, [])) != 1 or p.out in outputs:
+                continue
+            if op.kind == "scale_const" and not (p.kind == "layer" and type(p.layer).__name__ in _LINEAR_PRODUCERS):
+                continue  # a lone ScaleConst (1/6 after ReLU6) stays: it is a quantization point
+            if p.kind == "affine" and op.kind in ("affine", "add_const"):
+                if op.kind == "affine":
+                    p.params["offset"] = p.params["offset"] * op.params["scale"] + op.params["offset"]
+                    p.params["scale"] = p.params["scale"] * op.params["scale"]
+                else:
+                    p.params["offset"] = p.params["offset"] + op.params["value"]
+            elif p.kind == "layer" and type(p.layer).__name__ in _LINEAR_PRODUCERS and p.config.get("activation") == "linear":
+                ch = int(p.weights[0].shape[-1] * (p.weights[0].shape[-2] if type(p.layer).__name__ == "DepthwiseConv2D" else 1))
+                if op.kind == "affine":
+                    scale, offset = op.params["scale"], op.params["offset"]
+                elif op.kind == "add_const":
+                    scale, offset = np.ones(ch, np.float32), np.full(ch, op.params["value"], np.float32)
+                else:
+                    scale, offset = np.full(ch, op.params["value"], np.float32), np.zeros(ch, np.float32)
+                _fold_into(p, scale.astype(np.float64), offset.astype(np.float64))
+            else:
+                continue
+            # rewire: consumers of op.out read p.out; p takes over op's output id
+            p.out = op.out
+            ops.remove(op)
+            changed = True
+            break
+    return ops
+
+
+_PASS_THROUGH = ("ZeroPadding2D", "Dropout", "Reshape", "GlobalAveragePooling2D", "Flatten", "AveragePooling2D")
+
+
+def _push_scales(ops: list[_Op], outputs: list[str]) -> list[_Op]:
+    """Remove ``ScaleConst(k)`` (k > 0) by pushing the factor downstream into the kernels of the
+    Conv/Depthwise/Dense layers that consume it, through linear zero-preserving layers (padding,
+    pooling, reshape, dropout), ReLU and one side of Multiply. ``hard_swish = x * relu6(x+3) / 6``
+    then becomes ``ADD(+3, RELU6) -> MUL`` in int8 (2 ops instead of 3) and the converter cannot
+    re-fuse it into HARD_SWISH, which XNNPACK does not run in int8."""
+    changed = True
+    while changed:
+        changed = False
+        cons = _consumers(ops)
+        for s in ops:
+            if s.kind != "scale_const" or s.params["value"] <= 0:
+                continue
+            plan: list[_Op] = []
+            seen: set[int] = set()
+            if not _plan_push(s.out, cons, outputs, plan, seen):
+                continue
+            k = s.params["value"]
+            for c in plan:
+                w = list(c.weights)
+                w[0] = (np.asarray(w[0], np.float64) * k).astype(np.float32)
+                c.weights = w
+            for c in cons.get(s.out, []):
+                c.inputs = [s.inputs[0] if t == s.out else t for t in c.inputs]
+            ops.remove(s)
+            changed = True
+            break
+    return ops
+
+
+def _plan_push(t, cons, outputs, plan, seen) -> bool:
+    if t in outputs:
+        return False
+    users = cons.get(t, [])
+    if not users:
+        return False
+    for c in users:
+        if id(c) in seen:
+            return False
+        seen.add(id(c))
+        cls = type(c.layer).__name__ if c.kind == "layer" else c.kind
+        if cls in _LINEAR_PRODUCERS:
+            if len(c.inputs) != 1:
+                return False
+            plan.append(c)
+        elif cls in _PASS_THROUGH or (c.kind == "relu" and c.params["max_value"] is None):
+            if not _plan_push(c.out, cons, outputs, plan, seen):
+                return False
+        elif c.kind == "multiply" and c.inputs.count(t) == 1:
+            if not _plan_push(c.out, cons, outputs, plan, seen):
+                return False
+        else:
+            return False
+    return True
+
+
+def _space_to_depth_stem(tr: "_Tracer", ops: list[_Op], shapes: dict, outputs: list[str]) -> list[_Op]:
+    """Rewrite ``Conv2D(k=3, stride 2, 'same')`` on a <= 4-channel, even-sized input as
+    ``SpaceToDepth(2) -> Conv2D(k=2, stride 1, 'same')`` (exact: the 3x3/2 taps map onto a 2x2
+    kernel over 2x2 pixel blocks, the unused taps are zero, and the bottom/right zero padding lines up).
+    A per-channel affine (input Rescaling) feeding only that conv moves behind the SpaceToDepth with its
+    scale/offset tiled. In int8 XNNPACK the 3-channel stride-2 stem conv (+ the 3-channel 1x1 affine)
+    cost 0.77 ms at 224 px vs 0.51 ms for this form (fp32 has a dedicated 3-channel kernel; int8 not).
+    """
+    cons = _consumers(ops)
+    prod = {op.out: op for op in ops}
+    for conv in list(ops):
+        if conv.kind != "layer" or type(conv.layer).__name__ != "Conv2D":
+            continue
+        cfg = conv.config
+        if (
+            tuple(cfg.get("kernel_size", ())) != (3, 3)
+            or tuple(cfg.get("strides", ())) != (2, 2)
+            or cfg.get("padding") != "same"
+            or tuple(cfg.get("dilation_rate", (1, 1))) != (1, 1)
+            or cfg.get("groups", 1) != 1
+            or cfg.get("data_format", "channels_last") not in (None, "channels_last")
+        ):
+            continue
+        shape = shapes.get(conv.inputs[0])
+        if shape is None or len(shape) != 4 or None in shape[1:]:
+            continue
+        h, w, c = shape[1:]
+        if h % 2 or w % 2 or c > 4:
+            continue
+        kernel = np.asarray(conv.weights[0], np.float32)
+        k2 = np.zeros((2, 2, 4 * c, kernel.shape[-1]), np.float32)
+        for dp in range(2):
+            for dq in range(2):
+                for a in range(2):
+                    for b in range(2):
+                        di, dj = 2 * dp + a, 2 * dq + b
+                        if di < 3 and dj < 3:
+                            k2[dp, dq, (2 * a + b) * c : (2 * a + b + 1) * c, :] = kernel[di, dj]
+        src = conv.inputs[0]
+        aff = prod.get(src)
+        move_affine = aff is not None and aff.kind == "affine" and len(cons.get(src, [])) == 1 and src not in outputs
+        s2d_in = aff.inputs[0] if move_affine else src
+        s2d = _Op("s2d", [s2d_in], tr.tid(), tr.uniq(conv.name + "_space_to_depth"), trainable=False)
+        idx = ops.index(aff if move_affine else conv)
+        ops.insert(idx, s2d)
+        if move_affine:
+            aff.inputs = [s2d.out]
+            aff.params["scale"] = np.tile(aff.params["scale"], 4)
+            aff.params["offset"] = np.tile(aff.params["offset"], 4)
+        else:
+            conv.inputs = [s2d.out]
+        conv.config = {**cfg, "kernel_size": (2, 2), "strides": (1, 1)}
+        conv.weights = [k2] + list(conv.weights[1:])
+    return ops
+
+
+def _fold_into(p: _Op, scale, offset):
+    cls = type(p.layer).__name__
+    w = [np.asarray(a, np.float64) for a in p.weights]
+    kernel = w[0]
+    has_bias = p.config.get("use_bias", True) and len(w) > 1
+    if cls == "DepthwiseConv2D":
+        kh, kw, cin, mult = kernel.shape
+        kernel = kernel * scale.reshape(cin, mult)
+        ch = cin * mult
+    else:
+        kernel = kernel * scale
+        ch = kernel.shape[-1]
+    bias = w[1] if has_bias else np.zeros(ch)
+    bias = bias * scale + offset
+    p.config = dict(p.config)
+    p.config["use_bias"] = True
+    p.weights = [kernel.astype(np.float32), bias.astype(np.float32)]
+
+
+def _emit(ops: list[_Op], model_inputs, in_ids, out_ids, name):
+    L = _K.layers
+    tmap = dict(zip(in_ids, model_inputs))
+    cons = _consumers(ops)
+    for op in ops:
+        xs = [tmap[t] for t in op.inputs]
+        if op.kind == "layer":
+            cfg = dict(op.config)
+            cfg["name"] = op.name
+            new = type(op.layer).from_config(cfg)
+            y = new(xs if op.list_input else xs[0])
+            new.set_weights(op.weights)
+        elif op.kind == "affine" and len(xs[0].shape) == 4:
+            # per-channel affine on NHWC == 1x1 depthwise conv: tfmot quantizes it per channel and
+            # the converter emits one int8 DEPTHWISE_CONV_2D that XNNPACK runs (a MUL+ADD pair with
+            # constant vectors stays float with DEQUANTIZE/QUANTIZE around it).
+            ch = len(op.params["scale"])
+            new = L.DepthwiseConv2D(1, use_bias=True, name=op.name)
+            y = new(xs[0])
+            new.set_weights([op.params["scale"].reshape(1, 1, ch, 1), op.params["offset"]])
+        elif op.kind == "affine":
+            new = ChannelAffine(channels=len(op.params["scale"]), name=op.name)
+            y = new(xs[0])
+            new.set_weights([op.params["scale"], op.params["offset"]])
+        elif op.kind == "add_const":
+            new = AddConst(op.params["value"], name=op.name)
+            y = new(xs[0])
+        elif op.kind == "scale_const":
+            new = ScaleConst(op.params["value"], name=op.name)
+            y = new(xs[0])
+        elif op.kind == "relu":
+            new = L.ReLU(max_value=op.params["max_value"], name=op.name)
+            y = new(xs[0])
+        elif op.kind == "sigmoid":
+            new = L.Activation("sigmoid", name=op.name)
+            y = new(xs[0])
+        elif op.kind == "softmax":
+            new = L.Activation("softmax", name=op.name)
+            y = new(xs[0])
+        elif op.kind == "multiply":
+            new = L.Multiply(name=op.name)
+            y = new(xs)
+        elif op.kind == "s2d":
+            new = SpaceToDepth(2, name=op.name)
+            y = new(xs[0])
+        else:  # pragma: no cover - internal
+            raise AssertionError(op.kind)
+        new.trainable = op.trainable
+        new._edgetl_next = [c.kind if c.kind != "layer" else type(c.layer).__name__ for c in cons.get(op.out, [])]
+        tmap[op.out] = y
+    outs = [tmap[t] for t in out_ids]
+    return _K.Model(model_inputs, outs if len(outs) > 1 else outs[0], name=name)
+
+
+def flatten_for_qat(model, push_scales: bool = True, space_to_depth_stem: bool = True) -> "keras.Model":
+    """Return a flat functional copy of ``model`` that tfmot can annotate.
+
+    Nested models are inlined; BatchNorm/Rescaling/Normalization and ``TFOpLambda`` constant
+    arithmetic are folded into the preceding Conv/Dense or become :class:`ChannelAffine` /
+    :class:`AddConst` / :class:`ScaleConst`; fused conv activations are split out and swish
+    becomes ``sigmoid`` + ``Multiply``. Float outputs match the original to ~1e-7. Layer
+    ``trainable`` flags are kept (a folded conv keeps the conv's flag).
+    """
+    if not isinstance(model, _K.Model):
+        raise ConfigError("flatten_for_qat needs a tf_keras Model", "build the model with tf_keras")
+    tr = _Tracer()
+    model_inputs, in_ids = [], []
+    for kt in model.inputs:
+        name = tr.uniq(kt.name.split(":")[0] if kt.name else "input")
+        shape = tuple(kt.shape[1:])
+        model_inputs.append(_K.Input(shape, name=name, dtype=kt.dtype))
+        in_ids.append(tr.tid())
+    out_ids = tr.trace(model, in_ids, inference=False)
+    ops = _fold(tr.ops, out_ids)
+    if push_scales:
+        ops = _push_scales(ops, out_ids)
+    if space_to_depth_stem:
+        ops = _space_to_depth_stem(tr, ops, tr.shapes, out_ids)
+    # output ids may have been taken over by a producer during folding (ids are preserved)
+    return _emit(ops, model_inputs, in_ids, out_ids, name=model.name + "_flat")
+
+
+# --------------------------------------------------------------------------------------------
+# QAT model
+# --------------------------------------------------------------------------------------------
+
+_TFMOT_DEFAULT = (
+    "Conv2D",
+    "DepthwiseConv2D",
+    "Dense",
+    "ReLU",
+    "Add",
+    "GlobalAveragePooling2D",
+    "AveragePooling2D",
+    "MaxPooling2D",
+    "ZeroPadding2D",
+    "Reshape",
+    "Dropout",
+    "Flatten",
+    "Concatenate",
+)
+
+
+@contextlib.contextmanager
+def _scope():
+    tfmot = _tfmot()
+    with tfmot.quantization.keras.quantize_scope(custom_objects()):
+        yield
+
+
+def quantize_for_training(model) -> "keras.Model":
+    """Flatten, annotate and ``quantize_apply`` ``model``; returns a trainable QAT model.
+
+    Weights are copied, ``trainable`` flags kept. Weight ranges are initialised from the weights;
+    activation ranges still need :func:`calibrate` (or a long fine-tune).
+    """
+    tfmot = _tfmot()
+    out_cfg, noop_cfg, aff_cfg = _make_configs()
+    flat = flatten_for_qat(model)
+    flags = {l.name: l.trainable for l in flat.layers}
+
+    def annotate(layer):
+        cls = type(layer).__name__
+        nxt = getattr(layer, "_edgetl_next", [])
+        if isinstance(layer, _K.layers.InputLayer):
+            return layer
+        if cls in _TFMOT_DEFAULT:
+            return tfmot.quantization.keras.quantize_annotate_layer(layer)
+        if cls == "AddConst":
+            cfg = noop_cfg() if nxt == ["relu"] or nxt == ["ReLU"] else out_cfg()
+            return tfmot.quantization.keras.quantize_annotate_layer(layer, cfg)
+        if cls == "ChannelAffine":
+            return tfmot.quantization.keras.quantize_annotate_layer(layer, aff_cfg())
+        if cls == "SpaceToDepth":  # pure data movement: int8 in, same scale out
+            return tfmot.quantization.keras.quantize_annotate_layer(layer, noop_cfg())
+        if cls in ("ScaleConst", "Multiply", "Activation"):
+            return tfmot.quantization.keras.quantize_annotate_layer(layer, out_cfg())
+        raise ExportError(
+            f"layer {layer.name} ({cls}) has no quantization rule in edgetl",
+            "use a supported backbone (mobilenet_v3_small/large, efficientnet_b0)",
+        )
+
+    with _scope():
+        annotated = _K.models.clone_model(flat, clone_function=annotate)
+        annotated.set_weights(flat.get_weights())
+        qat = tfmot.quantization.keras.quantize_apply(annotated)
+    wrapper_cls = _tfmot_cache["wrapper"]
+    for layer in qat.layers:
+        inner = getattr(layer, "layer", None)
+        if inner is not None and inner.name in flags:
+            if type(layer) is tfmot.quantization.keras.QuantizeWrapperV2:
+                layer.__class__ = wrapper_cls
+            if layer.trainable != flags[inner.name]:
+                raise AssertionError(f"trainable flag of {inner.name} lost in quantize_apply")
+    _init_weight_ranges(qat)
+    _set_input_range(qat)
+    return qat
+
+
+def _wrappers(model):
+    tfmot = _tfmot()
+    return [l for l in model.layers if isinstance(l, tfmot.quantization.keras.QuantizeWrapper)]
+
+
+def _init_weight_ranges(model):
+    """Set the weight quantizers' min/max from the current weights (tfmot does it in the first
+    training step only, so an untrained QAT model would otherwise quantize weights to +-6)."""
+    for w in _wrappers(model):
+        for weight, quantizer, qvars in getattr(w, "_weight_vars", []):
+            quantizer(weight, True, weights=qvars)
+
+
+def _set_input_range(model):
+    tfmot = _tfmot()
+    for l in model.layers:
+        if isinstance(l, _QuantizeLayer()) and getattr(l, "quantizer", None):
+            l.quantizer_vars["min_var"].assign(INPUT_RANGE[0])
+            l.quantizer_vars["max_var"].assign(INPUT_RANGE[1])
+
+
+def calibrate(qat_model, images: np.ndarray, batch_size: int = 32) -> None:
+    """Set every activation range of ``qat_model`` from ``images`` (float32 0..255 NHWC).
+
+    Runs the model in inference mode batch by batch; each moving-average fake-quant records the
+    batch min/max of its input (downstream layers see the data quantized with the batch range) and
+    the final range is the mean over batches. The input range is pinned to 0..255 and weight
+    ranges are refreshed from the weights.
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or len(images) == 0:
+        raise ConfigError(f"calibrate needs NHWC images, got shape {images.shape}", "pass a non-empty (N,H,W,3) array")
+    from tensorflow_model_optimization.python.core.quantization.keras import quant_ops
+
+    _init_weight_ranges(qat_model)
+    _set_input_range(qat_model)
+    stats: dict[int, list] = {}
+    orig = quant_ops.MovingAvgQuantize
+
+    def recording(inputs, min_var, max_var, per_channel=False, ema_decay=0.999, name_prefix="", is_training=True,
+                  num_bits=8, narrow_range=False, symmetric=False):
+        if per_channel:
+            return orig(inputs, min_var, max_var, per_channel, ema_decay, name_prefix, False, num_bits, narrow_range, symmetric)
+        lo = min(float(_TF.reduce_min(inputs)), 0.0)
+        hi = max(float(_TF.reduce_max(inputs)), 0.0)
+        if symmetric:
+            m = max(abs(lo), abs(hi))
+            lo, hi = -m, m
+        if hi - lo < 1e-6:
+            hi = lo + 1e-6
+        entry = stats.setdefault(id(min_var), [min_var, max_var, [], []])
+        entry[2].append(lo)
+        entry[3].append(hi)
+        return _TF.quantization.fake_quant_with_min_max_vars(inputs, lo, hi, num_bits=num_bits, narrow_range=narrow_range)
+
+    quant_ops.MovingAvgQuantize = recording
+    try:
+        for i in range(0, len(images), batch_size):
+            qat_model(_TF.constant(images[i : i + batch_size]), training=False)
+    finally:
+        quant_ops.MovingAvgQuantize = orig
+    for min_var, max_var, los, his in stats.values():
+        min_var.assign(float(np.mean(los)))
+        max_var.assign(float(np.mean(his)))
+
+
+# --------------------------------------------------------------------------------------------
+# Save / load
+# --------------------------------------------------------------------------------------------
+
+
+QAT_MODEL_SUFFIX = ".h5"
+
+
+def save_qat_model(model, path: str | os.PathLike) -> None:
+    """Save a QAT model as HDF5 (``.h5``): architecture JSON + weights, no pickled code.
+
+    The ``.keras`` format cannot round-trip tfmot models: ``QuantizeLayer`` tracks its min/max
+    variables twice and loading fails with "expected 5 variables, but received 3".
+    """
+    path = os.fspath(path)
+    if not path.endswith((".h5", ".hdf5")):
+        raise ConfigError(f"QAT models are saved as HDF5, got {path!r}", "use a path ending in .h5")
+    with _scope():
+        model.save(path, save_format="h5", include_optimizer=False)
+
+
+def load_qat_model(path: str | os.PathLike):
+    """Load a QAT model written by :func:`save_qat_model`; needs no user code (all edgetl and tfmot
+    classes are registered here; the HDF5 holds no Lambda layers or pickles)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelFileError(f"QAT model file {path!r} does not exist", "check the run directory")
+    try:
+        with _scope():
+            return _K.models.load_model(path, custom_objects=custom_objects(), compile=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # h5/json errors
+        raise ModelFileError(f"cannot load QAT model {path!r}: {e}".splitlines()[0], "re-run the QAT step to recreate it") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------
+
+
+def _concrete(model, batch=1):
+    shape = [batch] + list(model.inputs[0].shape[1:])
+
+    @_TF.function(input_signature=[_TF.TensorSpec(shape, _TF.float32, name="image")])
+    def serve(x):
+        return model(x, training=False)
+
+    return serve, serve.get_concrete_function()
+
+
+def _converter(model):
+    fn, cf = _concrete(model)
+    return _TF.lite.TFLiteConverter.from_concrete_functions([cf], fn)
+
+
+def float_to_tflite(model) -> bytes:
+    """fp32 TFLite (batch 1, float32 input 0..255, float32 output)."""
+    return _converter(model).convert()
+
+
+def _rep_gen(images):
+    images = np.asarray(images, np.float32)
+
+    def gen():
+        for x in images:
+            yield [x[None]]
+
+    return gen
+
+
+_INPUT_TYPES = ("uint8", "int8", "float32")
+
+
+def _input_dtype(input_type: str):
+    if input_type not in _INPUT_TYPES:
+        raise ConfigError(f"unknown int8 TFLite input type {input_type!r}", f"use one of {', '.join(_INPUT_TYPES)}")
+    return {"uint8": _TF.uint8, "int8": _TF.int8, "float32": _TF.float32}[input_type]
+
+
+def qat_to_tflite_int8(qat_model, representative: np.ndarray | None = None, input_type: str = "uint8") -> bytes:
+    """Full-int8 TFLite from a (calibrated/trained) QAT model; output ``float32`` probabilities.
+
+    ``input_type``:
+
+    * ``"uint8"`` (default): RGB bytes 0..255 as they are (scale 1, zero point 0). Costs one
+      uint8->int8 QUANTIZE that XNNPACK does not run (~0.17 ms at 224 px, MobileNetV3Small).
+    * ``"int8"``: the same bytes minus 128 (scale 1, zero point -128; ``(px ^ 0x80).view(int8)``).
+      No conversion op at all: the fastest form (fp32 latency parity on MobileNetV3Small).
+    * ``"float32"``: float pixels 0..255, like the fp32 model; the QUANTIZE runs inside XNNPACK.
+
+    Every tensor has a fake-quant range from QAT, so ``representative`` is optional and only used
+    to fill ranges of ops the converter adds itself.
+    """
+    conv = _converter(qat_model)
+    conv.optimizations = [_TF.lite.Optimize.DEFAULT]
+    conv.inference_input_type = _input_dtype(input_type)
+    conv.inference_output_type = _TF.float32
+    if representative is not None:
+        conv.representative_dataset = _rep_gen(representative)
+    try:
+        with warnings.catch_warnings():
+            # Benign here: the input's quantization comes from the input QuantizeLayer (0..255 ->
+            # scale 1, zero point 0); the warning is about the legacy quantized_input_stats flag.
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+            return conv.convert()
+    except Exception as e:  # converter errors are opaque; report them as export errors
+        raise ExportError(f"int8 TFLite conversion failed: {e}".splitlines()[0], "check the QAT model") from e
+
+
+def ptq_to_tflite_int8(
+    float_model, representative: np.ndarray, rewrite: bool = True, input_type: str = "uint8"
+) -> bytes:
+    """Post-training full-int8 TFLite of a float model (for comparison with QAT).
+
+    ``rewrite=True`` converts :func:`flatten_for_qat` of the model (same op forms as QAT). Input
+    type as in :func:`qat_to_tflite_int8` but its scale/zero point come from the representative
+    data; output ``float32``.
+    """
+    if representative is None or len(representative) == 0:
+        raise ConfigError("post-training quantization needs representative images", "pass some training images")
+    m = flatten_for_qat(float_model) if rewrite else float_model
+    conv = _converter(m)
+    conv.optimizations = [_TF.lite.Optimize.DEFAULT]
+    conv.representative_dataset = _rep_gen(representative)
+    conv.target_spec.supported_ops = [_TF.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = _input_dtype(input_type)
+    conv.inference_output_type = _TF.float32
+    return conv.convert()
+
+
+def _to_onnx(model, opset):
+    import tf2onnx
+
+    if not 13 <= int(opset) <= 17:
+        raise ConfigError(f"ONNX opset {opset} is not supported", "use an opset between 13 and 17")
+    spec = (_TF.TensorSpec([1] + list(model.inputs[0].shape[1:]), _TF.float32, name="image"),)
+    fn, _ = _concrete(model)
+    proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=int(opset))
+    return proto.SerializeToString()
+
+
+def float_to_onnx(model, opset: int = 13) -> bytes:
+    """fp32 ONNX (batch 1, input ``image`` float32 0..255, output float32 probabilities)."""
+    return _to_onnx(model, opset)
+
+
+def qat_to_onnx(qat_model, opset: int = 13) -> bytes:
+    """QDQ ONNX (QuantizeLinear/DequantizeLinear from the fake-quant ops); float32 in/out.
+
+    Float constants feeding Add/Mul between quantized tensors (the ``+3`` of hard-swish, ...) get
+    their own exact uint8 QuantizeLinear->DequantizeLinear pair so that onnxruntime can fuse the
+    node into QLinearAdd/QLinearMul instead of running it in float between DQ/Q pairs.
+    """
+    import onnx
+
+    proto = onnx.load_from_string(_to_onnx(qat_model, opset))
+    _qdq_constants(proto)
+    _quantize_weights(proto)
+    return proto.SerializeToString()
+
+
+def _quantize_weights(proto) -> int:
+    """Store Conv/MatMul/Gemm weights as int8 with a DequantizeLinear in front.
+
+    tf2onnx constant-folds tfmot's weight fake-quant, so the file would hold float weights that
+    merely lie on the int8 grid (4x larger, and onnxruntime would have to re-derive scales). tfmot
+    quantizes weights symmetric narrow-range (per output channel for conv, per tensor for Dense),
+    i.e. scale = max|w| / 127 and zero point 0, which is exactly recomputed here from the already
+    rounded weights, so the int8 values reproduce the fake-quant model bit for bit.
+    """
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    new_nodes, done = [], {}
+    for n in g.node:
+        if n.op_type not in ("Conv", "MatMul", "Gemm") or len(n.input) < 2:
+            continue
+        name = n.input[1]
+        if name not in inits:
+            continue
+        if name in done:
+            n.input[1] = done[name]
+            continue
+        w = numpy_helper.to_array(inits[name]).astype(np.float64)
+        if w.dtype.kind != "f" or w.size == 0:
+            continue
+        if n.op_type == "Conv":  # OIHW, per output channel
+            m = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
+            scale = np.where(m > 0, m / 127.0, 1.0)
+            q = np.clip(np.round(w / scale.reshape(-1, *([1] * (w.ndim - 1)))), -127, 127).astype(np.int8)
+            zp = np.zeros(scale.shape, np.int8)
+            attrs = {"axis": 0}
+        else:  # per tensor
+            m = float(np.abs(w).max())
+            scale = np.array(m / 127.0 if m > 0 else 1.0)
+            q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+            zp = np.array(0, np.int8)
+            attrs = {}
+        base = f"{name}_edgetl_w"
+        g.initializer.extend(
+            [
+                numpy_helper.from_array(q, base + "_q"),
+                numpy_helper.from_array(scale.astype(np.float32), base + "_scale"),
+                numpy_helper.from_array(zp, base + "_zp"),
+            ]
+        )
+        new_nodes.append(
+            helper.make_node("DequantizeLinear", [base + "_q", base + "_scale", base + "_zp"], [base], name=base, **attrs)
+        )
+        n.input[1] = base
+        done[name] = base
+        if uses.get(name, 0) == 1:
+            g.initializer.remove(inits[name])
+    nodes = new_nodes + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return len(done)
+
+
+def _qdq_constants(proto) -> int:
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    consts = {}
+    for n in g.node:  # tf2onnx may emit constants as Constant nodes
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].t.dims is not None:
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    producer = {o: n for n in g.node for o in n.output}
+    new_nodes, count, done = [], 0, set()
+    for n in list(g.node):
+        if n.op_type not in ("Add", "Mul") or len(n.input) != 2:
+            continue
+        srcs = [producer.get(i) for i in n.input]
+        for k in range(2):
+            other = srcs[1 - k]
+            name = n.input[k]
+            if other is None or other.op_type != "DequantizeLinear":
+                continue
+            if name in inits:
+                c = numpy_helper.to_array(inits[name])
+            elif name in consts:
+                c = consts[name]
+            else:
+                continue
+            if c.dtype != np.float32 or c.size > 4096:
+                continue
+            base = f"{name}_edgetl_q"
+            if base in done:
+                n.input[k] = base + "_dq"
+                continue
+            done.add(base)
+            lo, hi = min(float(c.min()), 0.0), max(float(c.max()), 0.0)
+            scale = (hi - lo) / 255.0 or 1.0
+            zp = int(round(-lo / scale))
+            q = np.clip(np.round(c / scale) + zp, 0, 255).astype(np.uint8)
+            g.initializer.extend(
+                [
+                    numpy_helper.from_array(q, base + "_value"),
+                    numpy_helper.from_array(np.array(scale, np.float32), base + "_scale"),
+                    numpy_helper.from_array(np.array(zp, np.uint8), base + "_zp"),
+                ]
+            )
+            new_nodes.append(
+                helper.make_node(
+                    "DequantizeLinear", [base + "_value", base + "_scale", base + "_zp"], [base + "_dq"], name=base + "_dq"
+                )
+            )
+            n.input[k] = base + "_dq"
+            count += 1
+    # DequantizeLinear nodes only read initializers: put them first to keep topological order
+    nodes = new_nodes + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return count

@@ -1,0 +1,335 @@
+"""QAT on the stock tf_keras.applications backbones (edgetl.quantize).
+
+Small (32 px) random-weight models so the whole file runs in a few minutes on 2 cores. Every
+check runs the real tfmot / TFLite converter / LiteRT / tf2onnx / onnxruntime code paths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgetl._tfenv import keras, tf
+
+K = keras()
+TF = tf()
+
+from edgetl import quantize as q  # noqa: E402
+from edgetl.errors import ConfigError, ExportError, ModelFileError  # noqa: E402
+
+#: backbones whose QAT path is exercised here (the lead's guard test compares it to the backbone table)
+QAT_TESTED_BACKBONES = ("mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0")
+
+SIZE = 32
+NUM_CLASSES = 6
+FROZEN = 12  # first base layers frozen, like a partial fine-tune
+
+
+def _base(name):
+    if name == "mobilenet_v3_small":
+        return K.applications.MobileNetV3Small(
+            input_shape=(SIZE, SIZE, 3), include_top=False, weights=None, include_preprocessing=True
+        )
+    if name == "mobilenet_v3_large":
+        return K.applications.MobileNetV3Large(
+            input_shape=(SIZE, SIZE, 3), include_top=False, weights=None, include_preprocessing=True
+        )
+    if name == "efficientnet_b0":
+        return K.applications.EfficientNetB0(input_shape=(SIZE, SIZE, 3), include_top=False, weights=None)
+    raise AssertionError(name)
+
+
+def build_classifier(name, seed=0):
+    """Same shape as edgetl's backbones.py classifier: nested base + pool/dropout/dense head."""
+    K.utils.set_random_seed(seed)
+    base = _base(name)
+    rng = np.random.default_rng(seed)
+    for layer in base.layers:  # non-trivial BN statistics so that folding is really tested
+        if isinstance(layer, K.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, layer.moving_variance.shape).astype("float32"))
+    for layer in base.layers[:FROZEN]:
+        layer.trainable = False
+    inp = K.Input((SIZE, SIZE, 3), name="image")
+    x = base(inp, training=False)
+    x = K.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = K.layers.Dropout(0.2, name="dropout")(x)
+    out = K.layers.Dense(NUM_CLASSES, activation="softmax", name="predictions")(x)
+    return K.Model(inp, out)
+
+
+def images(n, seed=1):
+    """'Real-ish' images: smooth colour blobs plus noise, 0..255, integer valued."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    out = []
+    for _ in range(n):
+        c = rng.uniform(0, 255, 3)
+        g = np.sin(2 * np.pi * (rng.uniform(0.5, 2) * xx + rng.uniform(0.5, 2) * yy + rng.uniform()))
+        img = c[None, None, :] * (0.6 + 0.4 * g[..., None]) + rng.normal(0, 12, (SIZE, SIZE, 3))
+        out.append(np.clip(np.round(img), 0, 255))
+    return np.stack(out).astype(np.float32)
+
+
+@pytest.fixture(scope="module", params=QAT_TESTED_BACKBONES)
+def case(request):
+    name = request.param
+    model = build_classifier(name)
+    qat = q.quantize_for_training(model)
+    q.calibrate(qat, images(32, seed=2), batch_size=16)
+    return {"name": name, "model": model, "qat": qat}
+
+
+def _tflite_run(blob, x):
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=blob, num_threads=1)
+    it.allocate_tensors()
+    d, o = it.get_input_details()[0], it.get_output_details()[0]
+    out = []
+    for img in x:
+        feed = img[None] if d["dtype"] == np.float32 else np.clip(np.round(img), 0, 255).astype(d["dtype"])[None]
+        it.set_tensor(d["index"], feed)
+        it.invoke()
+        out.append(it.get_tensor(o["index"])[0].copy())
+    return np.stack(out)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_flatten_preserves_outputs_and_flags(case):
+    model = case["model"]
+    flat = q.flatten_for_qat(model)
+    x = images(6)
+    diff = np.abs(model(x, training=False).numpy() - flat(x, training=False).numpy()).max()
+    assert diff <= 1e-5, diff
+    kinds = {type(layer).__name__ for layer in flat.layers}
+    assert "TFOpLambda" not in kinds and "BatchNormalization" not in kinds
+    assert not any(isinstance(layer, K.Model) for layer in flat.layers)
+    if case["name"].startswith("mobilenet"):  # 3x3/2 stem conv rewritten for int8 speed (docs/qat.md)
+        assert "SpaceToDepth" in kinds
+    # trainable flags survive: frozen base conv layers stay frozen, the head stays trainable
+    base = model.layers[1]
+    frozen = [layer.name for layer in base.layers[:FROZEN] if type(layer).__name__ in ("Conv2D", "DepthwiseConv2D")]
+    assert frozen
+    by_name = {layer.name: layer for layer in flat.layers}
+    for n in frozen:
+        assert by_name[n].trainable is False, n
+    assert by_name["predictions"].trainable is True
+
+
+def test_flatten_output_is_serializable():
+    model = build_classifier("mobilenet_v3_small")
+    flat = q.flatten_for_qat(model)
+    clone = K.Model.from_config(flat.get_config())
+    clone.set_weights(flat.get_weights())
+    x = images(2)
+    assert np.abs(clone(x).numpy() - flat(x).numpy()).max() < 1e-6
+
+
+def test_qat_model_is_close_to_float_and_has_no_unquantized_layers(case):
+    from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import QuantizeLayer
+    from tensorflow_model_optimization.quantization.keras import QuantizeWrapper
+
+    qat = case["qat"]
+    for layer in qat.layers:
+        assert isinstance(layer, (K.layers.InputLayer, QuantizeLayer, QuantizeWrapper)), layer
+    x = images(8, seed=5)
+    p_float = case["model"](x, training=False).numpy()
+    p_fq = qat(x, training=False).numpy()
+    assert np.isfinite(p_fq).all()
+    assert np.abs(p_float - p_fq).max() < 0.1
+
+
+def test_calibrate_sets_ranges_from_data(case):
+    qat = case["qat"]
+    ranges = [
+        (v.name, float(v.numpy()))
+        for v in qat.non_trainable_weights
+        if v.name.endswith(("output_max:0", "post_activation_max:0"))
+    ]
+    assert ranges
+    # tfmot's initial +-6 is gone (a ReLU6 output may legitimately calibrate to exactly 6)
+    changed = [abs(val - 6.0) > 1e-6 for _, val in ranges]
+    assert np.mean(changed) > 0.8, ranges
+    mults = [
+        float(w._output_quantizer_vars["max_var"].numpy())
+        for w in qat.layers
+        if type(getattr(w, "layer", None)).__name__ == "Multiply"
+    ]
+    assert mults and all(abs(v - 6.0) > 1e-6 for v in mults)
+    inp = [layer for layer in qat.layers if type(layer).__name__ == "QuantizeLayer"][0]
+    assert float(inp.quantizer_vars["min_var"].numpy()) == 0.0
+    assert float(inp.quantizer_vars["max_var"].numpy()) == 255.0
+
+
+def test_int8_tflite_is_fully_quantized_and_matches_fake_quant(case):
+    from ai_edge_litert import schema_py_generated as schema
+
+    qat = case["qat"]
+    blob = q.qat_to_tflite_int8(qat)
+    m = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(blob, 0))
+    g = m.subgraphs[0]
+    types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    inp, out = g.tensors[g.inputs[0]], g.tensors[g.outputs[0]]
+    assert types[inp.type] == "UINT8" and types[out.type] == "FLOAT32"
+    assert list(inp.quantization.scale) == [1.0] and list(inp.quantization.zeroPoint) == [0]
+    ops = [names[m.operatorCodes[op.opcodeIndex].builtinCode] for op in g.operators]
+    assert "HARD_SWISH" not in ops  # not run by XNNPACK in int8 (see docs/qat.md)
+    assert "MINIMUM" not in ops and "RELU" not in ops and "RELU6" not in ops  # same: partition breakers
+    assert ops.count("DEQUANTIZE") == 1 and ops[-1] == "DEQUANTIZE"  # only the final output
+    for op in g.operators:
+        name = names[m.operatorCodes[op.opcodeIndex].builtinCode]
+        if name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "MEAN", "LOGISTIC"):
+            for t in list(op.inputs) + list(op.outputs):
+                if t >= 0:
+                    assert types[g.tensors[t].type] in ("INT8", "INT32"), (name, g.tensors[t].name)
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=blob, num_threads=1)
+    it.allocate_tensors()
+    partitions = sum(1 for d in it._get_ops_details() if d["op_name"] == "DELEGATE")
+    assert partitions <= 2, partitions  # XNNPACK takes (almost) the whole int8 graph
+
+    x = images(16, seed=7)
+    p_int8 = _tflite_run(blob, x)
+    p_fq = qat(x, training=False).numpy()
+    assert np.abs(p_int8 - p_fq).mean() < 0.02
+    assert np.abs(p_int8 - p_fq).max() < 0.15
+    assert len(blob) < 0.45 * len(q.float_to_tflite(case["model"]))
+
+
+def test_int8_input_variants_agree(case):
+    if case["name"] != "mobilenet_v3_small":
+        pytest.skip("input types are backbone independent; checked once")
+    qat = case["qat"]
+    from ai_edge_litert.interpreter import Interpreter
+
+    x = images(4, seed=12).astype(np.uint8)
+    outs = {}
+    for kind in ("uint8", "int8", "float32"):
+        it = Interpreter(model_content=q.qat_to_tflite_int8(qat, input_type=kind), num_threads=1)
+        it.allocate_tensors()
+        d, o = it.get_input_details()[0], it.get_output_details()[0]
+        assert d["dtype"] == np.dtype(kind)
+        if kind == "int8":
+            assert d["quantization"] == (1.0, -128)
+            feed = (x.astype(np.int16) - 128).astype(np.int8)
+        else:
+            feed = x.astype(d["dtype"])
+        res = []
+        for img in feed:
+            it.set_tensor(d["index"], img[None])
+            it.invoke()
+            res.append(it.get_tensor(o["index"])[0].copy())
+        outs[kind] = np.stack(res)
+    np.testing.assert_allclose(outs["int8"], outs["uint8"], atol=1e-6)
+    np.testing.assert_allclose(outs["float32"], outs["uint8"], atol=1e-6)
+    with pytest.raises(ConfigError):
+        q.qat_to_tflite_int8(qat, input_type="int4")
+
+
+def test_qdq_onnx_runs_in_onnxruntime(case):
+    import onnx
+    import onnxruntime as ort
+
+    qat = case["qat"]
+    blob = q.qat_to_onnx(qat, opset=13)
+    proto = onnx.load_from_string(blob)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # weights are stored as int8 behind DequantizeLinear (not float on the int8 grid)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert convs and all(producer[n.input[1]].op_type == "DequantizeLinear" for n in convs)
+    int8_bytes = sum(len(i.raw_data) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8)
+    float_bytes = sum(len(i.raw_data) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT)
+    assert int8_bytes > float_bytes
+    # every Add/Mul between quantized tensors reads quantized constants (ORT fuses them to QLinear*)
+    inits = {i.name for i in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type in ("Add", "Mul") and any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input):
+            assert not any(i in inits for i in n.input), n.name
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+    x = images(4, seed=8)
+    name = sess.get_inputs()[0].name
+    p = np.concatenate([sess.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
+    p_fq = qat(x, training=False).numpy()
+    assert p.shape == p_fq.shape
+    assert np.abs(p - p_fq).max() < 0.1
+
+
+def test_qat_trains_a_step_and_keeps_frozen_layers(case):
+    # runs after the conversion tests of the same backbone (it changes the weights)
+    model, qat = case["model"], case["qat"]
+    x, y = images(8, seed=6), np.arange(8) % NUM_CLASSES
+    wrapped = {layer.layer.name: layer for layer in qat.layers if hasattr(layer, "layer")}
+    base = model.layers[1]
+    frozen_name = [layer.name for layer in base.layers[:FROZEN] if type(layer).__name__ == "Conv2D"][0]
+    assert wrapped[frozen_name].trainable is False
+    def kernel(n):
+        return [v for v in wrapped[n].weights if v.name.endswith("kernel:0")][0]
+
+    frozen_before = kernel(frozen_name).numpy().copy()
+    head_before = kernel("predictions").numpy().copy()
+    qat.compile(optimizer=K.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    hist = qat.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert np.isfinite(hist.history["loss"][0])
+    assert not np.allclose(kernel("predictions").numpy(), head_before)
+    np.testing.assert_array_equal(kernel(frozen_name).numpy(), frozen_before)
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = build_classifier("mobilenet_v3_small", seed=4)
+    qat = q.quantize_for_training(model)
+    q.calibrate(qat, images(8))
+    path = tmp_path / "qat.h5"
+    q.save_qat_model(qat, path)
+    loaded = q.load_qat_model(path)
+    x = images(4, seed=9)
+    np.testing.assert_allclose(loaded(x, training=False).numpy(), qat(x, training=False).numpy(), atol=1e-6)
+    assert [w.trainable for w in loaded.layers] == [w.trainable for w in qat.layers]
+    assert sum(v.shape.num_elements() for v in loaded.trainable_weights) == sum(
+        v.shape.num_elements() for v in qat.trainable_weights
+    )
+    assert len(q.qat_to_tflite_int8(loaded)) > 0
+
+
+def test_load_garbage_raises_model_file_error(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not an hdf5 file")
+    with pytest.raises(ModelFileError):
+        q.load_qat_model(bad)
+    with pytest.raises(ModelFileError):
+        q.load_qat_model(tmp_path / "missing.h5")
+
+
+def test_unsupported_graph_raises_export_error():
+    inp = K.Input((SIZE, SIZE, 3))
+    x = K.layers.Conv2D(4, 3)(inp)
+    x = TF.math.sin(x)  # TFOpLambda that has no int8 rewrite
+    model = K.Model(inp, x)
+    with pytest.raises(ExportError):
+        q.flatten_for_qat(model)
+
+
+def test_ptq_and_float_converters():
+    model = build_classifier("mobilenet_v3_small", seed=5)
+    x = images(8, seed=10)
+    fp = q.float_to_tflite(model)
+    p_fp = _tflite_run(fp, x)
+    assert np.abs(p_fp - model(x).numpy()).max() < 1e-4
+    ptq = q.ptq_to_tflite_int8(model, x)
+    p = _tflite_run(ptq, x)
+    assert p.shape == p_fp.shape and np.isfinite(p).all()
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(q.float_to_onnx(model), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    p_onnx = sess.run(None, {name: x[:1]})[0]
+    assert np.abs(p_onnx - p_fp[:1]).max() < 1e-4
