@@ -38,7 +38,7 @@ def _draw(kind: str, size: int, rng: np.random.Generator):
     return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2)))
 
 
-def make_shapes(root: str | Path, per_class: int = 60, size: int = 128, seed: int = 0) -> Path:
+def make_shapes(root: str | Path, per_class: int = 120, size: int = 128, seed: int = 0) -> Path:
     """Write ``per_class`` JPEGs per class under ``root/<class>/``; idempotent for the same arguments."""
     import io
 

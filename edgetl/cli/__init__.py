@@ -44,13 +44,7 @@ def _register() -> None:
     import importlib
 
     for module in ("finetune_cmd", "export_cmd", "verify_cmd", "run_cmd"):
-        try:
-            mod = importlib.import_module(f"edgetl.cli.{module}")
-        except ModuleNotFoundError as exc:  # a command module not written yet
-            if exc.name != f"edgetl.cli.{module}":
-                raise
-            continue
-        mod.register(app)
+        importlib.import_module(f"edgetl.cli.{module}").register(app)
 
 
 _register()

@@ -202,8 +202,10 @@ def check_loads(path: Path) -> None:
     """Fail the export (not verify, later) if onnxruntime cannot load the artifact."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: graph-optimizer notices are not the user's business
     try:
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ExportError(
             f"onnxruntime cannot load the exported {path.name}: {str(exc).splitlines()[0]}",
