@@ -83,3 +83,36 @@ def test_multi_replica_training_on_two_logical_cpus(shapes_dir, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["distribution"] == {"strategy": "MirroredStrategy", "replicas": 2}
     assert m["phases"]["fine_tune"]["status"] == "done"
+
+
+def test_recipe_runs_every_stage_on_real_photos(trash_subset, weights_dir, tmp_path, cli):
+    """`edgetl run`: finetune (head, fine-tune, QAT) -> export (fp32 + QAT int8, TFLite + ONNX) -> verify."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: e2e\n"
+        "finetune:\n"
+        f"  data: {trash_subset}\n  weights: imagenet\n  weights_dir: {weights_dir}\n  image_size: 64\n"
+        "  epochs: 6\n  fine_tune_epochs: 1\n  freeze: late\n  qat_epochs: 2\n  calibration_images: 64\n"
+        f"  out: {tmp_path / 'run'}\n"
+        "export:\n  samples: 200\n"
+        "verify:\n  runs: 20\n  warmup: 3\n  max_accuracy_drop: 20\n  min_agreement: 0.66\n"
+    )
+    code, stdout, stderr = cli("run", recipe, "--json")
+    summary = json.loads(stdout)
+    run = tmp_path / "run"
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["completed_phases"] == ["head", "fine_tune", "qat"] and (run / "qat.h5").is_file()
+    metrics = m["metrics"]
+    for key in ("float_val_accuracy", "qat_val_accuracy", "qat_int8_val_accuracy", "ptq_int8_val_accuracy"):
+        assert 0.5 <= metrics[key] <= 1.0, (key, metrics)  # 3 real classes: far above chance (1/3)
+    report = json.loads((run / "export" / "verify" / "report.json").read_text())
+    arts = {a["name"]: a for a in report["artifacts"]}
+    assert set(arts) == {"tflite_fp32", "tflite_qat_int8", "onnx_fp32", "onnx_qat_int8"}
+    for name in ("tflite_fp32", "onnx_fp32"):
+        assert arts[name]["passed"] and arts[name]["max_abs_diff"] <= 1e-4, arts[name]
+    for name in ("tflite_qat_int8", "onnx_qat_int8"):
+        # 18 held-out images, 64 px, 2 QAT epochs: a coarse bar; the full-size numbers are in benchmarks/
+        assert arts[name]["top1_agreement"] >= 0.66 and arts[name]["accuracy"] >= 0.5, arts[name]
+        assert arts[name]["size_bytes"] < 0.4 * arts[name.replace("qat_int8", "fp32")]["size_bytes"]
+    assert summary["verify"]["passed"] == report["passed"]
+    assert code == (0 if report["passed"] else 1)

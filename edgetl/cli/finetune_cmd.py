@@ -65,7 +65,8 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None, help="Batch size (default 32)."),
         feature_views: Optional[int] = typer.Option(None, help="Augmented views per image cached for the head phase (default 2)."),
         qat: Optional[bool] = typer.Option(None, "--qat/--no-qat", help="Quantization-aware training (phase 3) (default on)."),
-        qat_epochs: Optional[int] = typer.Option(None, help="QAT epochs (default 2)."),
+        qat_epochs: Optional[int] = typer.Option(None, help="QAT epochs; early stopping keeps the best (default 6)."),
+        qat_lr: Optional[float] = typer.Option(None, help="QAT learning rate (default 3e-5)."),
         seed: Optional[int] = typer.Option(None, help="Random seed (recorded in the manifest) (default 0)."),
         out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default models/<data>-<backbone>)."),
         skip_bad_images: Optional[bool] = typer.Option(None, "--skip-bad-images", help="Skip unreadable images (counted) instead of failing."),
@@ -78,7 +79,7 @@ def register(app: typer.Typer) -> None:
             data=str(data), val_data=str(val_data) if val_data else None, val_split=val_split, backbone=backbone,
             weights=weights, weights_dir=str(weights_dir) if weights_dir else None, image_size=image_size,
             epochs=epochs, fine_tune_epochs=fine_tune_epochs, fine_tune_lr=fine_tune_lr, freeze=freeze,
-            domain=domain, batch_size=batch_size, feature_views=feature_views, qat=qat, qat_epochs=qat_epochs,
+            domain=domain, batch_size=batch_size, feature_views=feature_views, qat=qat, qat_epochs=qat_epochs, qat_lr=qat_lr,
             seed=seed, out=str(out_dir) if out_dir else None, skip_bad_images=skip_bad_images))
         result = run_finetune(cfg, RichReporter())
         render_run(result, as_json)
