@@ -3,8 +3,8 @@
 Usage::
 
     python benchmarks/int8_latency_probe.py [--backbone mobilenet_v3_small] [--size 224]
-        [--weights /work/shared/weights/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5]
-        [--data /work/shared/data/trashnet] [--calib 64] [--runs 200]
+        [--weights ../shared/weights/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5]
+        [--data ../shared/data/trashnet] [--calib 64] [--runs 200]
 
 Measures batch 1, one thread (LiteRT ``num_threads=1``; ORT intra/inter op threads 1), 20 warm-up
 runs, then ``--runs`` timed runs; prints p50/p90 in ms. Variants:
@@ -206,9 +206,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="mobilenet_v3_small", choices=sorted(BACKBONES))
     ap.add_argument("--size", type=int, default=224)
-    default_w = "/work/shared/weights/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"
+    shared = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared")
+    default_w = os.path.join(shared, "weights", "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5")
     ap.add_argument("--weights", default=default_w if os.path.exists(default_w) else None)
-    ap.add_argument("--data", default="/work/shared/data/trashnet")
+    ap.add_argument("--data", default=os.path.join(shared, "data", "trashnet"))
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--skip-onnx", action="store_true")
