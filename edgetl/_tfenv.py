@@ -12,7 +12,9 @@ import os
 
 def _prepare_env() -> None:
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # 3: only fatal C++ log lines (CUDA probing on CPU-only machines logs an "error" at every import);
+    # Python-level errors still raise. Set TF_CPP_MIN_LOG_LEVEL yourself to see more.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def tf():

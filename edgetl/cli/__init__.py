@@ -38,6 +38,11 @@ def main(
 ) -> None:
     if debug:
         os.environ["EDGETL_DEBUG"] = "1"
+    else:  # known-benign library warnings that users cannot act on (the QAT model is HDF5 by design, docs/qat.md)
+        import warnings
+
+        warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
 
 
 def _register() -> None:
