@@ -22,6 +22,7 @@ from edgetl.backbones import get_backbone  # noqa: E402
 from edgetl.config import FinetuneConfig  # noqa: E402
 from edgetl.data import load_images, scan_folder, stratified_split  # noqa: E402
 from edgetl.finetune import build_classifier, evaluate_accuracy, head_phase, set_seeds  # noqa: E402
+from edgetl.progress import NullReporter  # noqa: E402
 from edgetl.weights import resolve_weights  # noqa: E402
 
 
@@ -56,7 +57,7 @@ def main() -> None:
     model, base = build_classifier(b, args.image_size, len(folder.classes), weights, cfg.dropout)
     base.trainable = False
     t0 = time.perf_counter()
-    rec = head_phase(cfg, model, train, val, _Quiet(), args.seed)
+    rec = head_phase(cfg, model, train, val, NullReporter(), args.seed)
     edgetl_s = time.perf_counter() - t0
     edgetl_acc = rec["val_accuracy"]
 
@@ -81,24 +82,6 @@ def main() -> None:
     diff_pp = (edgetl_acc - plain_acc) * 100
     print(f"\nspeed-up {speedup:.1f}x (goal >= 5x); accuracy difference {diff_pp:+.2f} pp (goal within +-1 pp)")
     print("RESULT", "PASS" if speedup >= 5 and abs(diff_pp) <= 1.0 else "MISS")
-
-
-class _Quiet:
-    import contextlib
-
-    @contextlib.contextmanager
-    def task(self, description, total):
-        class T:
-            def advance(self, n=1):
-                pass
-
-            def update(self, **f):
-                pass
-
-        yield T()
-
-    def info(self, message):
-        pass
 
 
 if __name__ == "__main__":

@@ -101,22 +101,6 @@ def fit_head(model, x, y, epochs=60):
     head.set_weights(probe.layers[-1].get_weights())
 
 
-def tflite_predict(blob, x, xnnpack=True):
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    kind = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    it = Interpreter(model_content=blob, num_threads=1, experimental_op_resolver_type=kind)
-    it.allocate_tensors()
-    d, o = it.get_input_details()[0], it.get_output_details()[0]
-    out = []
-    for img in x:
-        feed = img[None] if d["dtype"] == np.float32 else np.clip(np.round(img), 0, 255).astype(d["dtype"])[None]
-        it.set_tensor(d["index"], feed)
-        it.invoke()
-        out.append(it.get_tensor(o["index"])[0].astype(np.float32))
-    return np.stack(out)
-
-
 def tflite_findings(blob):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
@@ -264,10 +248,10 @@ def main(argv=None):
     tx = np.round(test_x)
     p_float = model.predict(tx, batch_size=16, verbose=0)
     p_fq = qat.predict(tx, batch_size=16, verbose=0)
-    p_int8 = tflite_predict(variants["int8 qat"], tx)
-    p_ptq = tflite_predict(variants["int8 ptq rewrite"], tx)
+    p_int8 = q.tflite_predict(variants["int8 qat"], tx)
+    p_ptq = q.tflite_predict(variants["int8 ptq rewrite"], tx)
     rows = [("float keras", p_float), ("fake-quant keras", p_fq), ("int8 qat tflite", p_int8),
-            ("  same, no XNNPACK", tflite_predict(variants["int8 qat"], tx, xnnpack=False)), ("int8 ptq tflite", p_ptq)]
+            ("  same, no XNNPACK", q.tflite_predict(variants["int8 qat"], tx, xnnpack=False)), ("int8 ptq tflite", p_ptq)]
     if not a.skip_onnx:
         sess = ort_session(onx["int8 qat qdq"])
         name = sess.get_inputs()[0].name

@@ -226,22 +226,10 @@ def evaluate_accuracy(model, images: np.ndarray, labels: np.ndarray, batch_size:
 
 def tflite_accuracy(content: bytes, images: np.ndarray, labels: np.ndarray) -> float:
     """Accuracy of a .tflite flatbuffer, run with LiteRT exactly as a device would (batch 1)."""
-    from ai_edge_litert.interpreter import Interpreter
+    from edgetl.quantize import tflite_predict
 
-    interp = Interpreter(model_content=content, num_threads=os.cpu_count() or 1)
-    interp.allocate_tensors()
-    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
-    correct = 0
-    for image, label in zip(images, labels):
-        x = image[None].astype(np.float32)
-        scale, zero = inp["quantization"]
-        if inp["dtype"] != np.float32:
-            info = np.iinfo(inp["dtype"])
-            x = np.clip(np.round(x / scale + zero), info.min, info.max)
-        interp.set_tensor(inp["index"], x.astype(inp["dtype"]))
-        interp.invoke()
-        correct += int(np.argmax(interp.get_tensor(out["index"])[0]) == label)
-    return correct / len(labels)
+    probs = tflite_predict(content, images, threads=os.cpu_count() or 1)
+    return float(np.mean(np.argmax(probs, axis=1) == labels))
 
 
 # --------------------------------------------------------------------------------------------------------- phases

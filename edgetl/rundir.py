@@ -14,9 +14,9 @@ from typing import Any
 
 from edgetl import __version__
 from edgetl.errors import RunDirError
+from edgetl.manifest import RUN_SCHEMA
 
 #: The run-manifest schema this edgetl reads: ``edgetl.run/<major>``.
-RUN_SCHEMA = "edgetl.run/1"
 RUN_SCHEMA_PREFIX = "edgetl.run/"
 RUN_SCHEMA_MAJOR = 1
 

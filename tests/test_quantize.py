@@ -69,18 +69,7 @@ def case(request):
 
 
 def _tflite_run(blob, x):
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_content=blob, num_threads=1)
-    it.allocate_tensors()
-    d, o = it.get_input_details()[0], it.get_output_details()[0]
-    out = []
-    for img in x:
-        feed = img[None] if d["dtype"] == np.float32 else np.clip(np.round(img), 0, 255).astype(d["dtype"])[None]
-        it.set_tensor(d["index"], feed)
-        it.invoke()
-        out.append(it.get_tensor(o["index"])[0].copy())
-    return np.stack(out)
+    return q.tflite_predict(blob, x, threads=1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,9 +29,9 @@ from edgetl.export import tflite as tflite_export
 from edgetl.export.context import BuildContext
 from edgetl.export.metadata import artifact_metadata
 from edgetl.fsutil import atomic_dir, atomic_write_json, sha256_file
+from edgetl.manifest import BUNDLE_SCHEMA
 from edgetl.rundir import RunInfo, read_run
 
-BUNDLE_SCHEMA = "edgetl.bundle/1"
 FORMATS = ("tflite", "onnx")
 DEFAULT_SAMPLES = 200
 DEFAULT_CALIBRATION = 150
