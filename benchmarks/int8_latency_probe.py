@@ -13,7 +13,8 @@ runs, then ``--runs`` timed runs; prints p50/p90 in ms. Variants:
 * ``int8 ptq stock``        post-training int8 of the unmodified graph (the converter fuses HARD_SWISH)
 * ``int8 ptq rewrite``      post-training int8 of ``flatten_for_qat`` (ADD/RELU6/MUL forms)
 * ``int8 qat``              ``quantize_for_training`` + ``calibrate`` -> ``qat_to_tflite_int8`` / ``qat_to_onnx``
-                            (uint8 input; ``int8 in`` / ``f32 in``: the other ``input_type`` choices)
+                            (float stem, uint8 input; ``int8 in`` / ``f32 in``: the other ``input_type`` choices;
+                            ``space_to_depth stem`` / ``int8 stem``: the earlier all-int8 stems)
 
 For each TFLite file it prints the op histogram, the number of XNNPACK partitions (DELEGATE nodes
 in the execution plan; 1 means the whole graph runs inside XNNPACK) and, when there is more than
@@ -221,6 +222,10 @@ def main(argv=None):
     variants["int8 qat"] = q.qat_to_tflite_int8(qat)
     variants["int8 qat, int8 in"] = q.qat_to_tflite_int8(qat, input_type="int8")
     variants["int8 qat, f32 in"] = q.qat_to_tflite_int8(qat, input_type="float32")
+    for stem in ("space_to_depth", "int8"):  # the earlier, all-int8 stems (docs/qat.md)
+        other = q.quantize_for_training(model, stem=stem)
+        q.calibrate(other, calib)
+        variants[f"int8 qat, {stem} stem"] = q.qat_to_tflite_int8(other)
 
     print(f"\n== LiteRT, {a.backbone} {a.size}px, batch 1, 1 thread, {a.runs} runs")
     fp = None

@@ -86,6 +86,36 @@ def get_base(model):
     raise RunDirError("the saved model has no nested backbone", "rerun edgetl finetune")
 
 
+def recalibrate_batchnorm(base, images: np.ndarray, batch_size: int = 64) -> int:
+    """Set every BatchNormalization's moving mean/variance to the statistics of its input on ``images``.
+
+    For ``weights: none``: a randomly initialised backbone keeps BN's initial statistics (mean 0, variance 1), so
+    activations shrink layer after layer (MobileNetV3-Large: ~1e-8 deep in the network). A frozen random base then
+    gives the head near-constant features, and int8 ranges span 1e-8 next to the +3 of hard-swish, which XNNPACK
+    refuses to run in int8 (19 partitions). One forward pass in training mode with momentum 0 makes every BN
+    normalise its real input (a data-dependent initialisation); weights are not touched. Returns the BN count.
+    """
+    from edgetl._tfenv import keras, tf
+
+    k = keras()
+    bns = [layer for layer in base.layers if isinstance(layer, k.layers.BatchNormalization)]
+    drops = [layer for layer in base.layers if isinstance(layer, k.layers.Dropout)]
+    saved = [(layer, layer.momentum, layer.trainable) for layer in bns]
+    saved_rates = [(layer, layer.rate) for layer in drops]
+    try:
+        for layer in bns:
+            layer.momentum, layer.trainable = 0.0, True  # frozen BN runs in inference mode even when training
+        for layer in drops:
+            layer.rate = 0.0
+        base(tf().constant(np.asarray(images[:batch_size], np.float32)), training=True)
+    finally:
+        for layer, momentum, trainable in saved:
+            layer.momentum, layer.trainable = momentum, trainable
+        for layer, rate in saved_rates:
+            layer.rate = rate
+    return len(bns)
+
+
 # ------------------------------------------------------------------------------------------------------ freezing
 
 
@@ -500,6 +530,10 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
         else:
             model, base = build_classifier(backbone, image_size, len(folder.classes), weights, cfg.dropout)
         train, val = _load_split(cfg, folder, train_items, val_items, image_size, reporter)
+        if not state["completed"] and weights.source == "none":
+            pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(train.images))[:64])
+            count = recalibrate_batchnorm(base, train.images[pick])
+            reporter.info(f"weights none: statistics of {count} BatchNorm layers set from training images")
         n_per_class = len(train.labels) / len(folder.classes)
         decision = decide_freeze(backbone, base, cfg.freeze, n_per_class, cfg.domain)
         reporter.info(f"weights: {weights.describe()}")
@@ -607,7 +641,7 @@ def qat_phase(cfg, model, train, val, work: Path, reporter: Reporter) -> dict:
     fake_acc = evaluate_accuracy(qat_model, val.images, val.labels, cfg.batch_size)
     quantize.save_qat_model(qat_model, work / "qat.h5")
     with reporter.task("QAT: converting int8 TFLite (QAT and PTQ) to measure them", None):
-        qat_int8 = tflite_accuracy(quantize.qat_to_tflite_int8(qat_model, calib[:64]), val.images, val.labels)
+        qat_int8 = tflite_accuracy(quantize.qat_to_tflite_int8(qat_model), val.images, val.labels)
         ptq_int8 = tflite_accuracy(quantize.ptq_to_tflite_int8(model, calib), val.images, val.labels)
     rec.update({
         "calibrated_val_accuracy": calibrated_acc,

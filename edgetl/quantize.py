@@ -14,18 +14,18 @@ squeeze-excite ``Multiply``) and any model nested inside another. This module:
    Add/pooling, edgetl QuantizeConfigs for the rest) and calls ``quantize_apply``.
 3. :func:`calibrate` sets every activation range from data (tfmot's moving averages start at
    +-6 with EMA 0.999 and barely move in a short fine-tune).
-4. :func:`qat_to_tflite_int8` / :func:`qat_to_onnx` convert. Every tensor of the int8 graph carries
-   a fake-quant range, so the converter never has to guess statistics. Hard-swish is expressed as
+4. :func:`qat_to_tflite_int8` / :func:`qat_to_onnx` convert. Every quantized tensor carries a
+   fake-quant range, so the converter never has to guess statistics. Hard-swish is expressed as
    ``ADD(+3, fused RELU6) -> MUL`` with its ``1/6`` pushed into the next conv's kernel, the SE
-   hard-sigmoid as ``CONV(bias+3, fused RELU6) -> MUL(1/6)``, per-channel input scaling as a 1x1
-   DEPTHWISE_CONV: every op of the int8 graph is one XNNPACK runs in int8 (the converter's fused
-   ``HARD_SWISH``, ``MINIMUM`` and standalone ``RELU``/``RELU6`` are not, and split the graph into
-   ~20 partitions). See ``docs/qat.md`` for the measurements.
+   hard-sigmoid as ``CONV(bias+3, fused RELU6) -> MUL(1/6)``: every int8 op is one XNNPACK runs
+   in int8 (the converter's fused ``HARD_SWISH``, ``MINIMUM`` and standalone ``RELU``/``RELU6``
+   are not, and split the graph into ~20 partitions). The *stem* (input scaling, the 3-channel
+   first conv and its activation) stays float32: XNNPACK has a fast fp32 kernel for it and no
+   fast int8 one. The int8 TFLite file is a single XNNPACK partition. See ``docs/qat.md``.
 
-Type choices of the int8 TFLite files: input ``uint8`` NHWC RGB 0..255 by default (for QAT models
-the input quantization is exactly scale 1, zero point 0, i.e. the raw pixel bytes; ``input_type=
-"int8"`` / ``"float32"`` are faster, see :func:`qat_to_tflite_int8`), output ``float32``
-probabilities (the last DEQUANTIZE is tiny and keeps callers dtype-agnostic).
+Type choices of the int8 TFLite files: input ``uint8`` NHWC RGB 0..255 by default (scale 1, zero
+point 0: the raw pixel bytes, then one DEQUANTIZE into the float stem), ``"int8"`` (pixel - 128)
+or ``"float32"``; output ``float32`` probabilities (float SOFTMAX on the dequantized logits).
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def _make_configs():
     class OutputQuantizeConfig(QuantizeConfig):
         """No weights to quantize; fake-quantize the layer output (asymmetric, per tensor).
 
-        Used for Multiply, ScaleConst, ChannelAffine, Activation(sigmoid/softmax) and AddConst when
+        Used for Multiply, ScaleConst, ChannelAffine, Activation(sigmoid), the float stem output and AddConst when
         it is not followed by a ReLU: each of these is its own int8 op in TFLite, so its output is
         a quantization point whose range the converter must know.
         """
@@ -326,6 +326,7 @@ class _Op:
     list_input: bool = False
     trainable: bool = True
     params: dict = field(default_factory=dict)
+    float_: bool = False  # part of the float stem (stays float32 in the int8 files)
     weights: list | None = None  # float weights for the new layer (kind == "layer")
     config: dict | None = None
 
@@ -482,8 +483,6 @@ class _Tracer:
         if cls in _LINEAR_PRODUCERS and layer.get_config().get("activation", "linear") != "linear":
             cfg = layer.get_config()
             act = cfg["activation"]
-            if cls == "Dense" and act == "softmax":
-                return [self._layer(layer, node, ins)]  # tfmot quantizes the softmax of Dense itself
             cfg["activation"] = "linear"
             y = self._layer(layer, node, ins, config=cfg)
             ch = int(node.outputs.shape[-1])
@@ -604,8 +603,8 @@ def _push_scales(ops: list[_Op], outputs: list[str]) -> list[_Op]:
         changed = False
         cons = _consumers(ops)
         for s in ops:
-            if s.kind != "scale_const" or s.params["value"] <= 0:
-                continue
+            if s.kind != "scale_const" or s.params["value"] <= 0 or s.float_:
+                continue  # in the float stem the 1/6 stays so that the converter fuses a float HARD_SWISH
             plan: list[_Op] = []
             seen: set[int] = set()
             if not _plan_push(s.out, cons, outputs, plan, seen):
@@ -705,6 +704,65 @@ def _space_to_depth_stem(tr: "_Tracer", ops: list[_Op], shapes: dict, outputs: l
     return ops
 
 
+_STEM_BEFORE = ("affine", "add_const", "scale_const")
+_STEM_AFTER = ("add_const", "scale_const", "relu", "sigmoid", "multiply")
+
+
+def _float_stem(ops: list[_Op], in_ids: list[str], outputs: list[str]) -> list[_Op]:
+    """Mark the stem (input preprocessing -> first Conv2D -> its activation) as float.
+
+    The stem conv reads the 3-channel full-resolution image: XNNPACK has a dedicated fp32 kernel for it, while its
+    int8 form is 2-3x slower than fp32 (no fast int8 kernel for 3 or 12 input channels; docs/qat.md). Keeping
+    these few ops float (the conv has ~0.1% of the weights) and quantizing right after the activation is what
+    makes the int8 file faster than fp32. The first quantized tensor is the stem output. A ReLU/ReLU6 right after
+    the stem conv becomes the conv's own activation (one float CONV_2D with a fused RELU6; a standalone int8 RELU6
+    after a float conv would run outside XNNPACK).
+    """
+    tensors = set(in_ids)
+    conv_seen = False
+    for op in ops:
+        if not op.inputs or not all(t in tensors for t in op.inputs):
+            continue
+        cls = type(op.layer).__name__ if op.kind == "layer" else op.kind
+        if not conv_seen and cls == "Conv2D":
+            conv_seen = True
+        elif not (cls in _STEM_AFTER if conv_seen else (cls in _STEM_BEFORE or cls == "ZeroPadding2D")):
+            continue
+        op.float_ = True
+        tensors.add(op.out)
+    if not conv_seen:  # no conv stem: quantize everything
+        for op in ops:
+            op.float_ = False
+        return ops
+    cons = _consumers(ops)
+    for aff in list(ops):
+        # input scaling right before the stem conv: y = s*x + o with one s and one o for all channels (MobileNetV3's
+        # Rescaling). conv(pad0(s*x + o)) == conv_with_kernel*s(pad0(x + o/s)) exactly (zero padding commutes with
+        # the scale), so the scale goes into the kernel and a scalar ADD is left (XNNPACK's broadcast of a
+        # 3-element vector costs ~0.4 ms at 224 px, a scalar ADD 0.03 ms).
+        if not (aff.float_ and aff.kind == "affine"):
+            continue
+        users = cons.get(aff.out, [])
+        scale, offset = aff.params["scale"], aff.params["offset"]
+        conv = users[0] if len(users) == 1 else None
+        if (conv is None or conv.kind != "layer" or type(conv.layer).__name__ != "Conv2D" or aff.out in outputs
+                or not np.all(scale == scale[0]) or not np.all(offset == offset[0]) or scale[0] == 0):
+            continue
+        conv.weights = [(np.asarray(conv.weights[0], np.float64) * float(scale[0])).astype(np.float32)] + list(conv.weights[1:])
+        aff.kind, aff.params = "add_const", {"value": float(offset[0]) / float(scale[0])}
+    for conv in ops:
+        if conv.float_ and conv.kind == "layer" and type(conv.layer).__name__ == "Conv2D":
+            users = cons.get(conv.out, [])
+            relu = users[0] if len(users) == 1 else None
+            if (relu is not None and relu.kind == "relu" and relu.params["max_value"] in (None, 6.0)
+                    and conv.out not in outputs and conv.config.get("activation") == "linear"):
+                conv.config = {**conv.config, "activation": "relu" if relu.params["max_value"] is None else "relu6"}
+                conv.out = relu.out
+                ops.remove(relu)
+            break
+    return ops
+
+
 def _fold_into(p: _Op, scale, offset):
     cls = type(p.layer).__name__
     w = [np.asarray(a, np.float64) for a in p.weights]
@@ -736,7 +794,7 @@ def _emit(ops: list[_Op], model_inputs, in_ids, out_ids, name):
             new = type(op.layer).from_config(cfg)
             y = new(xs if op.list_input else xs[0])
             new.set_weights(op.weights)
-        elif op.kind == "affine" and len(xs[0].shape) == 4:
+        elif op.kind == "affine" and len(xs[0].shape) == 4 and not op.float_:
             # per-channel affine on NHWC == 1x1 depthwise conv: tfmot quantizes it per channel and
             # the converter emits one int8 DEPTHWISE_CONV_2D that XNNPACK runs (a MUL+ADD pair with
             # constant vectors stays float with DEQUANTIZE/QUANTIZE around it).
@@ -773,12 +831,18 @@ def _emit(ops: list[_Op], model_inputs, in_ids, out_ids, name):
             raise AssertionError(op.kind)
         new.trainable = op.trainable
         new._edgetl_next = [c.kind if c.kind != "layer" else type(c.layer).__name__ for c in cons.get(op.out, [])]
+        new._edgetl_float = op.float_
+        # the last float op(s): their output is the first quantized tensor
+        new._edgetl_stem_out = op.float_ and (op.out in out_ids or any(not c.float_ for c in cons.get(op.out, [])))
         tmap[op.out] = y
     outs = [tmap[t] for t in out_ids]
     return _K.Model(model_inputs, outs if len(outs) > 1 else outs[0], name=name)
 
 
-def flatten_for_qat(model, push_scales: bool = True, space_to_depth_stem: bool = True) -> "keras.Model":
+STEMS = ("float", "space_to_depth", "int8")
+
+
+def flatten_for_qat(model, push_scales: bool = True, stem: str = "float") -> "keras.Model":
     """Return a flat functional copy of ``model`` that tfmot can annotate.
 
     Nested models are inlined; BatchNorm/Rescaling/Normalization and ``TFOpLambda`` constant
@@ -786,7 +850,14 @@ def flatten_for_qat(model, push_scales: bool = True, space_to_depth_stem: bool =
     :class:`AddConst` / :class:`ScaleConst`; fused conv activations are split out and swish
     becomes ``sigmoid`` + ``Multiply``. Float outputs match the original to ~1e-7. Layer
     ``trainable`` flags are kept (a folded conv keeps the conv's flag).
+
+    ``stem``: ``"float"`` (default) marks the input preprocessing, the first conv and its activation to stay
+    float32 in the int8 files (:func:`quantize_for_training` leaves them unannotated and quantizes their
+    output); ``"space_to_depth"`` quantizes them too, with the stem conv rewritten as SpaceToDepth + 2x2 conv;
+    ``"int8"`` quantizes them as they are.
     """
+    if stem not in STEMS:
+        raise ConfigError(f"unknown stem mode {stem!r}", f"use one of {', '.join(STEMS)}")
     if not isinstance(model, _K.Model):
         raise ConfigError("flatten_for_qat needs a tf_keras Model", "build the model with tf_keras")
     tr = _Tracer()
@@ -798,9 +869,11 @@ def flatten_for_qat(model, push_scales: bool = True, space_to_depth_stem: bool =
         in_ids.append(tr.tid())
     out_ids = tr.trace(model, in_ids, inference=False)
     ops = _fold(tr.ops, out_ids)
+    if stem == "float":
+        ops = _float_stem(ops, in_ids, out_ids)
     if push_scales:
         ops = _push_scales(ops, out_ids)
-    if space_to_depth_stem:
+    if stem == "space_to_depth":
         ops = _space_to_depth_stem(tr, ops, tr.shapes, out_ids)
     # output ids may have been taken over by a producer during folding (ids are preserved)
     return _emit(ops, model_inputs, in_ids, out_ids, name=model.name + "_flat")
@@ -834,7 +907,12 @@ def _scope():
         yield
 
 
-def quantize_for_training(model) -> "keras.Model":
+def _activation_name(layer) -> str:
+    act = _K.activations.serialize(layer.activation)
+    return act if isinstance(act, str) else str(act.get("config", {}).get("name", act.get("class_name", "")))
+
+
+def quantize_for_training(model, stem: str = "float") -> "keras.Model":
     """Flatten, annotate and ``quantize_apply`` ``model``; returns a trainable QAT model.
 
     Weights are copied, ``trainable`` flags kept. Weight ranges are initialised from the weights;
@@ -842,7 +920,7 @@ def quantize_for_training(model) -> "keras.Model":
     """
     tfmot = _tfmot()
     out_cfg, noop_cfg, aff_cfg = _make_configs()
-    flat = flatten_for_qat(model)
+    flat = flatten_for_qat(model, stem=stem)
     flags = {l.name: l.trainable for l in flat.layers}
 
     def annotate(layer):
@@ -850,6 +928,12 @@ def quantize_for_training(model) -> "keras.Model":
         nxt = getattr(layer, "_edgetl_next", [])
         if isinstance(layer, _K.layers.InputLayer):
             return layer
+        if getattr(layer, "_edgetl_float", False):  # float stem: only its output is quantized
+            if getattr(layer, "_edgetl_stem_out", False):
+                return tfmot.quantization.keras.quantize_annotate_layer(layer, out_cfg())
+            return layer
+        if cls == "Activation" and _activation_name(layer) == "softmax":
+            return layer  # float SOFTMAX on the dequantized logits: XNNPACK runs it, int8 SOFTMAX it does not
         if cls in _TFMOT_DEFAULT:
             return tfmot.quantization.keras.quantize_annotate_layer(layer)
         if cls == "AddConst":
@@ -1052,34 +1136,36 @@ def _input_dtype(input_type: str):
     return {"uint8": _TF.uint8, "int8": _TF.int8, "float32": _TF.float32}[input_type]
 
 
-def qat_to_tflite_int8(qat_model, representative: np.ndarray | None = None, input_type: str = "uint8") -> bytes:
+def qat_to_tflite_int8(qat_model, input_type: str = "uint8") -> bytes:
     """Full-int8 TFLite from a (calibrated/trained) QAT model; output ``float32`` probabilities.
 
     ``input_type``:
 
-    * ``"uint8"`` (default): RGB bytes 0..255 as they are (scale 1, zero point 0). Costs one
-      uint8->int8 QUANTIZE that XNNPACK does not run (~0.17 ms at 224 px, MobileNetV3Small).
+    * ``"uint8"`` (default): RGB bytes 0..255 as they are (scale 1, zero point 0), followed by one
+      DEQUANTIZE to the float stem (XNNPACK runs it; the converter's own uint8->int8 QUANTIZE it does not).
     * ``"int8"``: the same bytes minus 128 (scale 1, zero point -128; ``(px ^ 0x80).view(int8)``).
-      No conversion op at all: the fastest form (fp32 latency parity on MobileNetV3Small).
-    * ``"float32"``: float pixels 0..255, like the fp32 model; the QUANTIZE runs inside XNNPACK.
+    * ``"float32"``: float pixels 0..255, like the fp32 model.
 
-    Every tensor has a fake-quant range from QAT, so ``representative`` is optional and only used
-    to fill ranges of ops the converter adds itself.
+    The file is converted with a float32 input, then given its quantized input by
+    :func:`edgetl.tflite_fb.quantize_input` and written with shared quantization vectors
+    (:func:`edgetl.tflite_fb.write`). Every quantized tensor has a fake-quant range from QAT and no
+    representative data is given to the converter on purpose: with it, the converter also
+    post-training-quantizes the float stem (int8 stem and HARD_SWISH outside XNNPACK: 2.2x slower).
     """
+    from edgetl import tflite_fb
+
+    _input_dtype(input_type)  # validate before the (slow) conversion
     conv = _converter(qat_model)
     conv.optimizations = [_TF.lite.Optimize.DEFAULT]
-    conv.inference_input_type = _input_dtype(input_type)
+    conv.inference_input_type = _TF.float32
     conv.inference_output_type = _TF.float32
-    if representative is not None:
-        conv.representative_dataset = _rep_gen(representative)
     try:
         with warnings.catch_warnings():
-            # Benign here: the input's quantization comes from the input QuantizeLayer (0..255 ->
-            # scale 1, zero point 0); the warning is about the legacy quantized_input_stats flag.
             warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
-            return conv.convert()
+            flat = conv.convert()
     except Exception as e:  # converter errors are opaque; report them as export errors
         raise ExportError(f"int8 TFLite conversion failed: {e}".splitlines()[0], "check the QAT model") from e
+    return tflite_fb.quantize_input(tflite_fb.float_softmax_output(flat), input_type)
 
 
 def ptq_to_tflite_int8(
@@ -1093,14 +1179,17 @@ def ptq_to_tflite_int8(
     """
     if representative is None or len(representative) == 0:
         raise ConfigError("post-training quantization needs representative images", "pass some training images")
-    m = flatten_for_qat(float_model) if rewrite else float_model
+    m = flatten_for_qat(float_model, stem="space_to_depth") if rewrite else float_model
     conv = _converter(m)
     conv.optimizations = [_TF.lite.Optimize.DEFAULT]
     conv.representative_dataset = _rep_gen(representative)
     conv.target_spec.supported_ops = [_TF.lite.OpsSet.TFLITE_BUILTINS_INT8]
     conv.inference_input_type = _input_dtype(input_type)
     conv.inference_output_type = _TF.float32
-    return conv.convert()
+    with warnings.catch_warnings():
+        # about the legacy quantized_input_stats flag; the input scale/zero point come from the representative data
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+        return conv.convert()
 
 
 def _to_onnx(model, opset):
@@ -1141,7 +1230,8 @@ def _quantize_weights(proto) -> int:
     merely lie on the int8 grid (4x larger, and onnxruntime would have to re-derive scales). tfmot
     quantizes weights symmetric narrow-range (per output channel for conv, per tensor for Dense),
     i.e. scale = max|w| / 127 and zero point 0, which is exactly recomputed here from the already
-    rounded weights, so the int8 values reproduce the fake-quant model bit for bit.
+    rounded weights, so the int8 values reproduce the fake-quant model bit for bit. Only layers
+    that read a quantized activation are touched.
     """
     from onnx import helper, numpy_helper
 
@@ -1151,10 +1241,24 @@ def _quantize_weights(proto) -> int:
     for n in g.node:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    quantized: set[int] = set()  # nodes downstream of an activation QuantizeLinear
+    todo = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    while todo:
+        n = todo.pop()
+        if id(n) in quantized:
+            continue
+        quantized.add(id(n))
+        todo.extend(c for o in n.output for c in consumers.get(o, []))
     new_nodes, done = [], {}
     for n in g.node:
         if n.op_type not in ("Conv", "MatMul", "Gemm") or len(n.input) < 2:
             continue
+        if id(n) not in quantized:
+            continue  # before the first quantized activation (the float stem conv): weights stay float, as in QAT
         name = n.input[1]
         if name not in inits:
             continue

@@ -144,3 +144,27 @@ def test_shared_weights_load_into_small(weights_dir):
     random_model, random_base = build_classifier(b, 64, 3, NONE, 0.2)
     w = base.get_layer("Conv").get_weights()[0]
     assert not np.allclose(w, random_base.get_layer("Conv").get_weights()[0])
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "efficientnet_b0"])
+def test_weights_none_batchnorm_recalibration_revives_random_features(name):
+    """A random backbone with BN's initial statistics collapses its features (std ~1e-11 at 32 px); one
+    recalibration pass gives O(1) features, changes no weight and restores every BN/Dropout setting."""
+    from edgetl._tfenv import keras
+    from edgetl.finetune import recalibrate_batchnorm
+
+    k = keras()
+    k.utils.set_random_seed(0)
+    base = get_backbone(name).build_base(32, None)
+    base.trainable = False
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (16, 32, 32, 3)).astype(np.float32)
+    before = base(x, training=False).numpy().std()
+    kernels = [w.numpy().copy() for w in base.weights if "moving" not in w.name]
+    bns = [layer for layer in base.layers if isinstance(layer, k.layers.BatchNormalization)]
+    settings = [(layer.momentum, layer.trainable) for layer in bns]
+    assert recalibrate_batchnorm(base, x) == len(bns) > 0
+    after = base(x, training=False).numpy().std()
+    assert before < 1e-4 and after > 0.1, (before, after)
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(kernels, [w for w in base.weights if "moving" not in w.name]))
+    assert [(layer.momentum, layer.trainable) for layer in bns] == settings

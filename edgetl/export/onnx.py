@@ -148,6 +148,43 @@ def rename_io(data: bytes, input_name: str = INPUT_NAME, output_name: str = OUTP
     return model.SerializeToString()
 
 
+def short_names(model) -> None:
+    """Give every internal tensor and node a short name (``t12``, ``Conv_7``) and drop unused initializers, in place.
+
+    tf2onnx names each tensor after its TF op path, and a QDQ graph has three tensors per quantized value: in the
+    int8 MobileNetV3-Small file the names were 210 KB, 17% of the file, against 924 KB of int8 weights. The graph
+    input and output keep their contract names; graphs with subgraphs (If/Loop) are left as they are.
+    """
+    import onnx
+
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return
+    used = {n for node in graph.node for n in node.input} | {v.name for v in graph.output}
+    unused = [init for init in graph.initializer if init.name not in used]  # tf2onnx leaves a few behind
+    for init in unused:
+        graph.initializer.remove(init)
+    keep = {v.name for v in graph.input if v.name not in {i.name for i in graph.initializer}}
+    keep |= {v.name for v in graph.output} | {""}
+    renames: dict[str, str] = {}
+
+    def new(name: str) -> str:
+        if name in keep:
+            return name
+        if name not in renames:
+            renames[name] = f"t{len(renames)}"
+        return renames[name]
+
+    for init in graph.initializer:
+        init.name = new(init.name)
+    for i, node in enumerate(graph.node):
+        node.input[:] = [new(n) for n in node.input]
+        node.output[:] = [new(n) for n in node.output]
+        node.name = f"{node.op_type}_{i}"
+    for value in list(graph.input) + list(graph.value_info):
+        value.name = new(value.name)
+
+
 def finalize(data: bytes, meta: dict[str, Any]) -> bytes:
     """Rename I/O and set ``edgetl.*`` metadata_props (replacing older edgetl keys)."""
     import onnx
@@ -155,6 +192,7 @@ def finalize(data: bytes, meta: dict[str, Any]) -> bytes:
     from edgetl import __version__
 
     model = onnx.load_from_string(rename_io(data))
+    short_names(model)
     keep = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith("edgetl.")]
     del model.metadata_props[:]
     for key, value in keep + sorted(to_onnx_props(meta).items()):

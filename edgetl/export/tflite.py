@@ -54,7 +54,7 @@ def build_ptq_int8(ctx: BuildContext) -> bytes:
 def build_qat_int8(ctx: BuildContext) -> bytes:
     """Full-int8 conversion of the QAT (fake-quant) model."""
     quantize = quantize_module()
-    return bytes(quantize.qat_to_tflite_int8(ctx.qat_model(), ctx.calibration_images()))
+    return bytes(quantize.qat_to_tflite_int8(ctx.qat_model()))
 
 
 # --- metadata --------------------------------------------------------------------------------------------------
@@ -62,10 +62,11 @@ def build_qat_int8(ctx: BuildContext) -> bytes:
 
 def embed_metadata(model: bytes, meta: dict[str, Any], labels_text: str) -> bytes:
     """Return ``model`` with ``edgetl`` (JSON) and ``edgetl.labels`` metadata entries (replacing older ones)."""
-    import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
-    obj = schema.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    from edgetl import tflite_fb
+
+    obj = tflite_fb.read(model)
     if obj.buffers is None:
         obj.buffers = []
     entries = [m for m in (obj.metadata or []) if _name(m.name) not in (TFLITE_METADATA_NAME, TFLITE_LABELS_NAME)]
@@ -82,9 +83,7 @@ def embed_metadata(model: bytes, meta: dict[str, Any], labels_text: str) -> byte
         entry.buffer = len(obj.buffers) - 1
         entries.append(entry)
     obj.metadata = entries
-    builder = flatbuffers.Builder(len(model) + 4096)
-    builder.Finish(obj.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return tflite_fb.write(obj)  # same writer for every variant: shared quantization vectors, aligned buffers
 
 
 def _name(value: Any) -> str:
