@@ -8,7 +8,8 @@ noise hits every model alike. Accuracy is not the point here (few images, one ep
     EDGETL_WEIGHTS_DIR=../shared/weights python benchmarks/export_latency.py [--image-size 224] [--runs 200]
 
 MobileNetV3-Small uses the shared ImageNet weights; MobileNetV3-Large and EfficientNet-B0 have none here and use
-random initialisation (latency does not depend on the weight values).
+random initialisation, with BatchNorm statistics recalibrated on the images by finetune (int8 latency does depend on
+the weights: collapsed activations give int8 scales that XNNPACK refuses, see docs/qat.md).
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ squeeze-excite ``Multiply``) and any model nested inside another. This module:
    :class:`AddConst` / :class:`ScaleConst` / :class:`ChannelAffine` layers, swish becomes
    ``sigmoid`` + ``Multiply`` and fused conv activations are split out. Float outputs are
    unchanged (max abs diff ~1e-7).
-2. :func:`quantize_for_training` annotates that graph (tfmot defaults for Conv/Depthwise/Dense/ReLU/
-   Add/pooling, edgetl QuantizeConfigs for the rest) and calls ``quantize_apply``.
+2. :func:`quantize_for_training` annotates that graph (edgetl's per-channel weight config for
+   Conv/Depthwise on the converter's exact grid, ``FusedReLU`` after them so that tfmot's
+   ``LayerReLUQuantize`` cannot drop their weight quantization, tfmot defaults for Dense/ReLU/Add/
+   pooling, edgetl QuantizeConfigs for the rest) and calls ``quantize_apply``.
 3. :func:`calibrate` sets every activation range from data (tfmot's moving averages start at
    +-6 with EMA 0.999 and barely move in a short fine-tune).
 4. :func:`qat_to_tflite_int8` / :func:`qat_to_onnx` convert. Every quantized tensor carries a
@@ -132,6 +134,16 @@ class SpaceToDepth(_K.layers.Layer):
 
 
 @_K.utils.register_keras_serializable(package="edgetl")
+class FusedReLU(_K.layers.ReLU):
+    """A ReLU/ReLU6 right after a Conv2D/DepthwiseConv2D/Dense (the converter fuses them into one int8 op).
+
+    Its own class name keeps tfmot's ``LayerReLUQuantize`` transform away: that transform matches ``ReLU`` after a
+    ``Conv2D|DepthwiseConv2D|Dense`` and replaces the *conv's* QuantizeConfig with a no-op, so the conv's weights
+    were not fake-quantized during QAT (20 of 40 convs and 3 of 11 depthwise convs in MobileNetV3Small) while the
+    converter quantizes them anyway: the fake-quant model then overstated int8 accuracy."""
+
+
+@_K.utils.register_keras_serializable(package="edgetl")
 class ChannelAffine(_K.layers.Layer):
     """``y = x * scale + offset`` per channel (last axis); frozen Rescaling/Normalization/BN."""
 
@@ -236,6 +248,64 @@ def _make_configs():
         def set_quantize_weights(self, layer, quantize_weights):
             layer.scale, layer.offset = quantize_weights
 
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_quantize_registry as registry,
+    )
+
+    class ChannelWeightsQuantizer(tfmot.quantization.keras.quantizers.Quantizer):
+        """Per-output-channel symmetric int8 (narrow range) weight quantization on the int8 file's grid
+        (scale max|w_c|/127; for a depthwise kernel (kh, kw, cin, mult) the channels are cin*mult).
+
+        Plain arithmetic with a straight-through gradient, not a FakeQuant op: the converter folds the on-grid
+        kernel and quantizes it per channel itself, which reproduces these int8 values exactly (checked). Two
+        things went wrong with tfmot's FakeQuant weight quantizer: for a depthwise kernel with mult 1 it has one
+        range for the whole kernel (the int8 file has one per channel), and an all-zero output channel (the
+        shared MobileNetV3 weights have dead squeeze-excite units) gets the range [0, 0], from which the converter
+        makes a weight scale of 4e-9 and an int32 bias that saturates (gate 0.47 instead of 6.0 on flowers)."""
+
+        def __init__(self, depthwise: bool = False):
+            self.depthwise = bool(depthwise)
+
+        def _flat(self, inputs):
+            shape = inputs.shape
+            n = int(shape[2]) * int(shape[3]) if self.depthwise else int(shape[-1])
+            return _TF.reshape(inputs, (-1, n)), n
+
+        def build(self, tensor_shape, name, layer):
+            n = int(tensor_shape[2]) * int(tensor_shape[3]) if self.depthwise else int(tensor_shape[-1])
+            init = _K.initializers.Constant
+            lo = layer.add_weight(name + "_min", shape=(n,), initializer=init(-6.0), trainable=False)
+            hi = layer.add_weight(name + "_max", shape=(n,), initializer=init(6.0), trainable=False)
+            return {"min_var": lo, "max_var": hi}
+
+        def __call__(self, inputs, training, weights, **kwargs):
+            flat, _ = self._flat(inputs)
+            if training:
+                m = _TF.reduce_max(_TF.abs(flat), axis=0)
+                weights["max_var"].assign(m)
+                weights["min_var"].assign(-m)
+            else:
+                m = weights["max_var"]
+            scale = _TF.where(m > 0, m / 127.0, _TF.ones_like(m))
+            q = _TF.clip_by_value(_TF.round(flat / scale), -127.0, 127.0) * scale
+            return _TF.reshape(flat + _TF.stop_gradient(q - flat), inputs.shape)
+
+        def get_config(self):
+            return {"depthwise": self.depthwise}
+
+        def __eq__(self, other):
+            return isinstance(other, ChannelWeightsQuantizer) and other.depthwise == self.depthwise
+
+        def __ne__(self, other):
+            return not self.__eq__(other)
+
+    class ChannelQuantizeConfig(registry.Default8BitQuantizeConfig):
+        """tfmot's Conv2D/DepthwiseConv2D config with :class:`ChannelWeightsQuantizer` for the kernel."""
+
+        def __init__(self, weight_attrs, activation_attrs, quantize_output):
+            super().__init__(weight_attrs, activation_attrs, quantize_output)
+            self.weight_quantizer = ChannelWeightsQuantizer(depthwise=list(weight_attrs) == ["depthwise_kernel"])
+
     QuantizeWrapperV2 = tfmot.quantization.keras.QuantizeWrapperV2
 
     class QATWrapper(QuantizeWrapperV2):
@@ -259,9 +329,23 @@ def _make_configs():
                 + self._non_trainable_weights
             )
 
-    for cls in (OutputQuantizeConfig, NoOpQuantizeConfig, AffineQuantizeConfig, QATWrapper):
+    for cls in (OutputQuantizeConfig, NoOpQuantizeConfig, AffineQuantizeConfig, QATWrapper, ChannelWeightsQuantizer,
+                ChannelQuantizeConfig):
         cls.__module__ = __name__
         _K.utils.register_keras_serializable(package="edgetl")(cls)
+    _tfmot_cache["weight_configs"] = {
+        "Conv2D": lambda acts: ChannelQuantizeConfig(["kernel"], acts, False),
+        "DepthwiseConv2D": lambda acts: ChannelQuantizeConfig(["depthwise_kernel"], acts, False),
+        "Dense": lambda acts: registry.Default8BitQuantizeConfig(["kernel"], acts, False),
+    }
+    _tfmot_cache["extra_objects"] = {
+        "ChannelWeightsQuantizer": ChannelWeightsQuantizer,
+        "edgetl>ChannelWeightsQuantizer": ChannelWeightsQuantizer,
+        "ChannelQuantizeConfig": ChannelQuantizeConfig,
+        "edgetl>ChannelQuantizeConfig": ChannelQuantizeConfig,
+        "Default8BitConvQuantizeConfig": registry.Default8BitConvQuantizeConfig,
+        "Default8BitQuantizeConfig": registry.Default8BitQuantizeConfig,
+    }
     _tfmot_cache["configs"] = (OutputQuantizeConfig, NoOpQuantizeConfig, AffineQuantizeConfig)
     _tfmot_cache["wrapper"] = QATWrapper
     return _tfmot_cache["configs"]
@@ -283,6 +367,8 @@ def custom_objects() -> dict:
             "ScaleConst": ScaleConst,
             "ChannelAffine": ChannelAffine,
             "SpaceToDepth": SpaceToDepth,
+            "FusedReLU": FusedReLU,
+            "edgetl>FusedReLU": FusedReLU,
             "edgetl>SpaceToDepth": SpaceToDepth,
             "edgetl>AddConst": AddConst,
             "edgetl>ScaleConst": ScaleConst,
@@ -295,6 +381,7 @@ def custom_objects() -> dict:
             "edgetl>AffineQuantizeConfig": aff_cfg,
             "QATWrapper": _tfmot_cache["wrapper"],
             "edgetl>QATWrapper": _tfmot_cache["wrapper"],
+            **_tfmot_cache["extra_objects"],
         }
     )
     # tfmot public objects (explicit, in case quantize_scope changes what it exposes)
@@ -786,6 +873,8 @@ def _emit(ops: list[_Op], model_inputs, in_ids, out_ids, name):
     L = _K.layers
     tmap = dict(zip(in_ids, model_inputs))
     cons = _consumers(ops)
+    prod = {op.out: op for op in ops}
+    emitted: dict[int, Any] = {}
     for op in ops:
         xs = [tmap[t] for t in op.inputs]
         if op.kind == "layer":
@@ -813,8 +902,13 @@ def _emit(ops: list[_Op], model_inputs, in_ids, out_ids, name):
             new = ScaleConst(op.params["value"], name=op.name)
             y = new(xs[0])
         elif op.kind == "relu":
-            new = L.ReLU(max_value=op.params["max_value"], name=op.name)
+            src = prod.get(op.inputs[0])
+            fused = (src is not None and not op.float_ and src.kind == "layer" and type(src.layer).__name__ in _LINEAR_PRODUCERS
+                     and src.config.get("activation", "linear") == "linear" and len(cons.get(src.out, [])) == 1)
+            new = (FusedReLU if fused else L.ReLU)(max_value=op.params["max_value"], name=op.name)
             y = new(xs[0])
+            if fused:
+                emitted[id(src)]._edgetl_relu_after = True
         elif op.kind == "sigmoid":
             new = L.Activation("sigmoid", name=op.name)
             y = new(xs[0])
@@ -831,6 +925,7 @@ def _emit(ops: list[_Op], model_inputs, in_ids, out_ids, name):
             raise AssertionError(op.kind)
         new.trainable = op.trainable
         new._edgetl_next = [c.kind if c.kind != "layer" else type(c.layer).__name__ for c in cons.get(op.out, [])]
+        emitted[id(op)] = new
         new._edgetl_float = op.float_
         # the last float op(s): their output is the first quantized tensor
         new._edgetl_stem_out = op.float_ and (op.out in out_ids or any(not c.float_ for c in cons.get(op.out, [])))
@@ -920,6 +1015,7 @@ def quantize_for_training(model, stem: str = "float") -> "keras.Model":
     """
     tfmot = _tfmot()
     out_cfg, noop_cfg, aff_cfg = _make_configs()
+    weight_configs = _tfmot_cache["weight_configs"]
     flat = flatten_for_qat(model, stem=stem)
     flags = {l.name: l.trainable for l in flat.layers}
 
@@ -934,6 +1030,13 @@ def quantize_for_training(model, stem: str = "float") -> "keras.Model":
             return layer
         if cls == "Activation" and _activation_name(layer) == "softmax":
             return layer  # float SOFTMAX on the dequantized logits: XNNPACK runs it, int8 SOFTMAX it does not
+        if cls in weight_configs:
+            # weights fake-quantized on the int8 file's grid; no output fake-quant when a FusedReLU follows (it
+            # quantizes the fused output, like the converter's CONV_2D+RELU)
+            acts = [] if getattr(layer, "_edgetl_relu_after", False) else ["activation"]
+            return tfmot.quantization.keras.quantize_annotate_layer(layer, weight_configs[cls](acts))
+        if cls == "FusedReLU":
+            return tfmot.quantization.keras.quantize_annotate_layer(layer, out_cfg())
         if cls in _TFMOT_DEFAULT:
             return tfmot.quantization.keras.quantize_annotate_layer(layer)
         if cls == "AddConst":

@@ -65,6 +65,7 @@ def make_run_dir(
     seed: int = 0,
     name: str = "run",
     epochs: int = 3,
+    backbone: str | None = None,
 ) -> Path:
     """Write a complete run directory under ``tmp/name`` (images under ``tmp/data``) and return its path."""
     from edgetl import __version__
@@ -79,9 +80,19 @@ def make_run_dir(
     run.mkdir(parents=True)
     labels = list(folder.classes)
 
-    model = tiny_model(size, len(labels), seed)
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     x = load_images(train, (size, size))
+    if backbone is None:
+        model = tiny_model(size, len(labels), seed)
+    else:  # a real table backbone, random weights with BN statistics from the images (what finetune does)
+        from edgetl._tfenv import keras
+        from edgetl.backbones import get_backbone
+        from edgetl.finetune import build_classifier, recalibrate_batchnorm
+        from edgetl.weights import WeightsChoice
+
+        keras().utils.set_random_seed(seed)
+        model, base = build_classifier(get_backbone(backbone), size, len(labels), WeightsChoice("none", None), 0.2)
+        recalibrate_batchnorm(base, x.images.astype(np.float32))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     model.fit(x.images.astype(np.float32), x.labels, epochs=epochs, batch_size=8, verbose=0)
     model.save(run / "float.keras")
 
@@ -114,7 +125,7 @@ def make_run_dir(
         "edgetl_version": __version__,
         "run_id": f"test-{name}",
         "created": "2025-01-01T00:00:00+00:00",
-        "backbone": "tiny-test",
+        "backbone": backbone or "tiny-test",
         "image_size": [size, size],
         "labels": labels,
         "input": {"layout": "NHWC", "height": size, "width": size, "channels": 3, "color": "RGB",

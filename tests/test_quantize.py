@@ -142,6 +142,43 @@ def test_qat_model_is_close_to_float_and_only_the_stem_and_softmax_are_float(cas
     assert np.abs(p_float - p_fq).max() < 0.1
 
 
+def test_every_conv_weight_is_fake_quantized(case):
+    """tfmot's LayerReLUQuantize would give a conv followed by a ReLU a no-op config (float weights in QAT, int8 in
+    the file); edgetl's FusedReLU keeps it away. Every conv/dense outside the float stem quantizes its weights."""
+    from tensorflow_model_optimization.quantization.keras import QuantizeWrapper
+
+    stem, _ = stem_layers(q.flatten_for_qat(case["model"]))
+    for layer in case["qat"].layers:
+        if isinstance(layer, QuantizeWrapper) and type(layer.layer).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense"):
+            if layer.layer.name in stem:
+                continue
+            assert layer.quantize_config.get_weights_and_quantizers(layer.layer), layer.name
+
+
+def test_all_zero_channel_with_large_bias_survives_int8():
+    """A dead output channel (all-zero kernel) with bias 6: its int32 bias must not saturate (it did when the weight
+    range came from a FakeQuant of [0, 0]: weight scale 4e-9)."""
+    inp = K.Input((16, 16, 3))
+    x = K.layers.Conv2D(8, 3, strides=2, padding="same", name="stem")(inp)  # the float stem
+    x = K.layers.ReLU(6.0)(x)
+    conv = K.layers.Conv2D(4, 1, name="gate")
+    x = K.layers.ReLU(6.0)(conv(x))
+    x = K.layers.GlobalAveragePooling2D()(x)
+    head = K.layers.Dense(2, activation="softmax", name="predictions")
+    model = K.Model(inp, head(x))
+    kernel, _ = conv.get_weights()
+    kernel[..., 0] = 0.0
+    conv.set_weights([kernel, np.array([6.0, 0.0, 0.0, 0.0], np.float32)])
+    head.set_weights([np.array([[2.0, -2.0], [0, 0], [0, 0], [0, 0]], np.float32), np.zeros(2, np.float32)])
+    qat = q.quantize_for_training(model)
+    x_img = images(4, seed=3)[:, :16, :16]
+    q.calibrate(qat, x_img)
+    p_int8 = _tflite_run(q.qat_to_tflite_int8(qat), x_img)
+    p_fq = qat(x_img, training=False).numpy()
+    assert (p_fq[:, 0] > 0.99).all()  # logits 12 vs -12
+    assert np.abs(p_int8 - p_fq).max() < 0.01, p_int8
+
+
 def test_calibrate_sets_ranges_from_data(case):
     qat = case["qat"]
     ranges = [

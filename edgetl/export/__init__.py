@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ FORMATS = ("tflite", "onnx")
 DEFAULT_SAMPLES = 200
 DEFAULT_CALIBRATION = 150
 _PID_FILE = ".edgetl-export.pid"
+_WORK_DIR = ".edgetl-work"
 
 
 @dataclass(frozen=True)
@@ -437,10 +437,14 @@ def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, 
         return loaded.images
 
     artifacts: list[ArtifactResult] = []
-    with atomic_dir(out_path) as tmp, tempfile.TemporaryDirectory(prefix="edgetl-export-") as work:
+    with atomic_dir(out_path) as tmp:
         os.chmod(tmp, 0o777 & ~_umask())
         (tmp / _PID_FILE).write_text(str(os.getpid()))
-        ctx = BuildContext(run=run, workdir=Path(work), calibration_loader=load_calibration)
+        # scratch space inside the partial bundle: a killed export leaves it where the next export's stale-partial
+        # cleanup removes it (a system temp dir would stay behind in /tmp)
+        work = tmp / _WORK_DIR
+        work.mkdir()
+        ctx = BuildContext(run=run, workdir=work, calibration_loader=load_calibration)
 
         tick(f"sample: {len(val_items)} held-out images + reference outputs")
         loaded = _load(val_items, size, "validation")
@@ -513,6 +517,7 @@ def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, 
 
         tick("bundle.json")
         reference = _reference(chosen)
+        shutil.rmtree(work)
         (tmp / _PID_FILE).unlink()
         files = {
             p.relative_to(tmp).as_posix(): sha256_file(p)
