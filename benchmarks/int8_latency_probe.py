@@ -44,6 +44,7 @@ from edgetl._tfenv import keras, tf  # noqa: E402
 K = keras()
 TF = tf()
 from edgetl import quantize as q  # noqa: E402
+from edgetl.tflite_fb import xnnpack_partitions  # noqa: E402
 
 BACKBONES = {
     "mobilenet_v3_small": lambda s, w: K.applications.MobileNetV3Small(
@@ -109,11 +110,7 @@ def tflite_findings(blob):
                       experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     raw.allocate_tensors()
     ops = collections.Counter(o["op_name"] for o in raw._get_ops_details())
-    it = Interpreter(model_content=blob, num_threads=1)
-    it.allocate_tensors()
-    details = it._get_ops_details()
-    delegates = [o for o in details if o["op_name"] == "DELEGATE"]
-    return ops, len(delegates)
+    return ops, xnnpack_partitions(blob)[0]
 
 
 def non_delegated(blob):

@@ -86,8 +86,12 @@ def get_base(model):
     raise RunDirError("the saved model has no nested backbone", "rerun edgetl finetune")
 
 
-def recalibrate_batchnorm(base, images: np.ndarray, batch_size: int = 64) -> int:
-    """Set every BatchNormalization's moving mean/variance to the statistics of its input on ``images``.
+#: training images whose statistics become the BatchNorm statistics of a ``weights: none`` backbone (one batch)
+BN_RECALIBRATION_IMAGES = 64
+
+
+def recalibrate_batchnorm(base, images: np.ndarray) -> int:
+    """Set every BatchNormalization's moving mean/variance to the statistics of its input on ``images`` (one batch).
 
     For ``weights: none``: a randomly initialised backbone keeps BN's initial statistics (mean 0, variance 1), so
     activations shrink layer after layer (MobileNetV3-Large: ~1e-8 deep in the network). A frozen random base then
@@ -107,7 +111,7 @@ def recalibrate_batchnorm(base, images: np.ndarray, batch_size: int = 64) -> int
             layer.momentum, layer.trainable = 0.0, True  # frozen BN runs in inference mode even when training
         for layer in drops:
             layer.rate = 0.0
-        base(tf().constant(np.asarray(images[:batch_size], np.float32)), training=True)
+        base(tf().constant(np.asarray(images, np.float32)), training=True)
     finally:
         for layer, momentum, trainable in saved:
             layer.momentum, layer.trainable = momentum, trainable
@@ -531,7 +535,7 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
             model, base = build_classifier(backbone, image_size, len(folder.classes), weights, cfg.dropout)
         train, val = _load_split(cfg, folder, train_items, val_items, image_size, reporter)
         if not state["completed"] and weights.source == "none":
-            pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(train.images))[:64])
+            pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(train.images))[:BN_RECALIBRATION_IMAGES])
             count = recalibrate_batchnorm(base, train.images[pick])
             reporter.info(f"weights none: statistics of {count} BatchNorm layers set from training images")
         n_per_class = len(train.labels) / len(folder.classes)

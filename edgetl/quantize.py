@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from edgetl import tflite_fb
 from edgetl._tfenv import keras, tf
 from edgetl.errors import ConfigError, ExportError, ModelFileError
 
@@ -266,20 +267,18 @@ def _make_configs():
         def __init__(self, depthwise: bool = False):
             self.depthwise = bool(depthwise)
 
-        def _flat(self, inputs):
-            shape = inputs.shape
-            n = int(shape[2]) * int(shape[3]) if self.depthwise else int(shape[-1])
-            return _TF.reshape(inputs, (-1, n)), n
+        def _channels(self, shape) -> int:
+            return int(shape[2]) * int(shape[3]) if self.depthwise else int(shape[-1])
 
         def build(self, tensor_shape, name, layer):
-            n = int(tensor_shape[2]) * int(tensor_shape[3]) if self.depthwise else int(tensor_shape[-1])
+            n = self._channels(tensor_shape)
             init = _K.initializers.Constant
             lo = layer.add_weight(name + "_min", shape=(n,), initializer=init(-6.0), trainable=False)
             hi = layer.add_weight(name + "_max", shape=(n,), initializer=init(6.0), trainable=False)
             return {"min_var": lo, "max_var": hi}
 
         def __call__(self, inputs, training, weights, **kwargs):
-            flat, _ = self._flat(inputs)
+            flat = _TF.reshape(inputs, (-1, self._channels(inputs.shape)))
             if training:
                 m = _TF.reduce_max(_TF.abs(flat), axis=0)
                 weights["max_var"].assign(m)
@@ -555,9 +554,7 @@ class _Tracer:
         if isinstance(layer, L.Dropout) and inference:
             return [ins[0]]  # called with training=False inside the base: identity, keep it that way
         if isinstance(layer, L.Activation):
-            act = _K.activations.serialize(layer.activation)
-            act = act if isinstance(act, str) else act.get("config", act)
-            return [self.activation(ins[0], act, layer.name, int(node.outputs.shape[-1]), tr)]
+            return [self.activation(ins[0], _activation_name(layer), layer.name, int(node.outputs.shape[-1]), tr)]
         if isinstance(layer, L.ReLU):
             if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
                 raise ExportError(f"ReLU {layer.name} with slope/threshold is not supported by edgetl QAT", _UNSUPPORTED_FIX)
@@ -1230,7 +1227,7 @@ def _rep_gen(images):
     return gen
 
 
-_INPUT_TYPES = ("uint8", "int8", "float32")
+_INPUT_TYPES = (*tflite_fb.INPUT_TYPES, "float32")
 
 
 def _input_dtype(input_type: str):
@@ -1249,14 +1246,12 @@ def qat_to_tflite_int8(qat_model, input_type: str = "uint8") -> bytes:
     * ``"int8"``: the same bytes minus 128 (scale 1, zero point -128; ``(px ^ 0x80).view(int8)``).
     * ``"float32"``: float pixels 0..255, like the fp32 model.
 
-    The file is converted with a float32 input, then given its quantized input by
-    :func:`edgetl.tflite_fb.quantize_input` and written with shared quantization vectors
+    The file is converted with a float32 input, then given its quantized input and float softmax by
+    :func:`edgetl.tflite_fb.finish_qat_int8` and written with shared quantization vectors
     (:func:`edgetl.tflite_fb.write`). Every quantized tensor has a fake-quant range from QAT and no
     representative data is given to the converter on purpose: with it, the converter also
     post-training-quantizes the float stem (int8 stem and HARD_SWISH outside XNNPACK: 2.2x slower).
     """
-    from edgetl import tflite_fb
-
     _input_dtype(input_type)  # validate before the (slow) conversion
     conv = _converter(qat_model)
     conv.optimizations = [_TF.lite.Optimize.DEFAULT]
@@ -1268,7 +1263,7 @@ def qat_to_tflite_int8(qat_model, input_type: str = "uint8") -> bytes:
             flat = conv.convert()
     except Exception as e:  # converter errors are opaque; report them as export errors
         raise ExportError(f"int8 TFLite conversion failed: {e}".splitlines()[0], "check the QAT model") from e
-    return tflite_fb.quantize_input(tflite_fb.float_softmax_output(flat), input_type)
+    return tflite_fb.finish_qat_int8(flat, input_type)
 
 
 def ptq_to_tflite_int8(
@@ -1340,10 +1335,6 @@ def _quantize_weights(proto) -> int:
 
     g = proto.graph
     inits = {i.name: i for i in g.initializer}
-    uses: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
     consumers: dict[str, list] = {}
     for n in g.node:
         for i in n.input:
@@ -1396,7 +1387,7 @@ def _quantize_weights(proto) -> int:
         )
         n.input[1] = base
         done[name] = base
-        if uses.get(name, 0) == 1:
+        if len(consumers.get(name, ())) == 1:
             g.initializer.remove(inits[name])
     nodes = new_nodes + list(g.node)
     del g.node[:]

@@ -9,8 +9,9 @@ Every .tflite that edgetl writes goes through :func:`write`, which
   "int8 weights are 0.25x" and the file size; and
 * aligns every weight buffer to 16 bytes (int32 biases and float weights are read in place).
 
-:func:`quantize_input` gives a float-input model a raw-pixel ``uint8`` (or ``int8``) input tensor followed by one
-``DEQUANTIZE`` (XNNPACK runs it, unlike the uint8->int8 ``QUANTIZE`` the converter would add).
+:func:`finish_qat_int8` gives the converter's float-input QAT file a raw-pixel ``uint8`` (or ``int8``) input followed
+by one ``DEQUANTIZE`` (XNNPACK runs it, unlike the uint8->int8 ``QUANTIZE`` the converter would add) and a float
+``SOFTMAX`` on the dequantized logits.
 """
 
 from __future__ import annotations
@@ -103,9 +104,16 @@ def write(obj: Any) -> bytes:
     return bytes(builder.Output())
 
 
-def compact(model: bytes) -> bytes:
-    """Re-serialize ``model`` with :func:`write` (same graph, same values, smaller for quantized files)."""
-    return write(read(model))
+def text(value: Any) -> str:
+    """A flatbuffer string field (bytes) as ``str``."""
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def op_name(obj: Any, op: Any) -> str:
+    """The builtin operator name (``"CONV_2D"``) of ``op`` in the ``ModelT`` ``obj``."""
+    code = obj.operatorCodes[op.opcodeIndex]
+    code = max(code.builtinCode, code.deprecatedBuiltinCode)
+    return next(k for k, v in vars(_schema().BuiltinOperator).items() if v == code and not k.startswith("_"))
 
 
 def _opcode(obj: Any, name: str) -> int:
@@ -122,20 +130,28 @@ def _opcode(obj: Any, name: str) -> int:
     return len(obj.operatorCodes) - 1
 
 
-def quantize_input(model: bytes, input_type: str) -> bytes:
+def finish_qat_int8(model: bytes, input_type: str) -> bytes:
+    """Post-process a QAT int8 flatbuffer the converter made with float32 input and output, in one read and write:
+    :func:`_float_softmax_output`, then :func:`_quantize_input` (unless ``input_type`` is ``"float32"``)."""
+    if input_type != "float32" and input_type not in INPUT_TYPES:
+        raise ExportError(f"unknown TFLite input type {input_type!r}", f"use float32 or {' or '.join(INPUT_TYPES)}")
+    obj = read(model)
+    _float_softmax_output(obj)
+    if input_type != "float32":
+        _quantize_input(obj, input_type)
+    return write(obj)
+
+
+def _quantize_input(obj: Any, input_type: str) -> None:
     """Turn the float32 (0..255 pixels) input of a single-subgraph model into a raw-byte ``uint8`` (scale 1, zero
-    point 0) or ``int8`` (pixel - 128: scale 1, zero point -128) tensor followed by a ``DEQUANTIZE``.
+    point 0) or ``int8`` (pixel - 128: scale 1, zero point -128) tensor followed by a ``DEQUANTIZE`` (XNNPACK runs
+    it, unlike the uint8->int8 ``QUANTIZE`` the converter would add), in place.
 
     The input keeps its tensor index and name (signatures still point at it); the float tensor the graph used to
     read becomes an internal tensor. Exact: every pixel byte dequantizes to the same float it was before.
     """
-    if input_type == "float32":
-        return compact(model)
-    if input_type not in INPUT_TYPES:
-        raise ExportError(f"unknown TFLite input type {input_type!r}", f"use float32 or {' or '.join(INPUT_TYPES)}")
     schema = _schema()
     type_name, _, zero_point = INPUT_TYPES[input_type]
-    obj = read(model)
     graph = obj.subgraphs[0]
     index = int(graph.inputs[0])
     tensor = graph.tensors[index]
@@ -145,9 +161,8 @@ def quantize_input(model: bytes, input_type: str) -> bytes:
     inner.shape = np.array(tensor.shape, dtype=np.int32)
     inner.shapeSignature = None if tensor.shapeSignature is None else np.array(tensor.shapeSignature, dtype=np.int32)
     inner.type = schema.TensorType.FLOAT32
-    inner.name = (tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)) + "_float"
-    empty = schema.BufferT()
-    obj.buffers.append(empty)
+    inner.name = text(tensor.name) + "_float"
+    obj.buffers.append(schema.BufferT())
     inner.buffer = len(obj.buffers) - 1
     graph.tensors.append(inner)
     inner_index = len(graph.tensors) - 1
@@ -163,45 +178,50 @@ def quantize_input(model: bytes, input_type: str) -> bytes:
     dq.inputs = np.array([index], dtype=np.int32)
     dq.outputs = np.array([inner_index], dtype=np.int32)
     graph.operators.insert(0, dq)
-    return write(obj)
 
 
-def _op_name(obj: Any, op: Any) -> str:
-    schema = _schema()
-    code = obj.operatorCodes[op.opcodeIndex]
-    code = max(code.builtinCode, code.deprecatedBuiltinCode)
-    return next(k for k, v in vars(schema.BuiltinOperator).items() if v == code and not k.startswith("_"))
-
-
-def float_softmax_output(model: bytes) -> bytes:
-    """Rewrite a final ``SOFTMAX (int8) -> DEQUANTIZE`` into ``DEQUANTIZE -> SOFTMAX (float32)``.
+def _float_softmax_output(obj: Any) -> None:
+    """Rewrite a final ``SOFTMAX (int8) -> DEQUANTIZE`` into ``DEQUANTIZE -> SOFTMAX (float32)``, in place.
 
     The converter quantizes a softmax even when QAT left it float (its int8 output scale is fixed at 1/256), but
     XNNPACK runs SOFTMAX in float only, so the int8 one splits the graph. Softmax on the dequantized logits is
     what the QAT model computes; it also keeps probabilities that the int8 grid would round to ties apart.
-    Models without that tail are returned unchanged.
+    Models without that tail are left unchanged.
     """
-    schema = _schema()
-    obj = read(model)
     graph = obj.subgraphs[0]
     ops = graph.operators
-    if len(ops) < 2 or [_op_name(obj, o) for o in ops[-2:]] != ["SOFTMAX", "DEQUANTIZE"]:
-        return model
+    if len(ops) < 2 or [op_name(obj, o) for o in ops[-2:]] != ["SOFTMAX", "DEQUANTIZE"]:
+        return
     softmax, dq = ops[-2], ops[-1]
     if int(dq.inputs[0]) != int(softmax.outputs[0]) or int(dq.outputs[0]) not in [int(i) for i in graph.outputs]:
-        return model
+        return
     logits = int(softmax.inputs[0])
-    if sum(int(logits) in [int(i) for i in o.inputs] for o in ops) != 1:  # the logits feed only the softmax
-        return model
-    probs_int8 = graph.tensors[int(softmax.outputs[0])]
-    probs_int8.type = schema.TensorType.FLOAT32  # becomes the float logits tensor
-    probs_int8.quantization = None
-    probs_int8.name = (probs_int8.name.decode() if isinstance(probs_int8.name, bytes) else str(probs_int8.name)) + "_logits"
-    probs_int8.shape = np.array(graph.tensors[logits].shape, dtype=np.int32)
+    if sum(logits in [int(i) for i in o.inputs] for o in ops) != 1:  # the logits feed only the softmax
+        return
     hidden = int(softmax.outputs[0])
+    probs_int8 = graph.tensors[hidden]  # becomes the float logits tensor
+    probs_int8.type = _schema().TensorType.FLOAT32
+    probs_int8.quantization = None
+    probs_int8.name = text(probs_int8.name) + "_logits"
+    probs_int8.shape = np.array(graph.tensors[logits].shape, dtype=np.int32)
     dq.inputs = np.array([logits], dtype=np.int32)
     dq.outputs = np.array([hidden], dtype=np.int32)
     softmax.inputs = np.array([hidden], dtype=np.int32)
     softmax.outputs = np.array([int(graph.outputs[0])], dtype=np.int32)
     ops[-2], ops[-1] = dq, softmax
-    return write(obj)
+
+
+def xnnpack_partitions(model: bytes) -> tuple[int, bool]:
+    """How LiteRT's default XNNPACK delegate splits ``model`` (1 thread): the number of delegate nodes, and whether
+    the graph runs as one partition that reads the model input and writes the model output (every op inside)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=model, num_threads=1)
+    it.allocate_tensors()
+    delegates = [d for d in it._get_ops_details() if d["op_name"] == "DELEGATE"]
+    whole = (
+        len(delegates) == 1
+        and it.get_input_details()[0]["index"] in list(delegates[0]["inputs"])
+        and it.get_output_details()[0]["index"] in list(delegates[0]["outputs"])
+    )
+    return len(delegates), whole

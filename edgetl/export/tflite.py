@@ -69,7 +69,7 @@ def embed_metadata(model: bytes, meta: dict[str, Any], labels_text: str) -> byte
     obj = tflite_fb.read(model)
     if obj.buffers is None:
         obj.buffers = []
-    entries = [m for m in (obj.metadata or []) if _name(m.name) not in (TFLITE_METADATA_NAME, TFLITE_LABELS_NAME)]
+    entries = [m for m in (obj.metadata or []) if tflite_fb.text(m.name) not in (TFLITE_METADATA_NAME, TFLITE_LABELS_NAME)]
     payloads = {
         TFLITE_METADATA_NAME: json.dumps(meta, sort_keys=True).encode("utf-8"),
         TFLITE_LABELS_NAME: labels_text.encode("utf-8"),
@@ -84,10 +84,6 @@ def embed_metadata(model: bytes, meta: dict[str, Any], labels_text: str) -> byte
         entries.append(entry)
     obj.metadata = entries
     return tflite_fb.write(obj)  # same writer for every variant: shared quantization vectors, aligned buffers
-
-
-def _name(value: Any) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _quant(detail: dict[str, Any]) -> list[float] | None:
