@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16
 DEMO_WEIGHTS := $(SHARED)/weights/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean device-test-arm64
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: install
 	EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/python benchmarks/export_latency.py
 	EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/python benchmarks/finetune_speed.py
 	EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/python benchmarks/qat_accuracy.py
+
+# edgetl verify on emulated arm64 cores (Pi 4 / Pi 5 / Neoverse-N1) vs this host; root, caches under .device/ (ignored).
+device-test-arm64: install
+	$(BIN)/python devices/arm64/harness.py $(if $(wildcard $(DEMO_WEIGHTS)),--weights-dir $(SHARED)/weights)
 
 clean:
 	rm -rf $(VENV) .pytest_cache models/quickstart models/.cache
