@@ -152,6 +152,36 @@ def scan_folder(root: str | Path, classes: Sequence[str] | None = None) -> Image
         if d.is_symlink():
             _check_link(d, real_root, set())
     found = {d.name: _images_in(d, real_root) for d in subdirs}
+    if classes is None:
+        if len(subdirs) < 2:
+            raise DataError(
+                f"data folder {root} has only one class ({subdirs[0].name})",
+                "a classifier needs at least 2 class sub-folders",
+            )
+        class_names = tuple(d.name for d in subdirs)
+    else:
+        class_names = tuple(classes)
+        extra = sorted(set(found) - set(class_names))
+        if extra:
+            raise DataError(
+                f"{root} has classes the training data does not have: {', '.join(extra)}",
+                "use the same class sub-folders as the training data",
+            )
+    empty = [name for name in class_names if not found.get(name)]
+    if empty and classes is None:
+        raise DataError(
+            f"class folder(s) {', '.join(empty)} in {root} contain no images",
+            f"add images ({', '.join(sorted(IMAGE_EXTENSIONS))}) or remove the empty folder",
+        )
+    items = tuple((p, i) for i, name in enumerate(class_names) for p in found.get(name, []))
+    if not items:
+        raise DataError(f"no images found in {root}", f"supported extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}")
+    counts = {name: len(found.get(name, [])) for name in class_names}
+    return ImageFolder(root=root, classes=class_names, items=items, counts=counts)
+
+
+
+
 def _to_rgb8(img):
     """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, 1) to 8-bit RGB."""
     from PIL import Image

@@ -285,6 +285,100 @@ def ft_out_is_not_a_run(e: Env):
     return ["finetune", "--data", e.shapes, "--out", mine, *FAST], "not an edgetl run directory"
 
 
+# finetune: output folders (data loss) ---------------------------------------------------------------------------
+
+
+def ft_out_foreign_manifest(e: Env):
+    """A web app's manifest.json is not an edgetl run: the folder and thesis.txt stay byte-identical."""
+    w = e.tmp / "w"
+    w.mkdir()
+    (w / "manifest.json").write_text('{"name": "pwa"}')
+    (w / "thesis.txt").write_text("keep")
+    return ["finetune", "--data", e.shapes, "--out", w, *FAST], "not an edgetl run directory"
+
+
+def ft_out_foreign_manifest_force(e: Env):
+    args, expect = ft_out_foreign_manifest(e)
+    return [*args, "--force"], expect
+
+
+def ft_out_earlier_run_needs_force(e: Env):
+    run = e.run(with_bundle=True)
+    return ["finetune", "--data", e.shapes, "--out", run, *FAST], "holds an earlier edgetl run directory; pass --force"
+
+
+def ft_out_run_with_user_file_force(e: Env):
+    """A real edgetl run (right schema), but the user added a file to its bundle: even --force refuses."""
+    run = e.run(with_bundle=True)
+    (run / "export" / "notes.txt").write_text("mine")
+    return ["finetune", "--data", e.shapes, "--out", run, "--force", *FAST], "did not write (export/notes.txt)"
+
+
+def ft_out_root(e: Env):
+    return ["finetune", "--data", e.shapes, "--out", "/", *FAST], "--out / is the file system root"
+
+
+def ft_seed_too_big(e: Env):
+    return ["finetune", "--data", e.shapes, "--out", e.tmp / "out", *FAST, "--seed", "4294967296"], "seed"
+
+
+# finetune: data traps ---------------------------------------------------------------------------------------------
+
+
+def _split_layout(e: Env, splits) -> Path:
+    data = e.tmp / "data"
+    for split in splits:
+        copy_data(e.shapes, data / split)
+    return data
+
+
+def ft_split_layout_train_test(e: Env):
+    data = _split_layout(e, ("train", "test"))
+    return ["finetune", "--data", data, "--out", e.tmp / "out", *FAST], f"split, not one sub-folder per class; pass --data {data / 'train'}"
+
+
+def ft_split_layout_train_val_test(e: Env):
+    data = _split_layout(e, ("train", "val", "test"))
+    return ["finetune", "--data", data, "--out", e.tmp / "out", *FAST], f"--val-data {data / 'val'}"
+
+
+def ft_symlink_loop(e: Env):
+    data = e.data()
+    (data / "loop").symlink_to(".")
+    return ["finetune", "--data", data, "--out", e.tmp / "out", *FAST], "a loop"
+
+
+def ft_symlink_nested_loop(e: Env):
+    data = e.data()
+    (data / "circle" / "up").symlink_to("..")
+    return ["finetune", "--data", data, "--out", e.tmp / "out", *FAST], "a loop"
+
+
+def ft_symlink_into_data(e: Env):
+    data = e.data()
+    (data / "dup").symlink_to("circle")
+    return ["finetune", "--data", data, "--out", e.tmp / "out", *FAST], "inside the data folder"
+
+
+def ft_non_utf8_class(e: Env):
+    import os
+
+    data = e.data()
+    bad = os.fsencode(data) + b"/caf\xe9"
+    os.mkdir(bad)
+    for img in (data / "circle").iterdir():
+        shutil.copy(img, os.fsdecode(bad + b"/" + os.fsencode(img.name)))
+    return ["finetune", "--data", data, "--out", e.tmp / "out", *FAST], "caf\\xe9 is not valid UTF-8"
+
+
+def ft_usage_not_an_integer(e: Env):
+    return ["finetune", "--data", e.shapes, "--out", e.tmp / "out", "--image-size", "abc"], "'--image-size'"
+
+
+def ft_usage_unknown_flag(e: Env):
+    return ["finetune", "--data", e.shapes, "--out", e.tmp / "out", "--bogus"], "No such option: --bogus"
+
+
 # export ------------------------------------------------------------------------------------------------------------
 
 
@@ -371,6 +465,80 @@ def ex_out_is_a_file(e: Env):
     run = e.run()
     (e.tmp / "b").write_text("x")
     return ["export", run, "--out", e.tmp / "b"], "is a file"
+
+
+def ex_out_foreign_bundle_json(e: Env):
+    run = e.run()
+    b = e.tmp / "b"
+    b.mkdir()
+    (b / "bundle.json").write_text('{"name": "webpack"}')
+    (b / "keep.txt").write_text("keep")
+    return ["export", run, "--out", b, "--force"], "not an edgetl bundle"
+
+
+def ex_out_earlier_bundle_needs_force(e: Env):
+    run = e.run(with_bundle=True)
+    return ["export", run, "-f", "tflite", "-q", "fp32"], "holds an earlier edgetl bundle; pass --force"
+
+
+def ex_out_bundle_with_user_file_force(e: Env):
+    run = e.run(with_bundle=True)
+    (run / "export" / "verify").mkdir()
+    (run / "export" / "verify" / "mine.txt").write_text("mine")
+    return ["export", run, "-f", "tflite", "-q", "fp32", "--force"], "did not write (verify/mine.txt)"
+
+
+def _edit_keras_config(path: Path, edit) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path) as src:
+        members = {name: src.read(name) for name in src.namelist()}
+    config = json.loads(members["config.json"])
+    edit(config)
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as dst:
+        for name, data in members.items():
+            dst.writestr(name, data)
+
+
+def ex_keras_names_module(e: Env):
+    """config.json naming module "this": refused before Keras imports it (the Zen of Python is never printed)."""
+    run = e.run()
+    _edit_keras_config(run / "float.keras", lambda c: c.update(module="this"))
+    _rehash_run(run)
+    was_imported = "this" in sys.modules
+
+    def not_imported():
+        assert was_imported or "this" not in sys.modules, "a module named by the model file was imported"
+
+    return (["export", run, "-f", "tflite", "-q", "fp32", "--out", e.tmp / "b"], "names module 'this'",
+            not_imported)
+
+
+def ex_keras_names_class(e: Env):
+    run = e.run()
+
+    def edit(config):
+        config["config"]["layers"][1]["class_name"] = "Evil"
+
+    _edit_keras_config(run / "float.keras", edit)
+    _rehash_run(run)
+    return ["export", run, "-f", "tflite", "-q", "fp32", "--out", e.tmp / "b"], "names class 'Evil'"
+
+
+def ex_qat_h5_names_module(e: Env):
+    """The QAT model (HDF5, whose loader ignores safe mode) is checked against the same allow-list."""
+    import h5py
+
+    run = e.run()
+    config = {"class_name": "Functional", "config": {"name": "m", "layers": [
+        {"class_name": "InputLayer", "config": {"name": "image", "batch_input_shape": [None, 32, 32, 3]}},
+        {"module": "os", "class_name": "system", "config": {"name": "boom"}}]}}
+    with h5py.File(run / "qat.h5", "w") as fh:
+        fh.attrs["model_config"] = json.dumps(config)
+    _manifest_edit(run, files={**json.loads((run / "manifest.json").read_text())["files"], "qat.h5": ""})
+    _rehash_run(run)
+    return ["export", run, "-f", "tflite", "-q", "qat_int8", "--out", e.tmp / "b"], "names module 'os'"
 
 
 # verify ------------------------------------------------------------------------------------------------------------
@@ -477,6 +645,74 @@ def ve_unknown_only(e: Env):
     return ["verify", b, "--only", "tflite_int3", "--runs", "2", "--warmup", "0"], "tflite_int3"
 
 
+def ve_report_dir_symlink(e: Env):
+    """BUNDLE/verify -> elsewhere: refused, nothing written (or overwritten) in the other folder."""
+    b = e.bundle()
+    elsewhere = e.tmp / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "report.json").write_text("not yours")
+    (b / "verify").symlink_to(elsewhere)
+    return ["verify", b, "--runs", "2", "--warmup", "0"], "is a symbolic link"
+
+
+def ve_planted_partial_symlink(e: Env):
+    """A planted BUNDLE/verify/.latency.partial<PID>.png -> victim: refused, the victim keeps its bytes."""
+    b = e.bundle()
+    victim = e.tmp / "victim.txt"
+    victim.write_text("precious")
+    (b / "verify").mkdir()
+    (b / "verify" / ".latency.partial4242.png").symlink_to(victim)
+    return ["verify", b, "--runs", "2", "--warmup", "0"], "did not write (.latency.partial4242.png)"
+
+
+def ve_report_folder_foreign(e: Env):
+    b = e.bundle()
+    mine = e.tmp / "docs"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("keep")
+    return ["verify", b, "--runs", "2", "--warmup", "0", "--report", mine], "did not write (thesis.txt)"
+
+
+def ve_bundle_json_deep(e: Env):
+    b = e.bundle()
+    (b / "bundle.json").write_text("[" * 200_000 + "]" * 200_000)
+    return ["verify", b, "--runs", "2", "--warmup", "0"], "nested too deeply"
+
+
+def ve_npz_as_npy(e: Env):
+    b = e.bundle()
+    images = np.load(b / "sample" / "images.npy")
+    with open(b / "sample" / "images.npy", "wb") as fh:
+        np.savez(fh, images=images)
+    _rehash_bundle(b)
+    return ["verify", b, "--runs", "2", "--warmup", "0"], "sample/images.npy is an .npz archive"
+
+
+def ve_corrupt_npy_header(e: Env):
+    """A header claiming ~3 TB: the file is named, not "out of memory; use a smaller --image-size"."""
+    b = e.bundle()
+    path = b / "sample" / "images.npy"
+    images = np.load(path)
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False,
+                                               "shape": (10**9, 32, 32, 3)})
+    path.write_bytes(buf.getvalue() + images.tobytes())
+    _rehash_bundle(b)
+    return ["verify", b, "--runs", "2", "--warmup", "0"], "sample/images.npy is corrupt"
+
+
+def ve_onnx_external_data(e: Env):
+    import onnx
+
+    b = e.bundle()
+    art = _artifact(b, "onnx")
+    model = onnx.load(str(art))
+    onnx.save_model(model, str(art), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    _rehash_bundle(b)
+    return ["verify", b, "--runs", "2", "--warmup", "0"], "keeps tensors in external data files"
+
+
 # run ---------------------------------------------------------------------------------------------------------------
 
 
@@ -517,6 +753,16 @@ def run_not_a_mapping(e: Env):
     return ["run", e.recipe("- just\n- a list\n")], "mapping"
 
 
+def run_earlier_run_needs_force(e: Env):
+    run = e.run(with_bundle=True)
+    text = _recipe_text(e).replace(f"out: {e.tmp / 'out'}", f"out: {run}")
+    return ["run", e.recipe(text)], "holds an earlier edgetl run directory; pass --force"
+
+
+def run_usage_unknown_flag(e: Env):
+    return ["run", e.recipe(_recipe_text(e)), "--frce"], "No such option: --frce"
+
+
 CASES: list[tuple[Callable[[Env], tuple], str | None]] = [
     (ft_missing, None), (ft_empty_folder, None), (ft_single_class, None), (ft_empty_class, None),
     (ft_file_not_folder, None), (ft_val_data_extra_class, None), (ft_corrupt_jpeg, None), (ft_truncated_png, None),
@@ -536,6 +782,18 @@ CASES: list[tuple[Callable[[Env], tuple], str | None]] = [
     (ve_file_name_too_long, None),
     (run_missing_recipe, None), (run_invalid_yaml, None), (run_misspelt_key, None), (run_wrong_type, None),
     (run_unknown_backbone, None), (run_unknown_export_format, None), (run_bad_set, None), (run_not_a_mapping, None),
+    # hardening, second round (issue 10)
+    (ft_out_foreign_manifest, None), (ft_out_foreign_manifest_force, None), (ft_out_earlier_run_needs_force, None),
+    (ft_out_run_with_user_file_force, None), (ft_out_root, None), (ft_seed_too_big, None),
+    (ft_split_layout_train_test, None), (ft_split_layout_train_val_test, None), (ft_symlink_loop, None),
+    (ft_symlink_nested_loop, None), (ft_symlink_into_data, None), (ft_non_utf8_class, None),
+    (ft_usage_not_an_integer, None), (ft_usage_unknown_flag, None),
+    (ex_out_foreign_bundle_json, None), (ex_out_earlier_bundle_needs_force, None),
+    (ex_out_bundle_with_user_file_force, None), (ex_keras_names_module, None), (ex_keras_names_class, None),
+    (ex_qat_h5_names_module, None),
+    (ve_report_dir_symlink, None), (ve_planted_partial_symlink, None), (ve_report_folder_foreign, None),
+    (ve_bundle_json_deep, None), (ve_npz_as_npy, None), (ve_corrupt_npy_header, None), (ve_onnx_external_data, None),
+    (run_earlier_run_needs_force, None), (run_usage_unknown_flag, None),
 ]
 
 
@@ -563,7 +821,7 @@ def test_bad_input(case, cli, tmp_path, shapes_dir, request, monkeypatch):
               weights_dir=lambda: request.getfixturevalue("weights_dir"))
     env.tmp.mkdir()
     monkeypatch.chdir(env.tmp)  # anything written relative to the cwd shows up in the snapshot too
-    args, expect = case(env)
+    args, expect, *post_checks = case(env)
     before = snapshot(env.tmp)
     shapes_before = snapshot(shapes_dir)
     code, _stdout, stderr = cli(*args)
@@ -574,10 +832,12 @@ def test_bad_input(case, cli, tmp_path, shapes_dir, request, monkeypatch):
     changed = sorted(k for k in before if k in after and before[k] != after[k])
     assert not (added or removed or changed), f"left behind: {added}, removed: {removed}, changed: {changed}"
     assert snapshot(shapes_dir) == shapes_before
+    for check in post_checks:
+        check()
 
 
 def test_matrix_size():
-    assert len(CASES) >= 24
+    assert len(CASES) >= 83
 
 
 # --- odd but valid ----------------------------------------------------------------------------------------------
