@@ -125,6 +125,14 @@ def _check_split_layout(root: Path, subdirs: list[Path]) -> None:
 
 
 def scan_folder(root: str | Path, classes: Sequence[str] | None = None) -> ImageFolder:
+    try:
+        return _scan_folder(root, classes)
+    except PermissionError as exc:
+        raise DataError(f"cannot read {_shown(Path(exc.filename or root))}: permission denied",
+                        "make the data folder readable for this user") from None
+
+
+def _scan_folder(root: str | Path, classes: Sequence[str] | None = None) -> ImageFolder:
     """Scan ``root`` (one sub-folder per class). ``classes`` pins the class list (e.g. for --val-data).
 
     Hidden files and folders and ``__MACOSX/`` are ignored. Refused with one line (DataError) before anything is

@@ -230,7 +230,7 @@ def check_target(path: str | Path, kind: FolderKind, force: bool, flag: str = "-
             replacing = True
     if writable:
         parent = _writable_ancestor(path)
-        if not os.access(parent, os.W_OK | os.X_OK):
+        if not os.access(parent, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
             raise ConfigError(
                 f"cannot write the {kind.what} into {_show(parent)} (read-only or no permission)",
                 f"pass {flag} a folder you can write to",

@@ -1019,3 +1019,114 @@ def test_lambda_in_qat_model_is_refused_by_export(base_run, tmp_path):
         export_run(run, "tflite", "qat_int8", tmp_path / "b", samples=4, calibration=4)
     assert not marker.exists(), "the Lambda layer's code was executed"
     assert not (tmp_path / "b").exists()
+
+
+# --- output folders: --force replaces only edgetl's own folders; reports are written as one confined set ---------
+
+
+def test_force_replaces_an_earlier_run_and_bundle(base_run, shapes_dir, tmp_path, cli, monkeypatch):
+    """--force replaces an edgetl run (with its bundle and verify reports) and an edgetl bundle; nothing else moves."""
+    monkeypatch.chdir(tmp_path)
+    run = shutil.copytree(base_run, tmp_path / "run")
+    keep = tmp_path / "keep.txt"
+    keep.write_text("beside the run")
+    code, _, stderr = cli("verify", run, "--runs", "2", "--warmup", "0")
+    assert code in (0, 1) and (run / "export" / "verify" / "report.json").is_file(), stderr
+    old_id = json.loads((run / "manifest.json").read_text())["run_id"]
+    code, _, stderr = cli("export", run, "-f", "tflite", "-q", "fp32", "--samples", "4", "--force")
+    assert code == 0, stderr
+    assert not (run / "export" / "verify").exists()  # the old bundle's reports went with it
+    assert [a["name"] for a in json.loads((run / "export" / "bundle.json").read_text())["artifacts"]] == ["tflite_fp32"]
+    code, _, stderr = cli("finetune", "--data", shapes_dir, "--out", run, *FAST, "--force")
+    assert code == 0, stderr
+    assert json.loads((run / "manifest.json").read_text())["run_id"] != old_id
+    assert not (run / "export").exists()
+    assert keep.read_text() == "beside the run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "run"]  # no .run.* leftovers
+
+
+def _verify_args(bundle: Path) -> list:
+    return ["verify", bundle, "--runs", "2", "--warmup", "0"]
+
+
+def test_verify_cleans_stale_partials_of_killed_runs(base_run, tmp_path, cli):
+    """What a SIGKILLed verify leaves (old-style partial files in verify/, a temp folder with a dead pid) is cleaned
+    by the next run; only names edgetl itself uses are touched."""
+    from edgetl.fsutil import PID_FILE
+
+    bundle = shutil.copytree(base_run / "export", tmp_path / "bundle")
+    reports = bundle / "verify"
+    reports.mkdir()
+    (reports / ".latency.partial31337.png").write_bytes(b"half a png")
+    (reports / ".report.json.k2j3.partial").write_bytes(b'{"half":')
+    stale = bundle / ".verify.abc123.partial"
+    stale.mkdir()
+    (stale / PID_FILE).write_text("999999999")  # no such process
+    (stale / "report.md").write_text("half")
+    code, _, stderr = cli(*_verify_args(bundle))
+    assert code in (0, 1), stderr
+    assert sorted(p.name for p in reports.iterdir()) == ["confusion.png", "latency.png", "report.json", "report.md"]
+    assert not [p.name for p in bundle.iterdir() if p.name.startswith(".")]
+
+
+def test_report_set_is_written_as_a_whole(base_run, tmp_path, cli, monkeypatch):
+    """A verify that dies while writing its reports leaves the previous report set exactly as it was: never a new
+    report.md next to an old report.json, and no partial file."""
+    from edgetl.verify.report import Report
+
+    bundle = shutil.copytree(base_run / "export", tmp_path / "bundle")
+    code, _, stderr = cli(*_verify_args(bundle))
+    assert code in (0, 1), stderr
+    before = snapshot(bundle)
+
+    def boom(self):
+        raise RuntimeError("killed while writing report.json")
+
+    monkeypatch.setattr(Report, "to_dict", boom)  # report.md and the plots are written first, then report.json
+    code, _, stderr = cli(*_verify_args(bundle))
+    assert code == 3 and "killed while writing" in stderr, stderr
+    assert snapshot(bundle) == before
+
+
+@pytest.mark.parametrize("command", ["finetune", "export"])
+def test_read_only_target_is_bad_input(command, base_run, shapes_dir, cli):
+    """A read-only --out parent (finetune) or run directory (export, default RUN/export): exit 2, one line, nothing
+    written. As root (where permissions do not bind) the CLI runs with the effective uid of `nobody`."""
+    import os
+    import tempfile
+
+    import edgetl.export  # noqa: F401  (imported before dropping privileges: the interpreter lives under /root)
+    import edgetl.finetune  # noqa: F401
+    import rich.markup  # noqa: F401
+
+    root = Path(tempfile.mkdtemp(prefix="edgetl-ro-"))  # outside pytest's 0700 folder, so `nobody` can reach it
+    try:
+        os.chmod(root, 0o755)
+        if command == "finetune":
+            locked = root / "locked"
+            locked.mkdir()
+            data = copy_data(shapes_dir, root / "data")
+            for p in [data, *data.rglob("*")]:
+                os.chmod(p, 0o755 if p.is_dir() else 0o644)
+            args, expect = ["finetune", "--data", data, "--out", locked / "run", *FAST], "cannot write the run"
+        else:
+            locked = shutil.copytree(base_run, root / "run", ignore=shutil.ignore_patterns("export"))
+            args, expect = ["export", locked, "-f", "tflite", "-q", "fp32"], "cannot write the bundle"
+        before = snapshot(root)
+        os.chmod(locked, 0o555)
+        as_root = os.geteuid() == 0
+        if as_root:
+            os.seteuid(65534)
+        try:
+            code, _, stderr = cli(*args)
+        finally:
+            if as_root:
+                os.seteuid(0)
+        os.chmod(locked, 0o755)
+        assert_one_line_error(code, stderr, expect)
+        assert snapshot(root) == before
+    finally:
+        for p in [root, *root.rglob("*")]:
+            if p.is_dir() and not p.is_symlink():
+                os.chmod(p, 0o755)
+        shutil.rmtree(root)
