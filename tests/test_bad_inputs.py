@@ -1130,3 +1130,21 @@ def test_read_only_target_is_bad_input(command, base_run, shapes_dir, cli):
             if p.is_dir() and not p.is_symlink():
                 os.chmod(p, 0o755)
         shutil.rmtree(root)
+
+
+def test_progress_bars_end_cleanly():
+    """Early stopping (fewer steps than planned) ends the bar full at what ran, not frozen at 884/1020; a step of
+    unknown length (the QAT rewrite) shows a spinner and the time, never `0/?`."""
+    from rich.console import Console
+
+    from edgetl.progress import RichReporter
+
+    console = Console(record=True, width=120, force_terminal=False)
+    reporter = RichReporter(console)
+    with reporter.task("head phase", 1020) as task:
+        task.advance(884)
+    with reporter.task("QAT: rewrite, annotate, calibrate", None):
+        pass
+    text = console.export_text()
+    assert "884/884" in text and "1020" not in text, text
+    assert "QAT: rewrite" in text and "/?" not in text and "0/" not in text, text
