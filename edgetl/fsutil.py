@@ -108,6 +108,7 @@ class FolderKind:
     schema_prefix: str = ""  # the marker's "schema" must start with this
     names: tuple[str, ...] = ()  # fnmatch patterns of further files edgetl writes here
     children: tuple[tuple[str, "FolderKind"], ...] = ()  # sub-folders that are themselves edgetl folders
+    nested: tuple["FolderKind", ...] = ()  # kinds of edgetl folder also accepted as any top-level sub-folder
 
 
 def _read_marker(path: Path, kind: FolderKind) -> dict | None:
@@ -160,6 +161,8 @@ def foreign_entries(path: str | Path, kind: FolderKind) -> list[str] | None:
                         foreign.extend(f"{name}/{s}" for s in sub)
                 elif name in owned_dirs:
                     walk(Path(entry.path), name + "/")
+                elif not rel and any(foreign_entries(entry.path, k) == [] for k in kind.nested):
+                    pass  # e.g. a bundle exported into RUN/other-bundle/: edgetl's own, whole
                 elif not (entry.name.startswith(".") and _is_partial(entry.name)):
                     foreign.append(name + "/")
             elif not (name in owned or _is_partial(entry.name)

@@ -47,4 +47,4 @@ REPORT_FOLDER = FolderKind("verify report folder", None,
 BUNDLE_FOLDER = FolderKind("bundle", "bundle.json", "edgetl.bundle/", children=(("verify", REPORT_FOLDER),))
 RUN_FOLDER = FolderKind("run directory", "manifest.json", "edgetl.run/",
                         names=("progress.json", "labels.txt", "splits.json", "curves.png", "float.keras", "qat.h5"),
-                        children=(("export", BUNDLE_FOLDER),))
+                        children=(("export", BUNDLE_FOLDER),), nested=(BUNDLE_FOLDER,))
