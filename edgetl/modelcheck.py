@@ -100,7 +100,8 @@ def check_config(config: Any, path: Path, what: str, qat: bool = False) -> None:
         inner = node.get("config")
         if isinstance(inner, dict) and isinstance(inner.get("name"), str) and "class_name" in node:
             where = f"{node['class_name']} {inner['name']!r}"
-        stack.extend((v, where) for v in node.values() if isinstance(v, (dict, list)))
+        # compile_config (optimizer, loss) is never deserialized: edgetl loads every model with compile=False
+        stack.extend((v, where) for k, v in node.items() if isinstance(v, (dict, list)) and k != "compile_config")
 
 
 def _parse(raw: Any, path: Path, what: str) -> Any:

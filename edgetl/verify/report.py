@@ -148,6 +148,9 @@ class Report:
 def check_report_dir(directory: str | Path) -> None:
     """Refuse (ConfigError, before any measuring) a report folder that is a symbolic link, a file, or holds files
     that are not edgetl's reports. A folder edgetl cannot write to is left to :meth:`Report.write`."""
+    directory = Path(directory)
+    if directory.is_file() and not directory.is_symlink():
+        return  # like a read-only bundle: Report.write says so (a warning for the default folder)
     check_target(directory, REPORT_FOLDER, force=True, flag="--report", writable=False)
 
 
