@@ -22,10 +22,10 @@ install: $(STAMP)
 demo: install
 	@if [ -f "$(DEMO_WEIGHTS)" ]; then \
 	  echo "demo: using local ImageNet weights for MobileNetV3-Small from $(SHARED)/weights"; \
-	  EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/edgetl run recipes/quickstart.yaml; \
+	  EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/edgetl run recipes/quickstart.yaml --force; \
 	else \
 	  echo "demo: no local ImageNet weights ($(DEMO_WEIGHTS) is absent): using random initialisation (weights: none)"; \
-	  $(BIN)/edgetl run recipes/quickstart.yaml --set finetune.weights=none; \
+	  $(BIN)/edgetl run recipes/quickstart.yaml --force --set finetune.weights=none; \
 	fi
 
 test: install

@@ -65,7 +65,7 @@ def main() -> None:
                                  image_size=args.image_size, epochs=1, fine_tune_epochs=0, freeze="all",
                                  feature_views=0, qat=True, qat_epochs=1, calibration_images=32, out=str(run))
             finetune(cfg)
-        export_run(run, format="all", quantization=["fp32", "qat_int8"], samples=24)
+        export_run(run, format="all", quantization=["fp32", "qat_int8"], samples=24, force=True)
         report = verify(run, threads=args.threads, runs=args.runs, warmup=args.warmup,
                         thresholds=Thresholds(max_accuracy_drop=100, min_agreement=0, max_latency_ratio=100))
         d = report.to_dict()

@@ -39,7 +39,7 @@ def main() -> None:
         if args.image_size:
             values["image_size"] = args.image_size
         cfg = type(recipe.finetune).model_validate(values)
-        m = finetune(cfg, RichReporter()).manifest["metrics"]
+        m = finetune(cfg, RichReporter(), force=True).manifest["metrics"]
         rows.append((name, m["float_val_accuracy"], m["ptq_int8_val_accuracy"], m["qat_val_accuracy"],
                      m["qat_int8_val_accuracy"]))
     print(f"\n{'data set':<12}{'float':>9}{'PTQ int8':>10}{'QAT fake-q':>12}{'QAT int8':>10}{'QAT-float':>11}{'QAT-PTQ':>9}")

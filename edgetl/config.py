@@ -49,7 +49,7 @@ class FinetuneConfig(_Strict):
     qat_epochs: int = Field(6, ge=1, le=100, description="QAT epochs (early stopping keeps the best)")
     qat_lr: float = Field(3e-5, gt=0, le=1)
     calibration_images: int = Field(256, ge=8, le=10000, description="training images used to calibrate int8 ranges")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=2**32, description="random seed, 0 .. 2**32-1 (NumPy's range)")
     out: Optional[str] = Field(None, description="run directory (default models/<name>)")
     name: Optional[str] = None
     skip_bad_images: bool = False

@@ -39,22 +39,127 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+#: Folders that are never classes nor scanned for images (besides hidden ones: ``.thumbs/``, ``.git/``...).
+IGNORED_FOLDERS = frozenset({"__MACOSX"})
+#: Sub-folder names of a train/val/test split layout (compared case-insensitively).
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "test": "test", "testing": "test"}
+
+
+def _ignored(path: Path) -> bool:
+    return path.name.startswith(".") or path.name in IGNORED_FOLDERS
+
+
+def _shown(path: Path) -> str:
+    """A path as text even when its name is not valid UTF-8 (undecodable bytes shown as \\xNN)."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _check_utf8(path: Path) -> None:
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(
+            f"folder name {_shown(path)} is not valid UTF-8 (class names become labels in UTF-8 files)",
+            "rename it to a UTF-8 name (e.g. `convmv -f latin1 -t utf8 --notest -r DIR`)",
+        ) from None
+
+
+def _check_link(link: Path, real_root: Path, seen: set[Path]) -> Path:
+    """A symlinked folder is followed unless it points back into the data folder or at one of its parents."""
+    target = link.resolve()
+    if target == real_root or target in real_root.parents or target in seen:
+        raise DataError(
+            f"{_shown(link)} is a symbolic link back to {_shown(target)}, a loop (its images would be read again, "
+            "under another label)",
+            "remove the link",
+        )
+    if real_root in target.parents:
+        raise DataError(
+            f"{_shown(link)} is a symbolic link to {_shown(target)}, inside the data folder (those images would "
+            "count twice, under two labels)",
+            "remove the link (or copy the images you mean into this class)",
+        )
+    return target
+
+
+def _images_in(class_dir: Path, real_root: Path) -> list[Path]:
+    """Image files under ``class_dir`` (recursively), skipping hidden and __MACOSX folders, refusing link loops."""
+    seen = {class_dir.resolve()}
+    found: list[Path] = []
+    stack = [class_dir]
+    while stack:
+        folder = stack.pop()
+        for p in sorted(folder.iterdir()):
+            if _ignored(p):
+                continue
+            if p.is_dir():
+                if p.is_symlink():
+                    seen.add(_check_link(p, real_root, seen))
+                else:
+                    seen.add(p.resolve())
+                stack.append(p)
+            elif is_image_file(p):
+                found.append(p)
+    return sorted(found, key=lambda p: str(p))
+
+
+def _check_split_layout(root: Path, subdirs: list[Path]) -> None:
+    """``train/``, ``val/``, ``test/`` at the root are a split, not classes: refuse with the flags that use it."""
+    kinds = {SPLIT_NAMES.get(d.name.lower()) for d in subdirs}
+    if None in kinds or "train" not in kinds or len(subdirs) < 2:
+        return
+    by_kind = {SPLIT_NAMES[d.name.lower()]: d for d in subdirs}
+    fix = f"pass --data {_shown(by_kind['train'])}"
+    if "val" in by_kind:
+        fix += f" --val-data {_shown(by_kind['val'])}"
+    else:
+        fix += " (a seeded --val-split of it validates)"
+    if "test" in by_kind:
+        fix += f", and keep {by_kind['test'].name}/ for `edgetl verify RUN --data {_shown(by_kind['test'])}`"
+    raise DataError(
+        f"data folder {_shown(root)} holds {', '.join(d.name + '/' for d in subdirs)}: a train/val/test split, "
+        "not one sub-folder per class",
+        fix,
+    )
+
+
 def scan_folder(root: str | Path, classes: Sequence[str] | None = None) -> ImageFolder:
-    """Scan ``root`` (one sub-folder per class). ``classes`` pins the class list (e.g. for --val-data)."""
+    try:
+        return _scan_folder(root, classes)
+    except PermissionError as exc:
+        raise DataError(f"cannot read {_shown(Path(exc.filename or root))}: permission denied",
+                        "make the data folder readable for this user") from None
+
+
+def _scan_folder(root: str | Path, classes: Sequence[str] | None = None) -> ImageFolder:
+    """Scan ``root`` (one sub-folder per class). ``classes`` pins the class list (e.g. for --val-data).
+
+    Hidden files and folders and ``__MACOSX/`` are ignored. Refused with one line (DataError) before anything is
+    decoded: a train/val/test split layout at the root, a class folder name that is not UTF-8, and a symlinked
+    folder pointing back into the data folder or at one of its parents (links to elsewhere are followed).
+    """
     root = Path(root)
     if not root.exists():
-        raise DataError(f"data folder {root} does not exist", "pass --data a folder with one sub-folder per class")
+        raise DataError(f"data folder {_shown(root)} does not exist", "pass --data a folder with one sub-folder per class")
     if not root.is_dir():
-        raise DataError(f"{root} is a file, not a folder", "pass --data a folder with one sub-folder per class")
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        raise DataError(f"{_shown(root)} is a file, not a folder", "pass --data a folder with one sub-folder per class")
+    real_root = root.resolve()
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not _ignored(p))
     if not subdirs:
         loose = [p for p in root.iterdir() if is_image_file(p)]
         hint = " (it holds loose images)" if loose else ""
         raise DataError(
-            f"data folder {root} has no class sub-folders{hint}",
+            f"data folder {_shown(root)} has no class sub-folders{hint}",
             "put each class's images in its own sub-folder, e.g. data/cat/*.jpg and data/dog/*.jpg",
         )
-    found = {d.name: sorted((p for p in d.rglob("*") if is_image_file(p)), key=lambda p: str(p)) for d in subdirs}
+    for d in subdirs:
+        _check_utf8(d)
+    _check_split_layout(root, subdirs)
+    for d in subdirs:
+        if d.is_symlink():
+            _check_link(d, real_root, set())
+    found = {d.name: _images_in(d, real_root) for d in subdirs}
     if classes is None:
         if len(subdirs) < 2:
             raise DataError(
@@ -81,6 +186,8 @@ def scan_folder(root: str | Path, classes: Sequence[str] | None = None) -> Image
         raise DataError(f"no images found in {root}", f"supported extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}")
     counts = {name: len(found.get(name, [])) for name in class_names}
     return ImageFolder(root=root, classes=class_names, items=items, counts=counts)
+
+
 
 
 def _to_rgb8(img):

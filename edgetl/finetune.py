@@ -28,8 +28,8 @@ from edgetl.backbones import Backbone, check_image_size, get_backbone
 from edgetl.config import FinetuneConfig
 from edgetl.data import ImageFolder, LoadedImages, load_images, scan_folder, stratified_split
 from edgetl.errors import ConfigError, DataError, RunDirError, WeightsError
-from edgetl.fsutil import atomic_write_json, atomic_write_text, sha256_file
-from edgetl.manifest import RUN_SCHEMA, config_hash, new_run_id, now_iso, package_versions
+from edgetl.fsutil import atomic_write_json, atomic_write_text, check_target, clean_stale, sha256_file, swap_dir
+from edgetl.manifest import RUN_FOLDER, RUN_SCHEMA, config_hash, new_run_id, now_iso, package_versions
 from edgetl.progress import NullReporter, Reporter
 from edgetl.weights import WeightsChoice, keras_download_path, resolve_weights, weights_record
 
@@ -469,23 +469,22 @@ def _plot_curves(phases: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None) -> RunResult:
-    """Run all configured phases and write the run directory. Returns its path and manifest."""
+def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None, force: bool = False) -> RunResult:
+    """Run all configured phases and write the run directory. Returns its path and manifest.
+
+    An existing ``--out`` is only replaced when it is an edgetl run holding nothing edgetl did not write, and only
+    with ``force``. A killed run resumes (same config and data) from its hidden ``.NAME.partial`` work folder.
+    """
     reporter = reporter or NullReporter()
     backbone = get_backbone(cfg.backbone)
     image_size = cfg.image_size or backbone.default_size
     check_image_size(backbone, image_size)
     weights = resolve_weights(backbone, cfg.weights, image_size, cfg.weights_dir)
     run_dir = default_run_dir(cfg)
-    _restore_old(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} is a file", "pass a folder path for the run directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "manifest.json").is_file():
-        # finetune replaces the whole folder: never swap away a folder that is not an edgetl run (data, home...)
-        raise ConfigError(
-            f"--out {run_dir} exists and is not an edgetl run directory; finetune replaces the whole folder",
-            "pick a new or empty folder",
-        )
+    target = Path(os.path.abspath(run_dir))
+    clean_stale(target, RUN_FOLDER)  # a run killed mid-swap: its old run is put back first
+    # only ever replace an edgetl run holding nothing but edgetl's files, and only with --force
+    replacing = check_target(target, RUN_FOLDER, force)
 
     # Cheap checks first (no image decoded, no TensorFlow): folder layout, classes, split.
     folder, train_items, val_items = _scan_split(cfg)
@@ -496,7 +495,7 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None) -> RunResult
                          "data_classes": list(folder.classes), "data_counts": folder.counts,
                          "split_sizes": [len(train_items), len(val_items)]})
 
-    work = run_dir.with_name(f".{run_dir.name}.partial")
+    work = target.with_name(f".{target.name}.partial")
     state = _read_state(work, chash)
     fresh = state is None
     if state is None:
@@ -505,9 +504,11 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None) -> RunResult
         state = {"config_hash": chash, "run_id": new_run_id(), "created": now_iso(), "completed": [], "phases": {}}
     else:
         reporter.info(f"resuming {run_dir} after phase(s): {', '.join(state['completed'])}")
+    if replacing:
+        reporter.info(f"--force: the earlier run in {run_dir} will be replaced when this one is complete")
     try:
         return _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, train_items, val_items,
-                           config, work, state)
+                           config, work, state, force)
     except BaseException:
         if fresh and not state["completed"]:  # nothing worth resuming: leave no trace
             shutil.rmtree(work, ignore_errors=True)
@@ -515,7 +516,7 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None) -> RunResult
 
 
 def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, train_items, val_items, config, work,
-                state) -> RunResult:
+                state, force: bool = False) -> RunResult:
     from edgetl.distribute import select_strategy
 
     strategy = select_strategy()
@@ -625,7 +626,9 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
     }
     atomic_write_json(work / "manifest.json", manifest)
     (work / "progress.json").unlink(missing_ok=True)
-    _swap_in(work, run_dir)
+    # checked again: nothing foreign may have appeared in the target while training
+    check_target(run_dir, RUN_FOLDER, force)
+    swap_dir(work, run_dir)
     return RunResult(run_dir, manifest)
 
 
@@ -681,21 +684,3 @@ def _checkpoint(work: Path, model, state: dict, phase: str) -> None:
     os.replace(tmp, work / "float.keras")
     state["completed"].append(phase)
     _save_state(work, state)
-
-
-def _restore_old(run_dir: Path) -> None:
-    """A run killed between the two renames of :func:`_swap_in` left only ``.NAME.old``: put it back."""
-    old = run_dir.with_name(f".{run_dir.name}.old")
-    if not run_dir.exists() and (old / "manifest.json").is_file():
-        os.replace(old, run_dir)
-
-
-def _swap_in(work: Path, run_dir: Path) -> None:
-    old = None
-    if run_dir.exists():
-        old = run_dir.with_name(f".{run_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(run_dir, old)
-    os.replace(work, run_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -36,3 +36,15 @@ def now_iso() -> str:
 
 def config_hash(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# The folders edgetl writes as a whole, and how it recognises its own (edgetl.fsutil.check_target).
+from edgetl.fsutil import FolderKind  # noqa: E402
+
+#: BUNDLE/verify/ (or --report DIR): only report files; recognised by its entries (a killed verify leaves no report.json)
+REPORT_FOLDER = FolderKind("verify report folder", None,
+                           names=("report.json", "report.md", "latency.png", "confusion.png"))
+BUNDLE_FOLDER = FolderKind("bundle", "bundle.json", "edgetl.bundle/", children=(("verify", REPORT_FOLDER),))
+RUN_FOLDER = FolderKind("run directory", "manifest.json", "edgetl.run/",
+                        names=("progress.json", "labels.txt", "splits.json", "curves.png", "float.keras", "qat.h5"),
+                        children=(("export", BUNDLE_FOLDER),), nested=(BUNDLE_FOLDER,))

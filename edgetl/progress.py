@@ -52,8 +52,12 @@ class RichReporter:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
-        columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        if total is None:  # a step of unknown length: a spinner and the time, no "0/?" bar
+            columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), TextColumn("{task.fields[status]}"),
+                       TimeElapsedColumn()]
+        else:
+            columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
         with Progress(*columns, console=self.console, transient=False) as progress:
             task_id = progress.add_task(description, total=total, status="")
 
@@ -71,6 +75,11 @@ class RichReporter:
                 # A failed step's half-full bar is noise: the error line that follows says what went wrong.
                 progress.remove_task(task_id)
                 raise
+            # Finished early (early stopping ran fewer epochs than planned) or of unknown length: end the bar at
+            # what was done, full, instead of leaving it frozen part-way (884/1020).
+            done = progress.tasks[0].completed if progress.tasks else 0
+            done = max(done, 1) if total is None else done
+            progress.update(task_id, total=done, completed=done)
 
     def info(self, message: str) -> None:
         self.console.print(message, highlight=False)

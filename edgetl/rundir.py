@@ -127,6 +127,8 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunDirError(f"cannot read {what} {path}: {exc}", _FINETUNE_FIX) from None
+    except RecursionError:
+        raise RunDirError(f"cannot read {what} {path}: it is nested too deeply", _FINETUNE_FIX) from None
 
 
 def check_schema(manifest: dict[str, Any], path: Path) -> None:

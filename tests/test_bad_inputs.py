@@ -285,6 +285,100 @@ def ft_out_is_not_a_run(e: Env):
     return ["finetune", "--data", e.shapes, "--out", mine, *FAST], "not an edgetl run directory"
 
 
+# finetune: output folders (data loss) ---------------------------------------------------------------------------
+
+
+def ft_out_foreign_manifest(e: Env):
+    """A web app's manifest.json is not an edgetl run: the folder and thesis.txt stay byte-identical."""
+    w = e.tmp / "w"
+    w.mkdir()
+    (w / "manifest.json").write_text('{"name": "pwa"}')
+    (w / "thesis.txt").write_text("keep")
+    return ["finetune", "--data", e.shapes, "--out", w, *FAST], "not an edgetl run directory"
+
+
+def ft_out_foreign_manifest_force(e: Env):
+    args, expect = ft_out_foreign_manifest(e)
+    return [*args, "--force"], expect
+
+
+def ft_out_earlier_run_needs_force(e: Env):
+    run = e.run(with_bundle=True)
+    return ["finetune", "--data", e.shapes, "--out", run, *FAST], "holds an earlier edgetl run directory; pass --force"
+
+
+def ft_out_run_with_user_file_force(e: Env):
+    """A real edgetl run (right schema), but the user added a file to its bundle: even --force refuses."""
+    run = e.run(with_bundle=True)
+    (run / "export" / "notes.txt").write_text("mine")
+    return ["finetune", "--data", e.shapes, "--out", run, "--force", *FAST], "did not write (export/notes.txt)"
+
+
+def ft_out_root(e: Env):
+    return ["finetune", "--data", e.shapes, "--out", "/", *FAST], "--out / is the file system root"
+
+
+def ft_seed_too_big(e: Env):
+    return ["finetune", "--data", e.shapes, "--out", e.tmp / "out", *FAST, "--seed", "4294967296"], "seed"
+
+
+# finetune: data traps ---------------------------------------------------------------------------------------------
+
+
+def _split_layout(e: Env, splits) -> Path:
+    data = e.tmp / "data"
+    for split in splits:
+        copy_data(e.shapes, data / split)
+    return data
+
+
+def ft_split_layout_train_test(e: Env):
+    data = _split_layout(e, ("train", "test"))
+    return ["finetune", "--data", data, "--out", e.tmp / "out", *FAST], f"split, not one sub-folder per class; pass --data {data / 'train'}"
+
+
+def ft_split_layout_train_val_test(e: Env):
+    data = _split_layout(e, ("train", "val", "test"))
+    return ["finetune", "--data", data, "--out", e.tmp / "out", *FAST], f"--val-data {data / 'val'}"
+
+
+def ft_symlink_loop(e: Env):
+    data = e.data()
+    (data / "loop").symlink_to(".")
+    return ["finetune", "--data", data, "--out", e.tmp / "out", *FAST], "a loop"
+
+
+def ft_symlink_nested_loop(e: Env):
+    data = e.data()
+    (data / "circle" / "up").symlink_to("..")
+    return ["finetune", "--data", data, "--out", e.tmp / "out", *FAST], "a loop"
+
+
+def ft_symlink_into_data(e: Env):
+    data = e.data()
+    (data / "dup").symlink_to("circle")
+    return ["finetune", "--data", data, "--out", e.tmp / "out", *FAST], "inside the data folder"
+
+
+def ft_non_utf8_class(e: Env):
+    import os
+
+    data = e.data()
+    bad = os.fsencode(data) + b"/caf\xe9"
+    os.mkdir(bad)
+    for img in (data / "circle").iterdir():
+        shutil.copy(img, os.fsdecode(bad + b"/" + os.fsencode(img.name)))
+    return ["finetune", "--data", data, "--out", e.tmp / "out", *FAST], "caf\\xe9 is not valid UTF-8"
+
+
+def ft_usage_not_an_integer(e: Env):
+    return ["finetune", "--data", e.shapes, "--out", e.tmp / "out", "--image-size", "abc"], "'--image-size'"
+
+
+def ft_usage_unknown_flag(e: Env):
+    return ["finetune", "--data", e.shapes, "--out", e.tmp / "out", "--bogus"], "No such option: --bogus"
+
+
 # export ------------------------------------------------------------------------------------------------------------
 
 
@@ -371,6 +465,80 @@ def ex_out_is_a_file(e: Env):
     run = e.run()
     (e.tmp / "b").write_text("x")
     return ["export", run, "--out", e.tmp / "b"], "is a file"
+
+
+def ex_out_foreign_bundle_json(e: Env):
+    run = e.run()
+    b = e.tmp / "b"
+    b.mkdir()
+    (b / "bundle.json").write_text('{"name": "webpack"}')
+    (b / "keep.txt").write_text("keep")
+    return ["export", run, "--out", b, "--force"], "not an edgetl bundle"
+
+
+def ex_out_earlier_bundle_needs_force(e: Env):
+    run = e.run(with_bundle=True)
+    return ["export", run, "-f", "tflite", "-q", "fp32"], "holds an earlier edgetl bundle; pass --force"
+
+
+def ex_out_bundle_with_user_file_force(e: Env):
+    run = e.run(with_bundle=True)
+    (run / "export" / "verify").mkdir()
+    (run / "export" / "verify" / "mine.txt").write_text("mine")
+    return ["export", run, "-f", "tflite", "-q", "fp32", "--force"], "did not write (verify/mine.txt)"
+
+
+def _edit_keras_config(path: Path, edit) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path) as src:
+        members = {name: src.read(name) for name in src.namelist()}
+    config = json.loads(members["config.json"])
+    edit(config)
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as dst:
+        for name, data in members.items():
+            dst.writestr(name, data)
+
+
+def ex_keras_names_module(e: Env):
+    """config.json naming module "this": refused before Keras imports it (the Zen of Python is never printed)."""
+    run = e.run()
+    _edit_keras_config(run / "float.keras", lambda c: c.update(module="this"))
+    _rehash_run(run)
+    was_imported = "this" in sys.modules
+
+    def not_imported():
+        assert was_imported or "this" not in sys.modules, "a module named by the model file was imported"
+
+    return (["export", run, "-f", "tflite", "-q", "fp32", "--out", e.tmp / "b"], "names module 'this'",
+            not_imported)
+
+
+def ex_keras_names_class(e: Env):
+    run = e.run()
+
+    def edit(config):
+        config["config"]["layers"][1]["class_name"] = "Evil"
+
+    _edit_keras_config(run / "float.keras", edit)
+    _rehash_run(run)
+    return ["export", run, "-f", "tflite", "-q", "fp32", "--out", e.tmp / "b"], "names class 'Evil'"
+
+
+def ex_qat_h5_names_module(e: Env):
+    """The QAT model (HDF5, whose loader ignores safe mode) is checked against the same allow-list."""
+    import h5py
+
+    run = e.run()
+    config = {"class_name": "Functional", "config": {"name": "m", "layers": [
+        {"class_name": "InputLayer", "config": {"name": "image", "batch_input_shape": [None, 32, 32, 3]}},
+        {"module": "os", "class_name": "system", "config": {"name": "boom"}}]}}
+    with h5py.File(run / "qat.h5", "w") as fh:
+        fh.attrs["model_config"] = json.dumps(config)
+    _manifest_edit(run, files={**json.loads((run / "manifest.json").read_text())["files"], "qat.h5": ""})
+    _rehash_run(run)
+    return ["export", run, "-f", "tflite", "-q", "qat_int8", "--out", e.tmp / "b"], "names module 'os'"
 
 
 # verify ------------------------------------------------------------------------------------------------------------
@@ -477,6 +645,74 @@ def ve_unknown_only(e: Env):
     return ["verify", b, "--only", "tflite_int3", "--runs", "2", "--warmup", "0"], "tflite_int3"
 
 
+def ve_report_dir_symlink(e: Env):
+    """BUNDLE/verify -> elsewhere: refused, nothing written (or overwritten) in the other folder."""
+    b = e.bundle()
+    elsewhere = e.tmp / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "report.json").write_text("not yours")
+    (b / "verify").symlink_to(elsewhere)
+    return ["verify", b, "--runs", "2", "--warmup", "0"], "is a symbolic link"
+
+
+def ve_planted_partial_symlink(e: Env):
+    """A planted BUNDLE/verify/.latency.partial<PID>.png -> victim: refused, the victim keeps its bytes."""
+    b = e.bundle()
+    victim = e.tmp / "victim.txt"
+    victim.write_text("precious")
+    (b / "verify").mkdir()
+    (b / "verify" / ".latency.partial4242.png").symlink_to(victim)
+    return ["verify", b, "--runs", "2", "--warmup", "0"], "did not write (.latency.partial4242.png)"
+
+
+def ve_report_folder_foreign(e: Env):
+    b = e.bundle()
+    mine = e.tmp / "docs"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("keep")
+    return ["verify", b, "--runs", "2", "--warmup", "0", "--report", mine], "did not write (thesis.txt)"
+
+
+def ve_bundle_json_deep(e: Env):
+    b = e.bundle()
+    (b / "bundle.json").write_text("[" * 200_000 + "]" * 200_000)
+    return ["verify", b, "--runs", "2", "--warmup", "0"], "nested too deeply"
+
+
+def ve_npz_as_npy(e: Env):
+    b = e.bundle()
+    images = np.load(b / "sample" / "images.npy")
+    with open(b / "sample" / "images.npy", "wb") as fh:
+        np.savez(fh, images=images)
+    _rehash_bundle(b)
+    return ["verify", b, "--runs", "2", "--warmup", "0"], "sample/images.npy is an .npz archive"
+
+
+def ve_corrupt_npy_header(e: Env):
+    """A header claiming ~3 TB: the file is named, not "out of memory; use a smaller --image-size"."""
+    b = e.bundle()
+    path = b / "sample" / "images.npy"
+    images = np.load(path)
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False,
+                                               "shape": (10**9, 32, 32, 3)})
+    path.write_bytes(buf.getvalue() + images.tobytes())
+    _rehash_bundle(b)
+    return ["verify", b, "--runs", "2", "--warmup", "0"], "sample/images.npy is corrupt"
+
+
+def ve_onnx_external_data(e: Env):
+    import onnx
+
+    b = e.bundle()
+    art = _artifact(b, "onnx")
+    model = onnx.load(str(art))
+    onnx.save_model(model, str(art), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=128)  # shape tensors stay inline: ORT loads it
+    _rehash_bundle(b)
+    return ["verify", b, "--runs", "2", "--warmup", "0"], "keeps tensors in external data files"
+
+
 # run ---------------------------------------------------------------------------------------------------------------
 
 
@@ -517,6 +753,16 @@ def run_not_a_mapping(e: Env):
     return ["run", e.recipe("- just\n- a list\n")], "mapping"
 
 
+def run_earlier_run_needs_force(e: Env):
+    run = e.run(with_bundle=True)
+    text = _recipe_text(e).replace(f"out: {e.tmp / 'out'}", f"out: {run}")
+    return ["run", e.recipe(text)], "holds an earlier edgetl run directory; pass --force"
+
+
+def run_usage_unknown_flag(e: Env):
+    return ["run", e.recipe(_recipe_text(e)), "--frce"], "No such option: --frce"
+
+
 CASES: list[tuple[Callable[[Env], tuple], str | None]] = [
     (ft_missing, None), (ft_empty_folder, None), (ft_single_class, None), (ft_empty_class, None),
     (ft_file_not_folder, None), (ft_val_data_extra_class, None), (ft_corrupt_jpeg, None), (ft_truncated_png, None),
@@ -536,6 +782,18 @@ CASES: list[tuple[Callable[[Env], tuple], str | None]] = [
     (ve_file_name_too_long, None),
     (run_missing_recipe, None), (run_invalid_yaml, None), (run_misspelt_key, None), (run_wrong_type, None),
     (run_unknown_backbone, None), (run_unknown_export_format, None), (run_bad_set, None), (run_not_a_mapping, None),
+    # hardening, second round (issue 10)
+    (ft_out_foreign_manifest, None), (ft_out_foreign_manifest_force, None), (ft_out_earlier_run_needs_force, None),
+    (ft_out_run_with_user_file_force, None), (ft_out_root, None), (ft_seed_too_big, None),
+    (ft_split_layout_train_test, None), (ft_split_layout_train_val_test, None), (ft_symlink_loop, None),
+    (ft_symlink_nested_loop, None), (ft_symlink_into_data, None), (ft_non_utf8_class, None),
+    (ft_usage_not_an_integer, None), (ft_usage_unknown_flag, None),
+    (ex_out_foreign_bundle_json, None), (ex_out_earlier_bundle_needs_force, None),
+    (ex_out_bundle_with_user_file_force, None), (ex_keras_names_module, None), (ex_keras_names_class, None),
+    (ex_qat_h5_names_module, None),
+    (ve_report_dir_symlink, None), (ve_planted_partial_symlink, None), (ve_report_folder_foreign, None),
+    (ve_bundle_json_deep, None), (ve_npz_as_npy, None), (ve_corrupt_npy_header, None), (ve_onnx_external_data, None),
+    (run_earlier_run_needs_force, None), (run_usage_unknown_flag, None),
 ]
 
 
@@ -563,7 +821,7 @@ def test_bad_input(case, cli, tmp_path, shapes_dir, request, monkeypatch):
               weights_dir=lambda: request.getfixturevalue("weights_dir"))
     env.tmp.mkdir()
     monkeypatch.chdir(env.tmp)  # anything written relative to the cwd shows up in the snapshot too
-    args, expect = case(env)
+    args, expect, *post_checks = case(env)
     before = snapshot(env.tmp)
     shapes_before = snapshot(shapes_dir)
     code, _stdout, stderr = cli(*args)
@@ -574,10 +832,12 @@ def test_bad_input(case, cli, tmp_path, shapes_dir, request, monkeypatch):
     changed = sorted(k for k in before if k in after and before[k] != after[k])
     assert not (added or removed or changed), f"left behind: {added}, removed: {removed}, changed: {changed}"
     assert snapshot(shapes_dir) == shapes_before
+    for check in post_checks:
+        check()
 
 
 def test_matrix_size():
-    assert len(CASES) >= 24
+    assert len(CASES) >= 83
 
 
 # --- odd but valid ----------------------------------------------------------------------------------------------
@@ -759,3 +1019,132 @@ def test_lambda_in_qat_model_is_refused_by_export(base_run, tmp_path):
         export_run(run, "tflite", "qat_int8", tmp_path / "b", samples=4, calibration=4)
     assert not marker.exists(), "the Lambda layer's code was executed"
     assert not (tmp_path / "b").exists()
+
+
+# --- output folders: --force replaces only edgetl's own folders; reports are written as one confined set ---------
+
+
+def test_force_replaces_an_earlier_run_and_bundle(base_run, shapes_dir, tmp_path, cli, monkeypatch):
+    """--force replaces an edgetl run (with its bundle and verify reports) and an edgetl bundle; nothing else moves."""
+    monkeypatch.chdir(tmp_path)
+    run = shutil.copytree(base_run, tmp_path / "run")
+    keep = tmp_path / "keep.txt"
+    keep.write_text("beside the run")
+    code, _, stderr = cli("verify", run, "--runs", "2", "--warmup", "0")
+    assert code in (0, 1) and (run / "export" / "verify" / "report.json").is_file(), stderr
+    old_id = json.loads((run / "manifest.json").read_text())["run_id"]
+    code, _, stderr = cli("export", run, "-f", "tflite", "-q", "fp32", "--samples", "4", "--force")
+    assert code == 0, stderr
+    assert not (run / "export" / "verify").exists()  # the old bundle's reports went with it
+    assert [a["name"] for a in json.loads((run / "export" / "bundle.json").read_text())["artifacts"]] == ["tflite_fp32"]
+    code, _, stderr = cli("finetune", "--data", shapes_dir, "--out", run, *FAST, "--force")
+    assert code == 0, stderr
+    assert json.loads((run / "manifest.json").read_text())["run_id"] != old_id
+    assert not (run / "export").exists()
+    assert keep.read_text() == "beside the run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt", "run"]  # no .run.* leftovers
+
+
+def _verify_args(bundle: Path) -> list:
+    return ["verify", bundle, "--runs", "2", "--warmup", "0"]
+
+
+def test_verify_cleans_stale_partials_of_killed_runs(base_run, tmp_path, cli):
+    """What a SIGKILLed verify leaves (old-style partial files in verify/, a temp folder with a dead pid) is cleaned
+    by the next run; only names edgetl itself uses are touched."""
+    from edgetl.fsutil import PID_FILE
+
+    bundle = shutil.copytree(base_run / "export", tmp_path / "bundle")
+    reports = bundle / "verify"
+    reports.mkdir()
+    (reports / ".latency.partial31337.png").write_bytes(b"half a png")
+    (reports / ".report.json.k2j3.partial").write_bytes(b'{"half":')
+    stale = bundle / ".verify.abc123.partial"
+    stale.mkdir()
+    (stale / PID_FILE).write_text("999999999")  # no such process
+    (stale / "report.md").write_text("half")
+    code, _, stderr = cli(*_verify_args(bundle))
+    assert code in (0, 1), stderr
+    assert sorted(p.name for p in reports.iterdir()) == ["confusion.png", "latency.png", "report.json", "report.md"]
+    assert not [p.name for p in bundle.iterdir() if p.name.startswith(".")]
+
+
+def test_report_set_is_written_as_a_whole(base_run, tmp_path, cli, monkeypatch):
+    """A verify that dies while writing its reports leaves the previous report set exactly as it was: never a new
+    report.md next to an old report.json, and no partial file."""
+    from edgetl.verify.report import Report
+
+    bundle = shutil.copytree(base_run / "export", tmp_path / "bundle")
+    code, _, stderr = cli(*_verify_args(bundle))
+    assert code in (0, 1), stderr
+    before = snapshot(bundle)
+
+    def boom(self):
+        raise RuntimeError("killed while writing report.json")
+
+    monkeypatch.setattr(Report, "to_dict", boom)  # report.md and the plots are written first, then report.json
+    code, _, stderr = cli(*_verify_args(bundle))
+    assert code == 3 and "killed while writing" in stderr, stderr
+    assert snapshot(bundle) == before
+
+
+@pytest.mark.parametrize("command", ["finetune", "export"])
+def test_read_only_target_is_bad_input(command, base_run, shapes_dir, cli):
+    """A read-only --out parent (finetune) or run directory (export, default RUN/export): exit 2, one line, nothing
+    written. As root (where permissions do not bind) the CLI runs with the effective uid of `nobody`."""
+    import os
+    import tempfile
+
+    import edgetl.export  # noqa: F401  (imported before dropping privileges: the interpreter lives under /root)
+    import edgetl.finetune  # noqa: F401
+    import rich.markup  # noqa: F401
+
+    root = Path(tempfile.mkdtemp(prefix="edgetl-ro-"))  # outside pytest's 0700 folder, so `nobody` can reach it
+    try:
+        os.chmod(root, 0o755)
+        if command == "finetune":
+            locked = root / "locked"
+            locked.mkdir()
+            data = copy_data(shapes_dir, root / "data")
+            for p in [data, *data.rglob("*")]:
+                os.chmod(p, 0o755 if p.is_dir() else 0o644)
+            args, expect = ["finetune", "--data", data, "--out", locked / "run", *FAST], "cannot write the run"
+        else:
+            locked = shutil.copytree(base_run, root / "run", ignore=shutil.ignore_patterns("export"))
+            args, expect = ["export", locked, "-f", "tflite", "-q", "fp32"], "cannot write the bundle"
+        before = snapshot(root)
+        os.chmod(locked, 0o555)
+        as_root = os.geteuid() == 0
+        if as_root:
+            os.seteuid(65534)
+        try:
+            code, _, stderr = cli(*args)
+        finally:
+            if as_root:
+                os.seteuid(0)
+        os.chmod(locked, 0o755)
+        assert_one_line_error(code, stderr, expect)
+        assert snapshot(root) == before
+    finally:
+        for p in [root, *root.rglob("*")]:
+            if p.is_dir() and not p.is_symlink():
+                os.chmod(p, 0o755)
+        shutil.rmtree(root)
+
+
+def test_progress_bars_end_cleanly():
+    """Early stopping (fewer steps than planned) ends the bar full at what ran, not frozen at 884/1020; a step of
+    unknown length (the QAT rewrite) shows a spinner and the time, never `0/?`."""
+    from rich.console import Console
+
+    from edgetl.progress import RichReporter
+
+    console = Console(record=True, width=120, force_terminal=False)
+    reporter = RichReporter(console)
+    with reporter.task("head phase", 1020) as task:
+        task.advance(884)
+    with reporter.task("QAT: rewrite, annotate, calibrate", None):
+        pass
+    text = console.export_text()
+    assert "884/884" in text and "1020" not in text, text
+    assert "QAT: rewrite" in text and "/?" not in text and "0/" not in text, text

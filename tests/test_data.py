@@ -156,3 +156,43 @@ def test_stratified_split_is_seeded_and_keeps_class_shares(tmp_path):
     assert not set(map(str, train)) & set(map(str, val))
     with pytest.raises(DataError):
         stratified_split(items, 1.5, 0)
+
+
+def test_hidden_folders_and_macosx_are_ignored(tmp_path):
+    """`.thumbs/` inside a class, `__MACOSX/` at the root and inside a class, hidden files: never classes, never
+    scanned (their broken files would fail loading); symlinked class folders outside the data folder are followed."""
+    root = _folder(tmp_path / "data", ("cat", "dog"), 2)
+    (root / "cat" / ".thumbs").mkdir()
+    (root / "cat" / ".thumbs" / "t.jpg").write_bytes(b"not a jpeg")
+    (root / "__MACOSX" / "cat").mkdir(parents=True)
+    (root / "__MACOSX" / "cat" / "._0.jpg").write_bytes(b"resource fork")
+    (root / "__MACOSX" / "cat" / "x.jpg").write_bytes(b"resource fork")
+    (root / "dog" / "__MACOSX").mkdir()
+    (root / "dog" / "__MACOSX" / "y.jpg").write_bytes(b"resource fork")
+    (root / "dog" / ".hidden.jpg").write_bytes(b"hidden")
+    elsewhere = _folder(tmp_path / "elsewhere", ("bird",), 3)
+    (root / "bird").symlink_to(elsewhere / "bird")
+    f = scan_folder(root)
+    assert f.classes == ("bird", "cat", "dog")
+    assert f.counts == {"bird": 3, "cat": 2, "dog": 2}
+    loaded = load_images(f.items, (16, 16))
+    assert len(loaded.images) == 7 and not loaded.skipped
+
+
+@pytest.mark.parametrize("layout, fix", [
+    (("train", "test"), "pass --data {root}/train (a seeded --val-split of it validates), and keep test/"),
+    (("Train", "Valid"), "pass --data {root}/Train --val-data {root}/Valid"),
+])
+def test_split_layout_is_refused_with_the_flags(tmp_path, layout, fix):
+    root = tmp_path / "data"
+    for split in layout:
+        _folder(root / split, ("cat", "dog"), 2)
+    with pytest.raises(DataError) as info:
+        scan_folder(root)
+    assert "train/val/test split" in info.value.one_line()
+    assert fix.format(root=root) in info.value.one_line()
+
+
+def test_classes_named_like_splits_among_others_are_classes(tmp_path):
+    f = scan_folder(_folder(tmp_path, ("train", "bus"), 2))  # vehicles: a "train" class is not a split layout
+    assert f.classes == ("bus", "train")

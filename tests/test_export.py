@@ -441,8 +441,12 @@ def test_sigkill_midway_leaves_old_bundle_or_nothing(run_dir, tmp_path):
     _start_and_kill(run_dir, out)
     assert (out / "bundle.json").read_bytes() == before
     verify_checksums(out)
-    # a rerun completes, replaces the bundle and cleans the killed export's temp folder
-    result = export_run(run_dir, "tflite", "fp32", out, samples=4)
+    # a rerun needs --force to replace the earlier bundle ...
+    with pytest.raises(ConfigError, match="pass --force"):
+        export_run(run_dir, "tflite", "fp32", out, samples=4)
+    assert (out / "bundle.json").read_bytes() == before
+    # ... then completes, replaces the bundle and cleans the killed export's temp folder
+    result = export_run(run_dir, "tflite", "fp32", out, samples=4, force=True)
     assert [a.name for a in result.artifacts] == ["tflite_fp32"]
     assert verify_checksums(out)["reference"] == "tflite_fp32"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.")]

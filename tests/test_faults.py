@@ -5,7 +5,8 @@ A real ``edgetl finetune`` subprocess (32 px, random init, shapes data) is kille
 
 * the target holds the previous good run, byte for byte (checksums intact), or nothing if there was none;
 * rerunning the same command completes and resumes: the head phase is not trained again (same run id, same head
-  record, a "resuming" message), and no hidden work folder is left.
+  record, a "resuming" message), and no hidden work folder is left;
+* replacing an earlier run needs --force (refused up front without it), also when resuming.
 
 Export's SIGKILL test lives in tests/test_export.py (test_sigkill_midway_leaves_old_bundle_or_nothing).
 """
@@ -121,6 +122,10 @@ def test_sigkill_finetune_leaves_old_run_or_nothing_and_resumes(shapes_dir, tmp_
     good = checksums(out)
     good_manifest = (out / "manifest.json").read_text()
     args2 = _args(shapes_dir, out, seed=2)
+    refused = subprocess.run(args2, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "pass --force" in refused.stderr, refused.stderr[-2000:]
+    assert checksums(out) == good  # refused up front: nothing trained, nothing replaced
+    args2 = [*args2, "--force"]
     killed2 = start_and_kill_after_head(args2, out, tmp_path)
     assert killed2["run_id"] != killed["run_id"]
     assert checksums(out) == good and (out / "manifest.json").read_text() == good_manifest

@@ -21,7 +21,8 @@ probabilities; full-int8 TFLite variants take uint8 pixels directly, the rest fl
 run id, backbone and quantization are embedded in each file's metadata.
 
 Default variants: fp32 (reference) + qat_int8 per format; a run without QAT gets ptq_int8 (TFLite) and
-ort_static_int8 (ONNX) instead. The bundle is built beside the target and swapped in only when complete.
+ort_static_int8 (ONNX) instead. The bundle is built beside the target and swapped in only when complete; an
+earlier bundle there is replaced only with --force, and a folder that is not an edgetl bundle never.
 """
 
 
@@ -86,7 +87,12 @@ def register(app: typer.Typer) -> None:
             "(ptq_int8 / ort_static_int8 when the run has no QAT model).",
         ),
         out_dir: Optional[Path] = typer.Option(
-            None, "--out", "-o", metavar="DIR", help="Bundle folder (default RUN_DIR/export). Replaced as a whole."
+            None, "--out", "-o", metavar="DIR", help="Bundle folder (default RUN_DIR/export). Replaced as a whole, "
+            "and only with --force when it already holds a bundle."
+        ),
+        force: bool = typer.Option(
+            False, "--force", help="Replace an earlier bundle at --out (with its verify reports). Refused anyway if "
+            "the folder is not an edgetl bundle or holds files edgetl did not write."
         ),
         samples: int = typer.Option(
             200, "--samples", min=1, help="Held-out validation images stored in the bundle (stratified, seeded)."
@@ -109,7 +115,7 @@ def register(app: typer.Typer) -> None:
         reporter = RichReporter(console)
         result = export_run(
             run_dir, fmt, quantization, out_dir, samples, seed,
-            calibration=calibration, data_root=data_root, reporter=_Quiet(reporter),
+            calibration=calibration, data_root=data_root, reporter=_Quiet(reporter), force=force,
         )
         render_export(result, as_json)
 

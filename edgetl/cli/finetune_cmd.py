@@ -68,7 +68,14 @@ def register(app: typer.Typer) -> None:
         qat_epochs: Optional[int] = typer.Option(None, help="QAT epochs; early stopping keeps the best (default 6)."),
         qat_lr: Optional[float] = typer.Option(None, help="QAT learning rate (default 3e-5)."),
         seed: Optional[int] = typer.Option(None, help="Random seed (recorded in the manifest) (default 0)."),
-        out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default models/<data>-<backbone>)."),
+        out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default models/<data>-<backbone>). "
+                                               "Built in a hidden .NAME.partial folder beside it and swapped in when "
+                                               "complete; a killed run resumes from its last finished phase when the "
+                                               "same command is rerun. An existing folder is never replaced unless it "
+                                               "is an edgetl run and --force is given."),
+        force: bool = typer.Option(False, "--force", help="Replace an earlier edgetl run at --out (with its export/ "
+                                   "bundle and verify reports). Refused anyway if the folder is not an edgetl run "
+                                   "or holds files edgetl did not write."),
         skip_bad_images: Optional[bool] = typer.Option(None, "--skip-bad-images", help="Skip unreadable images (counted) instead of failing."),
         as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
     ) -> None:
@@ -81,5 +88,5 @@ def register(app: typer.Typer) -> None:
             epochs=epochs, fine_tune_epochs=fine_tune_epochs, fine_tune_lr=fine_tune_lr, freeze=freeze,
             domain=domain, batch_size=batch_size, feature_views=feature_views, qat=qat, qat_epochs=qat_epochs, qat_lr=qat_lr,
             seed=seed, out=str(out_dir) if out_dir else None, skip_bad_images=skip_bad_images))
-        result = run_finetune(cfg, RichReporter())
+        result = run_finetune(cfg, RichReporter(), force=force)
         render_run(result, as_json)

@@ -45,7 +45,7 @@ def resolve_builtin_data(data: str) -> str:
     return str(make_shapes(Path("models") / ".cache" / "shapes"))
 
 
-def precheck(recipe, ft) -> None:
+def precheck(recipe, ft, force: bool = False) -> None:
     """Cheap checks of every stage's settings before any stage starts (a typo in `export:` must not surface only
     after an hour of training): backbone, image size, data folder layout, export formats and quantizations."""
     from edgetl.backbones import check_image_size, get_backbone
@@ -58,6 +58,17 @@ def precheck(recipe, ft) -> None:
         folder = scan_folder(ft.data)
         if ft.val_data:
             scan_folder(ft.val_data, classes=folder.classes)
+    if "finetune" in recipe.stages:  # an earlier run (or a foreign folder) at finetune.out: refuse before training
+        from edgetl.finetune import default_run_dir
+        from edgetl.fsutil import check_target
+        from edgetl.manifest import RUN_FOLDER
+
+        check_target(default_run_dir(ft), RUN_FOLDER, force)
+    if "export" in recipe.stages and recipe.export.out:
+        from edgetl.fsutil import check_target
+        from edgetl.manifest import BUNDLE_FOLDER
+
+        check_target(recipe.export.out, BUNDLE_FOLDER, force, "export.out")
     if "export" in recipe.stages:
         from edgetl.export import select_variants
 
@@ -66,7 +77,7 @@ def precheck(recipe, ft) -> None:
         select_variants(recipe.export.format, recipe.export.quantization, has_qat=has_qat)
 
 
-def run_recipe(path: Path, overrides: list[str], reporter, as_json: bool = False) -> int:
+def run_recipe(path: Path, overrides: list[str], reporter, as_json: bool = False, force: bool = False) -> int:
     import yaml
 
     from edgetl.config import FinetuneConfig, load_recipe, parse_recipe
@@ -80,7 +91,7 @@ def run_recipe(path: Path, overrides: list[str], reporter, as_json: bool = False
         ft = FinetuneConfig.model_validate({**ft.model_dump(), "data": resolve_builtin_data(ft.data)})
     if not ft.name and recipe.name:
         ft = FinetuneConfig.model_validate({**ft.model_dump(), "name": recipe.name})
-    precheck(recipe, ft)
+    precheck(recipe, ft, force)
     summary: dict = {"recipe": str(path), "stages": recipe.stages}
     from edgetl.finetune import default_run_dir
 
@@ -90,7 +101,7 @@ def run_recipe(path: Path, overrides: list[str], reporter, as_json: bool = False
         from edgetl.finetune import finetune
 
         console.rule("[bold]finetune")
-        result = finetune(ft, reporter)
+        result = finetune(ft, reporter, force=force)
         run_dir = result.run_dir
         if not as_json:
             render_run(result, False)
@@ -104,7 +115,8 @@ def run_recipe(path: Path, overrides: list[str], reporter, as_json: bool = False
         console.rule("[bold]export")
         ex = recipe.export
         result = export_run(run_dir, format=ex.format, quantization=ex.quantization,
-                            out=Path(ex.out) if ex.out else None, samples=ex.samples, seed=ft.seed, reporter=reporter)
+                            out=Path(ex.out) if ex.out else None, samples=ex.samples, seed=ft.seed, reporter=reporter,
+                            force=force)
         if not as_json:
             render_export(result, False)
         summary["bundle"] = str(result.bundle_dir)
@@ -141,8 +153,10 @@ def register(app: typer.Typer) -> None:
         recipe: Path = typer.Argument(..., help="Path of the YAML recipe."),
         set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a key: --set finetune.epochs=3 (repeatable)."),
         as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+        force: bool = typer.Option(False, "--force", help="Replace an earlier run and bundle at the recipe's output "
+                                   "folders (as finetune/export --force); without it a rerun is refused."),
     ) -> None:
         from edgetl.progress import RichReporter
 
-        code = run_recipe(recipe, set_ or [], RichReporter(), as_json)
+        code = run_recipe(recipe, set_ or [], RichReporter(), as_json, force)
         raise typer.Exit(code)

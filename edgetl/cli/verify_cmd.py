@@ -76,6 +76,9 @@ def register(app: typer.Typer) -> None:
             fp16_tolerance=fp16_tolerance,
         )
         report_dir = report if report is not None else default_report_dir(target)
+        from edgetl.verify.report import check_report_dir
+
+        check_report_dir(report_dir)  # a symlinked or foreign report folder: refused before measuring anything
         status = console.status("verifying...", spinner="dots") if console.is_terminal else None
         if status is not None:
             status.start()

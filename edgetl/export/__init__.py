@@ -27,14 +27,13 @@ from edgetl.export import onnx as onnx_export
 from edgetl.export import tflite as tflite_export
 from edgetl.export.context import BuildContext
 from edgetl.export.metadata import artifact_metadata
-from edgetl.fsutil import atomic_dir, atomic_write_json, sha256_file
-from edgetl.manifest import BUNDLE_SCHEMA
+from edgetl.fsutil import PID_FILE, atomic_dir, atomic_write_json, check_target, sha256_file
+from edgetl.manifest import BUNDLE_FOLDER, BUNDLE_SCHEMA
 from edgetl.rundir import RunInfo, read_run
 
 FORMATS = ("tflite", "onnx")
 DEFAULT_SAMPLES = 200
 DEFAULT_CALIBRATION = 150
-_PID_FILE = ".edgetl-export.pid"
 _WORK_DIR = ".edgetl-work"
 
 
@@ -293,63 +292,14 @@ def _predict(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
 # --- bundle folder safety --------------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_stale(out: Path) -> None:
-    """Remove temp folders of killed exports beside ``out``; restore a bundle moved aside mid-swap."""
-    parent = out.parent
-    if not parent.is_dir():
-        return
-    for entry in parent.iterdir():
-        name = entry.name
-        if not entry.is_dir() or not name.startswith(f".{out.name}."):
-            continue
-        if name.endswith(".partial"):
-            try:
-                pid = int((entry / _PID_FILE).read_text().strip())
-            except (OSError, ValueError):
-                if time.time() - entry.stat().st_mtime < 3600:
-                    continue  # maybe an export that just started; leave it
-                pid = -1
-            if not _pid_alive(pid):
-                shutil.rmtree(entry, ignore_errors=True)
-        elif name.startswith(f".{out.name}.old"):
-            try:
-                pid = int(name[len(f".{out.name}.old") :])
-            except ValueError:
-                continue
-            if _pid_alive(pid):
-                continue
-            if not out.exists() and (entry / "bundle.json").is_file():
-                os.replace(entry, out)  # killed between the two renames of the swap: put the old bundle back
-            else:
-                shutil.rmtree(entry, ignore_errors=True)
-
-
-def _check_out(out: Path, run: RunInfo) -> None:
+def _check_out(out: Path, run: RunInfo, force: bool) -> None:
     resolved = out.resolve()
     if resolved == run.path or resolved in run.path.parents:
         raise ConfigError(
             f"--out {out} would replace the run directory itself", "pick a new folder, e.g. <run>/export"
         )
-    if resolved.exists():
-        if not resolved.is_dir():
-            raise ConfigError(f"--out {out} is a file", "pick a folder path for the bundle")
-        if any(resolved.iterdir()) and not (resolved / "bundle.json").is_file():
-            raise ConfigError(
-                f"--out {out} exists and is not an edgetl bundle; export replaces the whole folder",
-                "pick an empty or new folder",
-            )
+    # the one ownership scheme of edgetl.fsutil: only an edgetl bundle holding only edgetl's files, with --force
+    check_target(out, BUNDLE_FOLDER, force, "--out")
 
 
 # --- export ----------------------------------------------------------------------------------------------------
@@ -371,6 +321,7 @@ def export_run(
     reporter: Any = None,
     format: str | Iterable[str] | None = None,
     quantization: str | Iterable[str] | None = None,
+    force: bool = False,
 ) -> ExportResult:
     """Export ``run_dir`` to a bundle at ``out`` (default ``<run>/export``); see docs/formats.md.
 
@@ -380,6 +331,8 @@ def export_run(
     default the run's seed. ``calibration``: training images for PTQ/static calibration. ``progress`` gets
     (message, step, total_steps); ``reporter`` (an :class:`edgetl.progress.Reporter`) gets one task advanced per
     step and ``info`` for each note. ``format``/``quantization`` are aliases of ``formats``/``quantizations``.
+    An existing bundle at ``out`` is replaced only with ``force`` (and never a folder that is not an edgetl bundle,
+    or one holding files edgetl did not write).
     """
     if format is not None:
         formats = format
@@ -403,16 +356,17 @@ def export_run(
         except (TypeError, ValueError):
             seed = 0
     out_path = Path(out).expanduser() if out is not None else run.path / "export"
-    _check_out(out_path, run)
-    _clean_stale(out_path)
+    _check_out(out_path, run, force)
     with reporter.task(f"export {run.run_id}", len(chosen) + 2) as task:
-        result = _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, progress, task, started)
+        result = _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, progress, task, started,
+                        force)
     for note in result.notes:
         reporter.info(f"note: {note}")
     return result
 
 
-def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, progress, task, started):
+def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, progress, task, started,
+           force=False):
     total = len(chosen) + 2
     step = 0
 
@@ -437,9 +391,7 @@ def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, 
         return loaded.images
 
     artifacts: list[ArtifactResult] = []
-    with atomic_dir(out_path) as tmp:
-        os.chmod(tmp, 0o777 & ~_umask())
-        (tmp / _PID_FILE).write_text(str(os.getpid()))
+    with atomic_dir(out_path, BUNDLE_FOLDER, force) as tmp:
         # scratch space inside the partial bundle: a killed export leaves it where the next export's stale-partial
         # cleanup removes it (a system temp dir would stay behind in /tmp)
         work = tmp / _WORK_DIR
@@ -518,11 +470,10 @@ def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, 
         tick("bundle.json")
         reference = _reference(chosen)
         shutil.rmtree(work)
-        (tmp / _PID_FILE).unlink()
         files = {
             p.relative_to(tmp).as_posix(): sha256_file(p)
             for p in sorted(tmp.rglob("*"))
-            if p.is_file() and p.name != "bundle.json"
+            if p.is_file() and p.name not in ("bundle.json", PID_FILE)
         }
         bundle = {
             "schema": BUNDLE_SCHEMA,

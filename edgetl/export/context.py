@@ -73,6 +73,9 @@ def load_float_model(path: Path):
             "format such as HDF5, which edgetl does not load because it bypasses Keras safe mode)",
             "re-run `edgetl finetune` to rewrite it",
         )
+    from edgetl.modelcheck import check_keras_file
+
+    check_keras_file(path, "float model")  # before Keras reads it: nothing the file names is imported
     k = keras()
     try:
         return k.models.load_model(str(path), custom_objects=_custom_objects(), compile=False, safe_mode=True)
@@ -82,25 +85,17 @@ def load_float_model(path: Path):
         raise _unloadable("float model", path, exc, "re-run `edgetl finetune` to rewrite it") from None
 
 
-def _has_code(node: Any) -> bool:
-    """True if a Keras model config (nested dicts/lists) holds a Lambda layer (serialized Python bytecode)."""
-    if isinstance(node, dict):
-        if node.get("class_name") == "Lambda" or "function_type" in node:
-            return True
-        return any(_has_code(v) for v in node.values())
-    if isinstance(node, list):
-        return any(_has_code(v) for v in node)
-    return False
-
-
 def refuse_code_in_h5(path: Path, what: str) -> None:
-    """tf_keras's HDF5 loader ignores safe mode: refuse an HDF5 model whose config carries Python code."""
-    import json
+    """tf_keras's HDF5 loader ignores safe mode: check the HDF5 model's config against edgetl's allow-list
+    (:mod:`edgetl.modelcheck`) before Keras deserializes anything from it."""
     import zipfile
+
+    from edgetl.modelcheck import check_h5_config, check_keras_file
 
     try:
         if zipfile.is_zipfile(path):
-            return  # the .keras (zip) format: Keras safe mode (load_model's default) refuses Lambda code itself
+            check_keras_file(path, what, qat=True)
+            return
         import h5py
 
         with h5py.File(path, "r") as fh:
@@ -108,20 +103,10 @@ def refuse_code_in_h5(path: Path, what: str) -> None:
     except (OSError, ValueError) as exc:
         raise ModelFileError(f"cannot read the {what} {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
                              "re-run `edgetl finetune` to rewrite it") from None
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", "replace")
-    try:
-        config = json.loads(raw) if raw is not None else None
-    except ValueError:
-        config = None
-    if config is None:
+    if raw is None:
         raise ModelFileError(f"cannot load the {what} {path}: it holds no readable model config",
                              "re-run `edgetl finetune` to rewrite it")
-    if _has_code(config):
-        raise ModelFileError(
-            f"refusing to load the {what} {path}: it contains Python code (a Lambda layer), which edgetl never runs",
-            "only use run directories written by `edgetl finetune`; re-run it to rewrite the model",
-        )
+    check_h5_config(raw, path, what)
 
 
 def check_model_fits(model: Any, run: RunInfo, path: Path) -> None:

@@ -247,11 +247,30 @@ def _parse_artifact(root: Path, raw: Any, index: int) -> ArtifactSpec:
 
 
 def _load_npy(path: Path, relpath: str) -> np.ndarray:
+    """A plain .npy array; the header is checked against the file size first (a corrupt header claiming terabytes
+    must name the file, not exhaust memory)."""
+    fmt = np.lib.format
     try:
+        with open(path, "rb") as fh:
+            if fh.read(4) == b"PK\x03\x04":
+                raise _err(f"bundle file {relpath} is an .npz archive, not a plain .npy array")
+            fh.seek(0)
+            major, _minor = fmt.read_magic(fh)
+            reader = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+            shape, _fortran, dtype = reader(fh, max_header_size=10_000)
+            if dtype.hasobject:
+                raise _err(f"bundle file {relpath} holds Python objects, not a plain .npy array")
+            need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            have = path.stat().st_size - fh.tell()
+            if need != have:
+                raise _err(f"bundle file {relpath} is corrupt: its header says {dtype} {tuple(shape)} "
+                           f"({need:,} bytes) but it holds {have:,} bytes of data")
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except BundleError:
+        raise
+    except (ValueError, OSError, EOFError, TypeError, OverflowError, MemoryError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise _err(f"bundle file {relpath} is not a plain .npy array ({reason})") from None
+        raise _err(f"bundle file {relpath} is not a plain .npy array ({reason[:160]})") from None
 
 
 def _load_sample(root: Path, raw: Any, contract: InputContract, n_classes: int) -> tuple[Sample, dict[str, str]]:
@@ -292,6 +311,76 @@ def _load_sample(root: Path, raw: Any, contract: InputContract, n_classes: int) 
         raise _err(f"bundle.json: sample.count is {count} but {rel['images']} holds {n} images")
     sample = Sample(images=images, labels=labels.astype(np.int64), reference_outputs=ref.astype(np.float32))
     return sample, {str(v): k for k, v in rel.items()}
+
+
+# ONNX protobuf field numbers (onnx.proto3): ModelProto.graph=7, functions=25; GraphProto.node=1, initializer=5,
+# sparse_initializer=15; NodeProto.attribute=5; AttributeProto.t=5, g=6, tensors=10, graphs=11, sparse_tensor=22,
+# sparse_tensors=23; FunctionProto.node=7; SparseTensorProto.values=1, indices=2; TensorProto.external_data=13,
+# data_location=14 (1 = EXTERNAL). Read here without the onnx package (the device install does not have it).
+_ONNX_MESSAGES = {
+    "model": {7: "graph", 25: "function"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "function": {7: "node"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "tensor": {},
+}
+
+
+def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _external(data: memoryview, kind: str) -> bool:
+    stack = [(data, kind)]
+    while stack:
+        buf, kind = stack.pop()
+        children = _ONNX_MESSAGES[kind]
+        pos = 0
+        while pos < len(buf):
+            key, pos = _varint(buf, pos)
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                value, pos = _varint(buf, pos)
+                if kind == "tensor" and field == 14 and value == 1:
+                    return True
+            elif wire == 2:
+                length, pos = _varint(buf, pos)
+                if pos + length > len(buf):
+                    raise ValueError("truncated field")
+                if kind == "tensor" and field == 13:
+                    return True
+                if field in children:
+                    stack.append((buf[pos : pos + length], children[field]))
+                pos += length
+            elif wire == 1:
+                pos += 8
+            elif wire == 5:
+                pos += 4
+            else:
+                raise ValueError(f"unsupported wire type {wire}")
+    return False
+
+
+def onnx_uses_external_data(path: Path) -> bool:
+    """True if any tensor of the ONNX model at ``path`` points at external data (a file beside the model).
+
+    A file that does not parse as protobuf is left to onnxruntime, which names it when loading fails.
+    """
+    try:
+        return _external(memoryview(path.read_bytes()), "model")
+    except (ValueError, IndexError):
+        return False
 
 
 def _check_files(root: Path, files: Any) -> dict[str, str]:
@@ -340,6 +429,8 @@ def _load_bundle(path: Path) -> Bundle:
         raw = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _err(f"bundle.json in {path} is not valid JSON ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise _err(f"bundle.json in {path} is nested too deeply to be an edgetl bundle") from None
     if not isinstance(raw, dict):
         raise _err(f"bundle.json in {path} is not a JSON object")
     _parse_schema(raw.get("schema"))
@@ -373,6 +464,12 @@ def _load_bundle(path: Path) -> Bundle:
     for relpath in sample_paths:
         if str(confined(root, relpath)) not in listed:
             raise _err(f"bundle file {relpath} has no checksum in bundle.json `files`")
+    for spec in artifacts:
+        if spec.format == "onnx" and onnx_uses_external_data(spec.path):
+            raise _err(
+                f"bundle file {spec.file} (artifact {spec.name!r}) keeps tensors in external data files, which the "
+                "bundle's checksums do not cover; edgetl never writes external data, so the bundle is refused"
+            )
 
     labels_txt = root / "labels.txt"
     if labels_txt.is_file() and "labels.txt" in files:

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from edgetl.errors import ConfigError
-from edgetl.fsutil import atomic_path, atomic_write_json, atomic_write_text
+from edgetl.fsutil import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, check_target
+from edgetl.manifest import REPORT_FOLDER
 from edgetl.verify.checks import ArtifactResult, LatencyStats, Thresholds
 
 REPORT_SCHEMA = "edgetl.verify/1"
@@ -123,18 +124,34 @@ class Report:
 
     # -- files ----------------------------------------------------------------------------------------
     def write(self, directory: str | Path) -> Path:
-        """Write report.json, report.md and the two plots into ``directory`` (each file atomically)."""
+        """Write report.json, report.md and the two plots into ``directory`` as one set.
+
+        They are written in a fresh private temp folder beside ``directory`` (created by mkdtemp: nothing planted
+        can be followed) and swapped in whole, so a killed run never mixes a new report.md with an old report.json
+        and leaves no partial file in ``directory``. A symlinked ``directory``, or one holding files that are not
+        edgetl reports, is refused (:func:`check_report_dir`).
+        """
         directory = Path(directory)
+        check_report_dir(directory)
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            plots = write_plots(self, directory)
-            atomic_write_text(directory / "report.md", to_markdown(self, plots))
-            atomic_write_json(directory / "report.json", self.to_dict())
+            with atomic_dir(directory, REPORT_FOLDER, force=True, flag="--report") as tmp:
+                plots = write_plots(self, tmp)
+                atomic_write_text(tmp / "report.md", to_markdown(self, plots))
+                atomic_write_json(tmp / "report.json", self.to_dict())
         except OSError as exc:
             raise ConfigError(
                 f"cannot write the verify report to {directory}: {exc.strerror or exc}", "pass --report DIR (a writable folder)"
             ) from None
         return directory
+
+
+def check_report_dir(directory: str | Path) -> None:
+    """Refuse (ConfigError, before any measuring) a report folder that is a symbolic link, a file, or holds files
+    that are not edgetl's reports. A folder edgetl cannot write to is left to :meth:`Report.write`."""
+    directory = Path(directory)
+    if directory.is_file() and not directory.is_symlink():
+        return  # like a read-only bundle: Report.write says so (a warning for the default folder)
+    check_target(directory, REPORT_FOLDER, force=True, flag="--report", writable=False)
 
 
 def _fmt(value: float | None, spec: str) -> str:
