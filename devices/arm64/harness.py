@@ -96,6 +96,15 @@ def ensure_tools() -> None:
 # -- the arm64 root and its venv -------------------------------------------------------------------------------
 
 
+def _refuse_mounts_under(path: Path) -> None:
+    """Never delete through a mount (a leaked /proc or /dev bind inside the root would take the host's with it)."""
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/mounts", encoding="utf-8") as fh:
+        mounted = [line.split()[1] for line in fh if line.split()[1].startswith(prefix)]
+    if mounted:
+        raise Failed(f"{path} has file systems mounted inside ({', '.join(mounted[:3])}): unmount them first")
+
+
 def build_root(root: Path = ROOT) -> None:
     """Debian bookworm arm64 with Python 3.11: debootstrap's first stage downloads and unpacks the base system,
     then every downloaded package (python3 and its libraries among them) is unpacked with the host's dpkg-deb.
@@ -109,6 +118,7 @@ def build_root(root: Path = ROOT) -> None:
         return
     t0 = time.monotonic()
     if root.exists():  # a half-built root from an interrupted run: only ever our own cache folder
+        _refuse_mounts_under(root)
         shutil.rmtree(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     log(f"arm64 root: debootstrap --foreign bookworm from {MIRROR}")
