@@ -491,7 +491,7 @@ def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, 
             if v.format == "onnx":
                 onnx_export.check_loads(path)
             else:
-                tflite_export.describe(data)  # the re-packed flatbuffer still loads
+                io = tflite_export.describe(data)  # the finished file loads; its names are the standard ones
             if v.quantization == "fp32":
                 fp32_size[v.format] = len(data)
             base = fp32_size.get(v.format)
