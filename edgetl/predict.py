@@ -273,10 +273,11 @@ def predict(model: str | Path, images: str | Path, top_k: int = 3, artifact: str
     if top_k < 1:
         raise ConfigError(f"--top-k must be >= 1 (got {top_k})", "use e.g. --top-k 3")
     path = resolve(model, artifact)
+    paths = image_paths(images)  # missing/empty before the runtime starts (and prints its own notices)
     runner = load(path, threads)
     c = runner.contract
     results = []
-    for image_path in image_paths(images):
+    for image_path in paths:
         pixels = load_image(image_path, (c.height, c.width))
         probs = runner.predict(pixels[None])[0]
         order = np.argsort(-probs, kind="stable")[: min(top_k, len(probs))]
