@@ -457,67 +457,83 @@ def test_normalization_maps_pixels_onto_the_contract_range():
         assert np.allclose((np.array([0.0, 255.0]) - mean) / std, [low, high])
 
 
-def test_mediapipe_image_classifier_runs_every_tflite_variant_with_labels(exported):
-    """MediaPipe Tasks ImageClassifier (dev extra) loads every TFLite variant, names edgetl's labels and agrees with
-    verify's LiteRT runner on the bundle sample (top-1, exact ties aside)."""
-    mp = pytest.importorskip("mediapipe", reason="mediapipe (dev extra) is not installed: pip install -e '.[dev]'")
-    from mediapipe.tasks import python as mp_tasks
-    from mediapipe.tasks.python import vision
+MEDIAPIPE_REQUIREMENT = "mediapipe>=0.10.35"  # pyproject's [apps] extra
 
+
+def _mediapipe_python() -> str:
+    """A Python with mediapipe: this one when mediapipe imports here, else a cached venv with only mediapipe (it
+    cannot join the dev venv: mediapipe needs absl-py~=2.3, tensorflow-model-optimization 0.8.1 pins absl-py~=1.2).
+    The venv is built once per pyproject.toml (like the device venv of tests/test_device_install.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mediapipe") is not None:
+        return sys.executable
+    from test_device_install import CACHE, PIP_TIMEOUT, _key, _locked, _run
+
+    root = CACHE.parent / "edgetl-mediapipe-venv"
+    venv = root / _key()
+    with _locked(root / ".lock"):
+        for old in root.iterdir():
+            if old.is_dir() and old.name != venv.name:
+                shutil.rmtree(old, ignore_errors=True)
+        python = venv / "bin" / "python"
+        if not (venv / ".complete").is_file():
+            shutil.rmtree(venv, ignore_errors=True)
+            proc = _run([sys.executable, "-m", "venv", str(venv)], timeout=300, cwd=root)
+            assert proc.returncode == 0, proc.stderr
+            proc = _run([str(python), "-m", "pip", "install", "--quiet", MEDIAPIPE_REQUIREMENT], timeout=PIP_TIMEOUT,
+                        cwd=root)
+            if proc.returncode != 0:
+                pytest.skip(f"cannot install {MEDIAPIPE_REQUIREMENT} into a test venv: {proc.stderr.strip()[-300:]}")
+            (venv / ".complete").write_text("ok\n")
+    return str(python)
+
+
+@pytest.fixture(scope="module")
+def mediapipe_report(exported) -> dict:
+    """What MediaPipe Tasks (ImageClassifier, MetadataDisplayer) reports for every TFLite variant of the bundle."""
+    from test_device_install import _run
+
+    result, _ = exported
+    by_name = {a.name: a for a in result.artifacts}
+    python = _mediapipe_python()
+    cmd = [python, str(REPO / "tests" / "mediapipe_probe.py"), str(result.out / "sample/images.npy"),
+           *[str(by_name[n].path) for n in TFLITE_NAMES]]
+    if python == sys.executable:  # mediapipe importable here (maybe via PYTHONPATH): keep the environment
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=result.out.parent)
+    else:
+        proc = _run(cmd, timeout=600, cwd=result.out.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {name: report[str(by_name[name].path)] for name in TFLITE_NAMES}
+
+
+def test_mediapipe_image_classifier_runs_every_tflite_variant_with_labels(exported, mediapipe_report):
+    """MediaPipe Tasks ImageClassifier loads every TFLite variant, names edgetl's labels and agrees with verify's
+    LiteRT runner on the bundle sample (top-1, exact ties aside; the same scores where the input is fed alike)."""
     result, _ = exported
     images = np.load(result.out / "sample/images.npy")
     runners = _verify_runners(result.out)
-    by_name = {a.name: a for a in result.artifacts}
     for name in TFLITE_NAMES:
-        options = vision.ImageClassifierOptions(
-            base_options=mp_tasks.BaseOptions(model_asset_path=str(by_name[name].path)), max_results=len(LABELS))
-        with vision.ImageClassifier.create_from_options(options) as classifier:
-            top1, scores = [], []
-            for img in images:
-                res = classifier.classify(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(img)))
-                cats = res.classifications[0].categories
-                assert sorted(c.category_name for c in cats) == LABELS, name
-                assert all(LABELS[c.index] == c.category_name for c in cats), name
-                top1.append(cats[0].index)
-                scores.append({c.index: c.score for c in cats})
+        cats = mediapipe_report[name]["categories"]
+        assert len(cats) == len(images), name
+        for per_image in cats:
+            assert sorted(c[1] for c in per_image) == LABELS, name
+            assert all(LABELS[index] == label for index, label, _ in per_image), name
         ref = runners[name].predict(images)
-        assert _top1_agrees(np.array(top1), ref), (name, top1, ref.argmax(1).tolist())
+        top1 = np.array([per_image[0][0] for per_image in cats])
+        assert _top1_agrees(top1, ref), (name, top1.tolist(), ref.argmax(1).tolist())
         if name in ("tflite_fp32", "tflite_fp16", "tflite_qat_int8"):  # inputs fed exactly alike: same scores
-            got = np.array([[s[i] for i in range(len(LABELS))] for s in scores])
+            got = np.array([[dict((c[0], c[2]) for c in per_image)[i] for i in range(len(LABELS))] for per_image in cats])
             np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=name)
 
 
-def _mediapipe_metadata_module():
-    """mediapipe's metadata module. The 1.2.x / 0.10.3x wheels import a pybind module they do not ship
-    (``mediapipe.tasks.cc.metadata.python._pywrap_metadata_version``) at the top of metadata.py; only the metadata
-    *writer* (MetadataPopulator) uses it. An empty placeholder lets the displayer, which converts the metadata to
-    JSON with MediaPipe's own C flatbuffers parser and the real schema, be imported unchanged."""
-    import importlib
-    import types
-
-    pytest.importorskip("mediapipe", reason="mediapipe (dev extra) is not installed: pip install -e '.[dev]'")
-    try:
-        return importlib.import_module("mediapipe.tasks.python.metadata.metadata")
-    except ModuleNotFoundError as exc:
-        if "mediapipe.tasks.cc" not in str(exc):
-            raise
-    name = "mediapipe.tasks.cc.metadata.python._pywrap_metadata_version"
-    parts = name.split(".")
-    for i in range(3, len(parts) + 1):
-        sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
-    return importlib.import_module("mediapipe.tasks.python.metadata.metadata")
-
-
-def test_mediapipe_metadata_displayer_lists_labels_and_normalization(exported):
-    metadata = _mediapipe_metadata_module()
-    result, _ = exported
-    by_name = {a.name: a for a in result.artifacts}
+def test_mediapipe_metadata_displayer_lists_labels_and_normalization(mediapipe_report):
     for name in TFLITE_NAMES:
-        displayer = metadata.MetadataDisplayer.with_model_file(str(by_name[name].path))
-        assert displayer.get_packed_associated_file_list() == ["labels.txt"], name
-        assert displayer.get_associated_file_buffer("labels.txt") == b"blue\ngreen\nred\n", name
-        md = json.loads(displayer.get_metadata_json())
-        sub = md["subgraph_metadata"][0]
+        report = mediapipe_report[name]
+        assert report["packed_files"] == ["labels.txt"], name
+        assert report["labels_txt"] == "blue\ngreen\nred\n", name
+        sub = report["metadata"]["subgraph_metadata"][0]
         image = sub["input_tensor_metadata"][0]
         assert image["content"]["content_properties"]["color_space"] == "RGB", name
         unit = image["process_units"][0]
