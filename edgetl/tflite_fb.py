@@ -16,6 +16,7 @@ by one ``DEQUANTIZE`` (XNNPACK runs it, unlike the uint8->int8 ``QUANTIZE`` the 
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import numpy as np
@@ -225,3 +226,88 @@ def xnnpack_partitions(model: bytes) -> tuple[int, bool]:
         and it.get_output_details()[0]["index"] in list(delegates[0]["outputs"])
     )
     return len(delegates), whole
+
+
+# --- I/O names, batch and signature -----------------------------------------------------------------------------
+
+#: The one signature every edgetl .tflite carries, and its input/output names (the same as the ONNX files').
+SIGNATURE_KEY = "serving_default"
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+
+
+def standardize_io(obj: Any, input_name: str = INPUT_NAME, output_name: str = OUTPUT_NAME) -> None:
+    """Give a single-input, single-output model the same interface whatever converter made it, in place: input
+    tensor ``image`` with batch 1 (shape and shape signature), output tensor ``probabilities``, and exactly one
+    ``serving_default`` SignatureDef mapping those names to those tensors.
+
+    The Keras converter names the float input ``serving_default_image:0`` with a dynamic batch (-1), the
+    concrete-function converter (int8 files) names it ``image`` with batch 1 and writes no SignatureDef. The graph
+    itself is unchanged: every tensor whose shape signature has a dynamic leading dimension and a static shape of
+    batch 1 is marked batch 1, which is the shape LiteRT already allocates.
+    """
+    schema = _schema()
+    if not obj.subgraphs or len(obj.subgraphs) != 1:
+        raise ExportError(f"expected one subgraph, the model has {len(obj.subgraphs or [])}", "re-run the export")
+    graph = obj.subgraphs[0]
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise ExportError(
+            f"expected one input and one output, the model has {len(graph.inputs)} and {len(graph.outputs)}",
+            "export a single-image classifier",
+        )
+    for tensor in graph.tensors:
+        sig = tensor.shapeSignature
+        if sig is not None and len(sig) and int(sig[0]) == -1 and tensor.shape is not None and len(tensor.shape):
+            if int(tensor.shape[0]) == 1:
+                sig = np.array(sig, dtype=np.int32)
+                sig[0] = 1
+                tensor.shapeSignature = sig
+    in_index, out_index = int(graph.inputs[0]), int(graph.outputs[0])
+    graph.tensors[in_index].name = input_name
+    graph.tensors[out_index].name = output_name
+    shape = graph.tensors[in_index].shape
+    if shape is None or len(shape) != 4 or int(shape[0]) != 1:
+        raise ExportError(f"the model input has shape {None if shape is None else list(shape)}", "expected NHWC, batch 1")
+
+    def tensor_map(name: str, index: int):
+        tm = schema.TensorMapT()
+        tm.name = name
+        tm.tensorIndex = index
+        return tm
+
+    sig_def = schema.SignatureDefT()
+    sig_def.signatureKey = SIGNATURE_KEY
+    sig_def.subgraphIndex = 0
+    sig_def.inputs = [tensor_map(input_name, in_index)]
+    sig_def.outputs = [tensor_map(output_name, out_index)]
+    obj.signatureDefs = [sig_def]
+
+
+# --- metadata entries (read lazily: no unpacking of the weights) ------------------------------------------------
+
+
+def metadata_entries(data: bytes) -> dict[str, bytes]:
+    """All ``Model.metadata`` entries of a TFLite file as {name: buffer bytes}, read with LiteRT's generated schema
+    accessors (lazy: tensors and weights are not unpacked). Anything after the flatbuffer (a TFLite Metadata
+    associated-files zip) is ignored. ValueError for a file that is not a readable TFLite flatbuffer."""
+    if len(data) < 8 or bytes(data[4:8]) != b"TFL3":
+        raise ValueError("not a TFLite flatbuffer (no TFL3 identifier)")
+    schema = _schema()
+    out: dict[str, bytes] = {}
+    try:
+        model = schema.Model.GetRootAs(data, 0)
+        n_buffers = model.BuffersLength()
+        for i in range(model.MetadataLength()):
+            entry = model.Metadata(i)
+            name, index = entry.Name(), entry.Buffer()
+            if name is None or index >= n_buffers:
+                continue
+            buffer = model.Buffers(index)
+            if buffer.DataLength():
+                out[text(name)] = buffer.DataAsNumpy().tobytes()
+            else:  # models over 2 GB keep buffer data after the flatbuffer: offset/size from the file start
+                offset, size = buffer.Offset(), buffer.Size()
+                out[text(name)] = bytes(data[offset : offset + size]) if offset > 1 and offset + size <= len(data) else b""
+    except (IndexError, TypeError, struct.error) as exc:  # offsets pointing outside the file
+        raise ValueError(f"corrupt flatbuffer ({type(exc).__name__})") from None
+    return out

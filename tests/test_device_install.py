@@ -163,3 +163,30 @@ def test_device_verify_tampered_bundle_exit_2(device_venv, bundles, tmp_path):
     proc = _run([str(device_venv / "bin" / "edgetl"), "verify", str(bundle), "--json"], cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stdout == "" and "model_fp32_tflite.tflite" in proc.stderr and "checksum" in proc.stderr
+
+
+def test_device_predict_matches_verify_runners(device_venv, bundles, tmp_path):
+    """`edgetl predict` in the TF-free device venv, on every artifact of a bundle, reads the labels from the files
+    and gives the same top-1 (and score) as verify's runners."""
+    from PIL import Image
+
+    from edgetl.verify import load_bundle
+    from edgetl.verify.runners import make_runner
+
+    bundle = load_bundle(bundles["honest"])
+    images = bundle.sample.images[:12]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:02d}.png")
+    for spec in bundle.artifacts:
+        proc = _run([str(device_venv / "bin" / "edgetl"), "predict", str(bundles["honest"]), str(folder),
+                     "--artifact", spec.name, "--json", "--top-k", "1"], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        data = json.loads(proc.stdout)
+        assert data["labels"] == list(bundle.labels), spec.name
+        ref = make_runner(spec, bundle.input, bundle.labels).predict(images)
+        got = [p["top"][0] for p in data["predictions"]]
+        assert [g["index"] for g in got] == ref.argmax(1).tolist(), spec.name
+        assert all(g["label"] == bundle.labels[g["index"]] for g in got)
+        assert max(abs(g["score"] - float(r.max())) for g, r in zip(got, ref)) < 1e-5, spec.name

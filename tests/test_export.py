@@ -361,12 +361,282 @@ def test_metadata_readers_do_not_import_tensorflow(exported):
         "from edgetl.export.metadata import read_tflite_metadata, read_onnx_metadata\n"
         f"t = read_tflite_metadata({str(by_name['tflite_qat_int8'])!r})\n"
         f"o = read_onnx_metadata({str(by_name['onnx_fp32'])!r})\n"
-        "assert 'tensorflow' not in sys.modules and 'ai_edge_litert' not in sys.modules\n"
+        "assert 'tensorflow' not in sys.modules and 'ai_edge_litert.interpreter' not in sys.modules\n"
         "print(json.dumps([t['labels'], o['labels']]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [["blue", "green", "red"]] * 2
+
+
+# --- drop-in: what apps and their runtimes read (issue #13) ---------------------------------------------------
+
+TFLITE_NAMES = [v.name for v in VARIANTS if v.format == "tflite"]
+LABELS = ["blue", "green", "red"]
+
+
+def _verify_runners(bundle: Path) -> dict:
+    """verify's own runners for every artifact of ``bundle`` (the reference predictions of the drop-in tests)."""
+    from edgetl.verify import load_bundle
+    from edgetl.verify.runners import make_runner
+
+    b = load_bundle(bundle)
+    return {a.name: make_runner(a, b.input, b.labels) for a in b.artifacts}
+
+
+def _top1_agrees(got: np.ndarray, ref_probs: np.ndarray, tie: float = 1e-6) -> bool:
+    """Same top-1 class, or a different one only where the reference's top two are tied (within ``tie``)."""
+    top2 = np.sort(ref_probs, axis=1)[:, -2:]
+    tied = (top2[:, 1] - top2[:, 0]) <= tie
+    return bool(np.all((got == ref_probs.argmax(1)) | tied))
+
+
+def test_tflite_variants_share_one_signature_names_and_batch_1(exported):
+    """Every TFLite variant: exactly one `serving_default` SignatureDef, input `image` (1, H, W, 3), output
+    `probabilities`, and the signature runner gives the interpreter's own output."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    result, _ = exported
+    by_name = {a.name: a for a in result.artifacts}
+    x = np.load(result.out / "sample/images.npy")[:1]
+    interfaces = {}
+    for name in TFLITE_NAMES:
+        it = Interpreter(model_path=str(by_name[name].path))
+        it.allocate_tensors()
+        inp, out = it.get_input_details()[0], it.get_output_details()[0]
+        interfaces[name] = (it.get_signature_list(), inp["name"], [int(d) for d in inp["shape_signature"]],
+                            out["name"], [int(d) for d in out["shape_signature"]])
+        feed = x.astype(inp["dtype"])
+        it.set_tensor(inp["index"], feed)
+        it.invoke()
+        direct = it.get_tensor(out["index"]).copy()
+        via_signature = it.get_signature_runner("serving_default")(image=feed)["probabilities"]
+        np.testing.assert_array_equal(via_signature, direct, err_msg=name)
+    expected = ({"serving_default": {"inputs": ["image"], "outputs": ["probabilities"]}}, "image", [1, 32, 32, 3],
+                "probabilities", [1, 3])
+    assert interfaces == {name: expected for name in TFLITE_NAMES}
+    meta = json.loads((result.out / "bundle.json").read_text())
+    for record in meta["artifacts"]:  # bundle.json records the finished files' names
+        assert (record["input_name"], record["output_name"]) == ("image", "probabilities"), record["name"]
+
+
+def test_tflite_variants_carry_standard_tflite_metadata(exported):
+    """TFLITE_METADATA next to edgetl's entries, labels.txt packed in the file, normalization = the contract."""
+    from edgetl import tflite_metadata
+    from edgetl.tflite_fb import metadata_entries
+
+    result, _ = exported
+    by_name = {a.name: a for a in result.artifacts}
+    for name in TFLITE_NAMES:
+        data = by_name[name].path.read_bytes()
+        entries = metadata_entries(data)
+        assert {"edgetl", "edgetl.labels", "TFLITE_METADATA"} <= set(entries), name
+        md = tflite_metadata.read_model_metadata(entries["TFLITE_METADATA"])
+        assert md["name"] and md["description"] and md["version"] == "test-run", name
+        assert md["input"] == {"name": "image", "color_space": "RGB", "default_size": [32, 32], "mean": [0.0],
+                               "std": [1.0]}, name
+        assert md["output"] == {"name": "probabilities", "labels_file": "labels.txt"}, name
+        assert tflite_metadata.associated_files(data) == {"labels.txt": b"blue\ngreen\nred\n"}, name
+    # the metadata costs well under 1% of a real model (docs/formats.md); on this 32 px toy the absolute overhead
+    # (metadata flatbuffer + appended zip) is what is bounded
+    import io
+    import zipfile
+
+    qat = by_name["tflite_qat_int8"].path.read_bytes()
+    zip_start = zipfile.ZipFile(io.BytesIO(qat)).infolist()[0].header_offset  # offsets count from the file start
+    assert qat[:4] != b"PK\x03\x04" and qat[zip_start : zip_start + 4] == b"PK\x03\x04"
+    overhead = len(metadata_entries(qat)["TFLITE_METADATA"]) + (len(qat) - zip_start)
+    assert overhead < 2500, overhead
+
+
+def test_normalization_maps_pixels_onto_the_contract_range():
+    from edgetl.tflite_metadata import normalization
+
+    for low, high in ((0, 255), (0, 1), (-1, 1)):
+        mean, std = normalization((low, high))
+        assert np.allclose((np.array([0.0, 255.0]) - mean) / std, [low, high])
+
+
+MEDIAPIPE_REQUIREMENT = "mediapipe>=0.10.35"  # pyproject's [apps] extra
+
+
+def _mediapipe_python() -> str:
+    """A Python with mediapipe: this one when mediapipe imports here, else a cached venv with only mediapipe (it
+    cannot join the dev venv: mediapipe needs absl-py~=2.3, tensorflow-model-optimization 0.8.1 pins absl-py~=1.2).
+    The venv is built once per pyproject.toml (like the device venv of tests/test_device_install.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mediapipe") is not None:
+        return sys.executable
+    from test_device_install import CACHE, PIP_TIMEOUT, _key, _locked, _run
+
+    root = CACHE.parent / "edgetl-mediapipe-venv"
+    venv = root / _key()
+    with _locked(root / ".lock"):
+        for old in root.iterdir():
+            if old.is_dir() and old.name != venv.name:
+                shutil.rmtree(old, ignore_errors=True)
+        python = venv / "bin" / "python"
+        if not (venv / ".complete").is_file():
+            shutil.rmtree(venv, ignore_errors=True)
+            proc = _run([sys.executable, "-m", "venv", str(venv)], timeout=300, cwd=root)
+            assert proc.returncode == 0, proc.stderr
+            proc = _run([str(python), "-m", "pip", "install", "--quiet", MEDIAPIPE_REQUIREMENT], timeout=PIP_TIMEOUT,
+                        cwd=root)
+            if proc.returncode != 0:
+                pytest.skip(f"cannot install {MEDIAPIPE_REQUIREMENT} into a test venv: {proc.stderr.strip()[-300:]}")
+            (venv / ".complete").write_text("ok\n")
+    return str(python)
+
+
+@pytest.fixture(scope="module")
+def mediapipe_report(exported) -> dict:
+    """What MediaPipe Tasks (ImageClassifier, MetadataDisplayer) reports for every TFLite variant of the bundle."""
+    from test_device_install import _run
+
+    result, _ = exported
+    by_name = {a.name: a for a in result.artifacts}
+    python = _mediapipe_python()
+    cmd = [python, str(REPO / "tests" / "mediapipe_probe.py"), str(result.out / "sample/images.npy"),
+           *[str(by_name[n].path) for n in TFLITE_NAMES]]
+    if python == sys.executable:  # mediapipe importable here (maybe via PYTHONPATH): keep the environment
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=result.out.parent)
+    else:
+        proc = _run(cmd, timeout=600, cwd=result.out.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {name: report[str(by_name[name].path)] for name in TFLITE_NAMES}
+
+
+def test_mediapipe_image_classifier_runs_every_tflite_variant_with_labels(exported, mediapipe_report):
+    """MediaPipe Tasks ImageClassifier loads every TFLite variant, names edgetl's labels and agrees with verify's
+    LiteRT runner on the bundle sample (top-1, exact ties aside; the same scores where the input is fed alike)."""
+    result, _ = exported
+    images = np.load(result.out / "sample/images.npy")
+    runners = _verify_runners(result.out)
+    for name in TFLITE_NAMES:
+        cats = mediapipe_report[name]["categories"]
+        assert len(cats) == len(images), name
+        for per_image in cats:
+            assert sorted(c[1] for c in per_image) == LABELS, name
+            assert all(LABELS[index] == label for index, label, _ in per_image), name
+        ref = runners[name].predict(images)
+        top1 = np.array([per_image[0][0] for per_image in cats])
+        assert _top1_agrees(top1, ref), (name, top1.tolist(), ref.argmax(1).tolist())
+        if name in ("tflite_fp32", "tflite_fp16", "tflite_qat_int8"):  # inputs fed exactly alike: same scores
+            got = np.array([[dict((c[0], c[2]) for c in per_image)[i] for i in range(len(LABELS))] for per_image in cats])
+            np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=name)
+
+
+def test_mediapipe_metadata_displayer_lists_labels_and_normalization(mediapipe_report):
+    for name in TFLITE_NAMES:
+        report = mediapipe_report[name]
+        assert report["packed_files"] == ["labels.txt"], name
+        assert report["labels_txt"] == "blue\ngreen\nred\n", name
+        sub = report["metadata"]["subgraph_metadata"][0]
+        image = sub["input_tensor_metadata"][0]
+        assert image["content"]["content_properties"]["color_space"] == "RGB", name
+        unit = image["process_units"][0]
+        assert unit["options_type"] == "NormalizationOptions" and unit["options"] == {"mean": [0.0], "std": [1.0]}
+        files = sub["output_tensor_metadata"][0]["associated_files"]
+        assert files == [{"name": "labels.txt", "description": files[0]["description"], "type": "TENSOR_AXIS_LABELS"}]
+
+
+def test_onnx_runtimes_read_the_image_metadata_and_labels(exported):
+    import onnxruntime as ort
+
+    result, _ = exported
+    expected = {"Image.BitmapPixelFormat": "Rgb8", "Image.ColorSpaceGamma": "SRGB",
+                "Image.NominalPixelRange": "NominalRange_0_255"}
+    onnx_files = [a for a in result.artifacts if a.format == "onnx"]
+    for a in onnx_files:
+        props = dict(ort.InferenceSession(str(a.path), providers=["CPUExecutionProvider"])
+                     .get_modelmeta().custom_metadata_map)
+        assert {k: props.get(k) for k in expected} == expected, a.name
+        assert json.loads(props["labels"]) == LABELS and json.loads(props["edgetl.labels"]) == LABELS, a.name
+    ov = pytest.importorskip("openvino", reason="openvino is not installed (optional: pip install openvino)")
+    core = ov.Core()
+    for a in onnx_files:
+        framework = core.read_model(str(a.path)).get_rt_info()["framework"]  # ONNX metadata_props land here
+        names = set(framework.keys())
+        got = {k: framework[k].astype(str) for k in (*expected, "labels") if k in names}
+        assert {k: got.get(k) for k in expected} == expected and json.loads(got["labels"]) == LABELS, (a.name, got)
+
+
+def test_predict_cli_reads_the_artifacts_and_matches_verify(exported, tmp_path, cli):
+    from PIL import Image
+
+    result, _ = exported
+    images = np.load(result.out / "sample/images.npy")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:02d}.png")
+    (folder / "notes.txt").write_text("not an image")
+    runners = _verify_runners(result.out)
+    for a in result.artifacts:
+        code, stdout, stderr = cli("predict", result.out, folder, "--artifact", a.name, "--json", "--top-k", "2")
+        assert code == 0, stderr
+        data = json.loads(stdout)
+        assert data["model"] == str(a.path) and data["labels"] == LABELS
+        assert [Path(p["image"]).name for p in data["predictions"]] == [f"{i:02d}.png" for i in range(len(images))]
+        assert all(len(p["top"]) == 2 for p in data["predictions"])
+        top1 = np.array([p["top"][0]["index"] for p in data["predictions"]])
+        assert all(p["top"][0]["label"] == LABELS[p["top"][0]["index"]] for p in data["predictions"])
+        ref = runners[a.name].predict(images)
+        assert _top1_agrees(top1, ref), (a.name, top1, ref.argmax(1))
+        scores = np.array([p["top"][0]["score"] for p in data["predictions"]])
+        np.testing.assert_allclose(scores, ref.max(1), atol=1e-6, err_msg=a.name)
+        want = "TFLITE_METADATA" if a.format == "tflite" else "onnx image metadata"
+        assert data["input"]["source"] == want, a.name
+    # a model file directly, one image, text output; the bundle default is the QAT int8 TFLite
+    code, stdout, _ = cli("predict", result.out / "model_fp32.onnx", folder / "00.png")
+    assert code == 0 and stdout.startswith(str(folder / "00.png") + ": ") and stdout.count("\n") == 1
+    code, stdout, _ = cli("predict", result.out, folder / "00.png", "--json")
+    assert code == 0 and json.loads(stdout)["model"].endswith("model_qat_int8.tflite")
+
+
+def test_predict_bad_input_is_one_line_exit_2(exported, tmp_path, cli):
+    result, _ = exported
+    img = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "model.tflite").write_bytes(b"garbage" * 10)
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (result.out, tmp_path / "missing.png", "does not exist"),
+        (result.out, tmp_path / "empty", "no images"),
+        (result.out, tmp_path / "broken.png", "broken.png"),
+        (tmp_path / "model.tflite", img, "not a loadable TFLite model"),
+        (tmp_path / "empty", img, "bundle.json"),
+        (img, img, "neither a .tflite nor an .onnx"),
+    ]
+    for model, images, needle in cases:
+        code, stdout, stderr = cli("predict", model, images)
+        assert code == 2 and needle in stderr and stderr.count("\n") == 1 and "Traceback" not in stderr, (
+            model, images, stderr)
+    code, _, stderr = cli("predict", result.out, img, "--artifact", "nope")
+    assert code == 2 and "tflite_qat_int8" in stderr
+    code, _, stderr = cli("predict", result.out, img, "--top-k", "0")
+    assert code == 2 and "--top-k" in stderr
+
+
+def test_bundle_has_a_model_card(exported):
+    result, _ = exported
+    card = (result.out / "README.md").read_text()
+    meta = verify_checksums(result.out)
+    assert "README.md" in meta["files"]
+    assert card.startswith("# test-run: image classifier (tiny-test)")
+    assert "0. blue\n1. green\n2. red\n" in card
+    assert "one 32x32 RGB image, NHWC, batch 1" in card
+    for a in result.artifacts:
+        assert f"| `{a.file}` | {a.format} | {a.quantization} |" in card, a.name
+    assert "| `model_qat_int8.tflite` | tflite | qat_int8 | uint8 (scale 1, zero point 0) |" in card
+    assert "model_asset_path='model_qat_int8.tflite'" in card  # MediaPipe Tasks on the file an app ships
+    assert "get_signature_runner('serving_default')" in card and "custom_metadata_map['labels']" in card
+    assert "ByteBuffer.allocateDirect(3072)" in card  # 32 * 32 * 3 uint8 input bytes
 
 
 def test_cli_export_json_and_bad_flags(run_dir, tmp_path):

@@ -89,7 +89,7 @@ def main(
 def _register() -> None:
     import importlib
 
-    for module in ("finetune_cmd", "export_cmd", "verify_cmd", "run_cmd"):
+    for module in ("finetune_cmd", "export_cmd", "verify_cmd", "run_cmd", "predict_cmd"):
         importlib.import_module(f"edgetl.cli.{module}").register(app)
 
 

@@ -27,6 +27,7 @@ from edgetl.export import onnx as onnx_export
 from edgetl.export import tflite as tflite_export
 from edgetl.export.context import BuildContext
 from edgetl.export.metadata import artifact_metadata
+from edgetl.export.model_card import model_card
 from edgetl.fsutil import PID_FILE, atomic_dir, atomic_write_json, check_target, sha256_file
 from edgetl.manifest import BUNDLE_FOLDER, BUNDLE_SCHEMA
 from edgetl.rundir import RunInfo, read_run
@@ -443,7 +444,7 @@ def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, 
             if v.format == "onnx":
                 onnx_export.check_loads(path)
             else:
-                tflite_export.describe(data)  # the re-packed flatbuffer still loads
+                io = tflite_export.describe(data)  # the finished file loads; its names are the standard ones
             if v.quantization == "fp32":
                 fp32_size[v.format] = len(data)
             base = fp32_size.get(v.format)
@@ -470,11 +471,6 @@ def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, 
         tick("bundle.json")
         reference = _reference(chosen)
         shutil.rmtree(work)
-        files = {
-            p.relative_to(tmp).as_posix(): sha256_file(p)
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file() and p.name not in ("bundle.json", PID_FILE)
-        }
         bundle = {
             "schema": BUNDLE_SCHEMA,
             "edgetl_version": __version__,
@@ -498,7 +494,12 @@ def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, 
             "calibration": {"split": "train", "count": calib_state["count"], "seed": seed + 1},
             "source_run": {"path": str(run.path), "manifest_sha256": sha256_file(run.path / "manifest.json")},
             "notes": notes,
-            "files": files,
+        }
+        (tmp / "README.md").write_text(model_card(bundle, run.manifest), encoding="utf-8")
+        bundle["files"] = {
+            p.relative_to(tmp).as_posix(): sha256_file(p)
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file() and p.name not in ("bundle.json", PID_FILE)
         }
         atomic_write_json(tmp / "bundle.json", bundle)
         os.chmod(tmp / "bundle.json", 0o666 & ~_umask())

@@ -13,8 +13,10 @@ Both readers return the same normalized dict::
 
     {"schema", "edgetl_version", "run_id", "backbone", "labels", "input", "quantization", "format", "source"}
 
-(the TFLite reader adds ``labels_file``, the embedded labels text). This module imports neither TensorFlow nor
-LiteRT; the TFLite reader is a small hand parser of the flatbuffer (only ``Model.metadata`` and ``Model.buffers``).
+(the TFLite reader adds ``labels_file``, the embedded labels text). This module never imports TensorFlow; the TFLite
+reader uses LiteRT's generated flatbuffer schema (``ai_edge_litert``, in the ``[device]`` extra) through
+:mod:`edgetl.tflite_fb`. Every TFLite file also carries the standard TFLite Metadata (``TFLITE_METADATA``, with the
+labels as a packed ``labels.txt``): see :mod:`edgetl.tflite_metadata`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from edgetl.errors import ModelFileError
+from edgetl.errors import ConfigError, ModelFileError
 
 ARTIFACT_SCHEMA = "edgetl.artifact/1"
 TFLITE_METADATA_NAME = "edgetl"
@@ -60,9 +62,32 @@ def artifact_metadata(
     }
 
 
+#: ONNX image metadata (the keys WinML / the ONNX "Image" metadata convention define for image inputs).
+ONNX_PIXEL_RANGES = {(0.0, 255.0): "NominalRange_0_255", (0.0, 1.0): "Normalized_0_1", (-1.0, 1.0): "Normalized_1_1"}
+
+
+def onnx_standard_props(meta: dict[str, Any]) -> dict[str, str]:
+    """Keys any ONNX reader can use without knowing edgetl: the image metadata keys ``Image.BitmapPixelFormat``
+    (``Rgb8``), ``Image.ColorSpaceGamma`` (``SRGB``), ``Image.NominalPixelRange`` (``NominalRange_0_255`` for
+    edgetl's raw-pixel input), and ``labels``: the class names as a JSON list (``json.loads`` in any language;
+    a label may contain commas)."""
+    contract = meta["input"]
+    value_range = tuple(float(v) for v in contract.get("range", (0, 255)))
+    props = {
+        "Image.BitmapPixelFormat": "Bgr8" if contract.get("color") == "BGR" else "Rgb8",
+        "Image.ColorSpaceGamma": "SRGB",
+        "labels": json.dumps(list(meta["labels"])),
+    }
+    if value_range in ONNX_PIXEL_RANGES:
+        props["Image.NominalPixelRange"] = ONNX_PIXEL_RANGES[value_range]
+    return props
+
+
 def to_onnx_props(meta: dict[str, Any]) -> dict[str, str]:
-    """Flatten :func:`artifact_metadata` to ONNX ``metadata_props`` (string values)."""
+    """Flatten :func:`artifact_metadata` to ONNX ``metadata_props`` (string values): the ``edgetl.*`` keys and
+    :func:`onnx_standard_props`."""
     return {
+        **onnx_standard_props(meta),
         "edgetl.schema": meta["schema"],
         "edgetl.version": meta["edgetl_version"],
         "edgetl.run_id": meta["run_id"],
@@ -124,94 +149,15 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     return from_onnx_props(props, path)
 
 
-# --- TFLite: minimal flatbuffer reader -------------------------------------------------------------------------
-
-# Field indices in the TFLite schema's Model table (schema.fbs): version=0, operator_codes=1, subgraphs=2,
-# description=3, buffers=4, metadata_buffer=5, metadata=6, signature_defs=7.
-_MODEL_BUFFERS = 4
-_MODEL_METADATA = 6
-# Metadata table: name=0, buffer=1. Buffer table: data=0, offset=1, size=2.
-
-
-class _FlatBuffer:
-    """Just enough of the flatbuffers wire format to walk tables, vectors and strings (bounds-checked)."""
-
-    def __init__(self, buf: bytes):
-        self.buf = memoryview(buf)
-
-    def _u(self, fmt: str, pos: int) -> int:
-        size = struct.calcsize(fmt)
-        if pos < 0 or pos + size > len(self.buf):
-            raise ValueError(f"offset {pos} out of range")
-        return struct.unpack_from(fmt, self.buf, pos)[0]
-
-    def root(self) -> int:
-        return self._u("<I", 0)
-
-    def field_pos(self, table: int, index: int) -> int | None:
-        vtable = table - self._u("<i", table)
-        vt_size = self._u("<H", vtable)
-        entry = 4 + 2 * index
-        if entry >= vt_size:
-            return None
-        off = self._u("<H", vtable + entry)
-        return table + off if off else None
-
-    def deref(self, pos: int) -> int:
-        return pos + self._u("<I", pos)
-
-    def table_field(self, table: int, index: int) -> int | None:
-        pos = self.field_pos(table, index)
-        return None if pos is None else self.deref(pos)
-
-    def vector(self, table: int, index: int) -> tuple[int, int]:
-        """(start of elements, length) of a vector field; (0, 0) if absent."""
-        pos = self.table_field(table, index)
-        if pos is None:
-            return 0, 0
-        return pos + 4, self._u("<I", pos)
-
-    def string(self, table: int, index: int) -> str | None:
-        start, n = self.vector(table, index)
-        if not start:
-            return None
-        if start + n > len(self.buf):
-            raise ValueError("string out of range")
-        return bytes(self.buf[start : start + n]).decode("utf-8", errors="replace")
-
-    def scalar(self, table: int, index: int, fmt: str, default: int = 0) -> int:
-        pos = self.field_pos(table, index)
-        return default if pos is None else self._u(fmt, pos)
+# --- TFLite ---------------------------------------------------------------------------------------------------
 
 
 def tflite_metadata_entries(data: bytes) -> dict[str, bytes]:
-    """All ``Model.metadata`` entries of a TFLite flatbuffer as {name: buffer bytes} (TF-free)."""
-    if len(data) < 8 or data[4:8] != b"TFL3":
-        raise ValueError("not a TFLite flatbuffer (no TFL3 identifier)")
-    fb = _FlatBuffer(data)
-    model = fb.root()
-    buffers_start, n_buffers = fb.vector(model, _MODEL_BUFFERS)
-    meta_start, n_meta = fb.vector(model, _MODEL_METADATA)
-    out: dict[str, bytes] = {}
-    for i in range(n_meta):
-        entry = fb.deref(meta_start + 4 * i)
-        name = fb.string(entry, 0)
-        index = fb.scalar(entry, 1, "<I")
-        if name is None or index >= n_buffers:
-            continue
-        buffer = fb.deref(buffers_start + 4 * index)
-        start, n = fb.vector(buffer, 0)
-        if start:
-            if start + n > len(data):
-                raise ValueError("buffer out of range")
-            out[name] = bytes(data[start : start + n])
-        else:  # large models keep buffer data after the flatbuffer: offset/size from the file start
-            offset, size = fb.scalar(buffer, 1, "<Q"), fb.scalar(buffer, 2, "<Q")
-            if offset > 1 and offset + size <= len(data):
-                out[name] = bytes(data[offset : offset + size])
-            else:
-                out[name] = b""
-    return out
+    """All ``Model.metadata`` entries of a TFLite flatbuffer as {name: buffer bytes} (TF-free: LiteRT's generated
+    schema, read lazily, via :func:`edgetl.tflite_fb.metadata_entries`). ValueError for an unreadable file."""
+    from edgetl.tflite_fb import metadata_entries
+
+    return metadata_entries(data)
 
 
 def read_tflite_metadata(path: str | Path) -> dict[str, Any]:
@@ -224,6 +170,9 @@ def read_tflite_metadata(path: str | Path) -> dict[str, Any]:
         entries = tflite_metadata_entries(data)
     except (ValueError, struct.error) as exc:
         raise ModelFileError(f"{path} is not a readable TFLite model: {exc}", "re-export it") from None
+    except ImportError:
+        raise ConfigError(f"reading {path.name} needs ai-edge-litert, which is not installed",
+                          "pip install 'edgetl[device]'") from None
     if TFLITE_METADATA_NAME not in entries:
         raise ModelFileError(f"{path} carries no edgetl metadata", "export it with `edgetl export`")
     try:

@@ -2,7 +2,8 @@
 post-training static quantization, QDQ, per-channel; kept as a comparison for QAT).
 
 Builders return serialized ModelProto bytes; :func:`finalize` renames the I/O to ``image``/``probabilities``,
-names the batch dimension and writes the ``edgetl.*`` metadata_props.
+names the batch dimension and writes the ``edgetl.*`` metadata_props plus the plain ``labels`` and ONNX image
+metadata keys (:func:`edgetl.export.metadata.onnx_standard_props`).
 """
 
 from __future__ import annotations
@@ -193,7 +194,9 @@ def finalize(data: bytes, meta: dict[str, Any]) -> bytes:
 
     model = onnx.load_from_string(rename_io(data))
     short_names(model)
-    keep = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith("edgetl.")]
+    _denote_image_input(model)
+    ours = set(to_onnx_props(meta))
+    keep = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith("edgetl.") and p.key not in ours]
     del model.metadata_props[:]
     for key, value in keep + sorted(to_onnx_props(meta).items()):
         prop = model.metadata_props.add()
@@ -206,6 +209,20 @@ def finalize(data: bytes, meta: dict[str, Any]) -> bytes:
     )
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def _denote_image_input(model) -> None:
+    """Mark the NHWC input as an image (type denotation ``IMAGE``, dimension denotations), which the ONNX image
+    metadata keys (``Image.*``) refer to (onnx docs: MetadataProps.md, TypeDenotation.md, DimensionDenotation.md)."""
+    initializers = {init.name for init in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        value.type.denotation = "IMAGE"
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == 4:
+            for dim, denotation in zip(dims, ("DATA_BATCH", "DATA_FEATURE", "DATA_FEATURE", "DATA_CHANNEL")):
+                dim.denotation = denotation
 
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 10: "float16", 6: "int32", 7: "int64", 11: "float64"}

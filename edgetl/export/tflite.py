@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from edgetl.errors import ExportError
 from edgetl.export.context import BuildContext, quantize_module
 from edgetl.export.metadata import TFLITE_LABELS_NAME, TFLITE_METADATA_NAME
 
@@ -60,19 +61,64 @@ def build_qat_int8(ctx: BuildContext) -> bytes:
 # --- metadata --------------------------------------------------------------------------------------------------
 
 
+def standard_metadata(meta: dict[str, Any]) -> bytes:
+    """The standard TFLite Metadata (``TFLITE_METADATA``) for an artifact with edgetl metadata ``meta``."""
+    from edgetl import tflite_metadata
+
+    contract = meta["input"]
+    if contract.get("color", "RGB") != "RGB" or contract.get("layout", "NHWC") != "NHWC":
+        raise ExportError(
+            f"TFLite Metadata describes NHWC RGB inputs; this model takes {contract.get('layout')} {contract.get('color')}",
+            "export an NHWC RGB model",
+        )
+    height, width = int(contract["height"]), int(contract["width"])
+    low, high = contract.get("range", [0, 255])
+    labels = meta["labels"]
+    backbone = meta.get("backbone") or "unknown backbone"
+    dtype = contract.get("dtype", "float32")
+    if dtype == "float32":
+        feed = f"float32 RGB pixel values {low:g}..{high:g} (no scaling outside the model)"
+    else:
+        scale, zero_point = contract.get("quant", [1.0, 0])
+        feed = f"{dtype} RGB bytes (quantization scale {scale:g}, zero point {zero_point}: real value = pixel)"
+    shown = ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else "")
+    return tflite_metadata.model_metadata(
+        name=f"edgetl image classifier ({backbone}, {meta['quantization']})",
+        description=(
+            f"Classifies a {width}x{height} RGB image into {len(labels)} classes ({shown}). Made by edgetl "
+            f"{meta['edgetl_version']} from run {meta['run_id']} ({meta['source']}); preprocessing is inside the model."
+        ),
+        version=str(meta["run_id"]),
+        author=f"edgetl {meta['edgetl_version']}",
+        height=height,
+        width=width,
+        value_range=(float(low), float(high)),
+        input_description=f"Input image {width}x{height} (NHWC, batch 1): {feed}.",
+        output_description=f"Softmax probabilities over the {len(labels)} labels (float32).",
+        labels_file=tflite_metadata.LABELS_FILE,
+    )
+
+
 def embed_metadata(model: bytes, meta: dict[str, Any], labels_text: str) -> bytes:
-    """Return ``model`` with ``edgetl`` (JSON) and ``edgetl.labels`` metadata entries (replacing older ones)."""
+    """Return ``model`` finished for apps: input ``image`` (batch 1), output ``probabilities``, one
+    ``serving_default`` signature (:func:`edgetl.tflite_fb.standardize_io`); metadata entries ``edgetl`` (JSON),
+    ``edgetl.labels`` and the standard ``TFLITE_METADATA`` (replacing older ones), written by edgetl's flatbuffer
+    writer; then ``labels.txt`` packed after the flatbuffer (the TFLite Metadata associated file). Last step of
+    every TFLite variant: the bundle checksums are taken after it."""
     from ai_edge_litert import schema_py_generated as schema
 
-    from edgetl import tflite_fb
+    from edgetl import tflite_fb, tflite_metadata
 
     obj = tflite_fb.read(model)
+    tflite_fb.standardize_io(obj)
     if obj.buffers is None:
         obj.buffers = []
-    entries = [m for m in (obj.metadata or []) if tflite_fb.text(m.name) not in (TFLITE_METADATA_NAME, TFLITE_LABELS_NAME)]
+    ours = (TFLITE_METADATA_NAME, TFLITE_LABELS_NAME, tflite_metadata.METADATA_NAME)
+    entries = [m for m in (obj.metadata or []) if tflite_fb.text(m.name) not in ours]
     payloads = {
         TFLITE_METADATA_NAME: json.dumps(meta, sort_keys=True).encode("utf-8"),
         TFLITE_LABELS_NAME: labels_text.encode("utf-8"),
+        tflite_metadata.METADATA_NAME: standard_metadata(meta),
     }
     for name, payload in payloads.items():
         buffer = schema.BufferT()
@@ -83,7 +129,8 @@ def embed_metadata(model: bytes, meta: dict[str, Any], labels_text: str) -> byte
         entry.buffer = len(obj.buffers) - 1
         entries.append(entry)
     obj.metadata = entries
-    return tflite_fb.write(obj)  # same writer for every variant: shared quantization vectors, aligned buffers
+    flat = tflite_fb.write(obj)  # same writer for every variant: shared quantization vectors, aligned buffers
+    return tflite_metadata.append_associated_files(flat, {tflite_metadata.LABELS_FILE: labels_text.encode("utf-8")})
 
 
 def _quant(detail: dict[str, Any]) -> list[float] | None:
