@@ -624,10 +624,11 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
         "completed_phases": list(state["completed"]),
         "files": files,
     }
+    # checked again (nothing foreign may have appeared in the target while training), while progress.json still
+    # lets a rerun resume
+    check_target(run_dir, RUN_FOLDER, force)
     atomic_write_json(work / "manifest.json", manifest)
     (work / "progress.json").unlink(missing_ok=True)
-    # checked again: nothing foreign may have appeared in the target while training
-    check_target(run_dir, RUN_FOLDER, force)
     swap_dir(work, run_dir)
     return RunResult(run_dir, manifest)
 

@@ -1148,3 +1148,46 @@ def test_progress_bars_end_cleanly():
     text = console.export_text()
     assert "884/884" in text and "1020" not in text, text
     assert "QAT: rewrite" in text and "/?" not in text and "0/" not in text, text
+
+
+_KILLED_VERIFY = """
+import sys, time
+from edgetl.verify.report import Report
+Report.to_dict = lambda self: time.sleep(600)  # hang after report.md and the plots are written, before report.json
+from edgetl.cli import app
+sys.argv = ["edgetl", "verify", sys.argv[1], "--runs", "2", "--warmup", "0"]
+app()
+"""
+
+
+def test_sigkilled_verify_keeps_old_reports_and_next_run_cleans_up(base_run, tmp_path, cli):
+    """A verify SIGKILLed while writing its reports: the previous report set is byte-identical (no new report.md next
+    to the old report.json), and the next verify removes the killed run's temp folder."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    bundle = shutil.copytree(base_run / "export", tmp_path / "bundle")
+    code, _, stderr = cli(*_verify_args(bundle))
+    assert code in (0, 1), stderr
+    before = snapshot(bundle / "verify")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_VERIFY, str(bundle)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(bundle.glob(".verify.*.partial/report.md")):
+            assert proc.poll() is None and time.time() < deadline, "verify ended before writing its reports"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert snapshot(bundle / "verify") == before
+    assert list(bundle.glob(".verify.*.partial"))  # what the kill left
+    code, _, stderr = cli(*_verify_args(bundle))
+    assert code in (0, 1), stderr
+    assert not [p.name for p in bundle.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in (bundle / "verify").iterdir()) == ["confusion.png", "latency.png", "report.json",
+                                                                     "report.md"]

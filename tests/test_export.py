@@ -670,7 +670,7 @@ def test_cli_export_json_and_bad_flags(run_dir, tmp_path):
 _CHILD = """
 import sys
 from edgetl.export import export_run
-export_run(sys.argv[1], "tflite", "fp32,fp16,dynamic_int8", sys.argv[2], samples=4)
+export_run(sys.argv[1], "tflite", "fp32,fp16,dynamic_int8", sys.argv[2], samples=4, force=True)
 """
 
 
