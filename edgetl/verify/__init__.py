@@ -47,8 +47,12 @@ from edgetl.verify.checks import (
 from edgetl.verify.report import Report, ReferenceInfo, machine_info
 from edgetl.verify.runners import KerasRunner, Runner, make_runner, measure_latencies
 
+#: timed inferences per model per interleaved round
+LATENCY_BLOCK = 10
+
 __all__ = [
     "EXIT_CODES",
+    "paired_ratio",
     "FAIL",
     "INCONCLUSIVE",
     "PASS",
@@ -343,13 +347,13 @@ def verify(
     if keras_runner is not None:
         timed["\0keras"] = keras_runner
     say(f"timing {len(timed)} model(s): {warmup} warm-up + {runs} runs each, interleaved")
-    times = measure_latencies(timed, images[0], warmup=warmup, runs=runs)
+    times = measure_latencies(timed, images[0], warmup=warmup, runs=runs, block=LATENCY_BLOCK)
     stats = {name: LatencyStats.from_ms(t) for name, t in times.items()}
     for result in results:
         result.latency = stats[result.name]
         base = stats.get(result.latency_baseline) if result.latency_baseline else None
         if base is not None and base.p50 > 0:
-            result.latency_ratio = result.latency.p50 / base.p50
+            result.latency_ratio = paired_ratio(times[result.name], times[result.latency_baseline])
         failures, undecided = check(result, thresholds, base)
         result.failures = list(dict.fromkeys(result.failures + failures))
         result.inconclusive += undecided
@@ -377,6 +381,20 @@ def verify(
     if report_dir is not None:
         report.write(report_dir)
     return report
+
+
+def paired_ratio(times: np.ndarray, baseline: np.ndarray, block: int = LATENCY_BLOCK) -> float:
+    """Median over the interleaved rounds of (median of this round's block / median of the baseline's block).
+
+    Both were timed in the same rounds (:func:`measure_latencies`), so a neighbour's load that slows one round
+    slows both sides of that round's ratio; the median over rounds then ignores the rounds it hit hardest.
+    """
+    n = min(len(times), len(baseline)) // block
+    if n == 0:
+        return float(np.median(times) / np.median(baseline))
+    a = np.median(np.asarray(times[: n * block]).reshape(n, block), axis=1)
+    b = np.median(np.asarray(baseline[: n * block]).reshape(n, block), axis=1)
+    return float(np.median(a / b))
 
 
 #: misclassified images listed per artifact in report.json
