@@ -47,7 +47,7 @@ def cli_run(shapes_dir, tmp_path_factory) -> Path:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_USE_LEGACY_KERAS": "1"}
     for args in (
         ["finetune", "--data", str(shapes_dir), "--out", str(run), "--weights", "none", "--image-size", "32",
-         "--epochs", "2", "--fine-tune-epochs", "2", "--qat-epochs", "1", "--calibration-images", "16",
+         "--epochs", "2", "--fine-tune-epochs", "2", "--qat-epochs", "1",
          "--batch-size", "8", "--seed", "0"],
         ["export", str(run)],
     ):
