@@ -24,7 +24,7 @@ demo: install
 	  echo "demo: using local ImageNet weights for MobileNetV3-Small from $(SHARED)/weights"; \
 	  EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/edgetl run recipes/quickstart.yaml --force; \
 	else \
-	  echo "demo: no local ImageNet weights ($(DEMO_WEIGHTS) is absent): using random initialisation (weights: none)"; \
+	  echo "demo: no local ImageNet weights ($(DEMO_WEIGHTS) is absent): training from scratch (weights: none, random initialisation)"; \
 	  $(BIN)/edgetl run recipes/quickstart.yaml --force --set finetune.weights=none; \
 	fi
 

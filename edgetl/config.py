@@ -36,7 +36,9 @@ class FinetuneConfig(_Strict):
     epochs: int = Field(15, ge=1, le=1000, description="head-phase epochs (early stopping on val accuracy)")
     fine_tune_epochs: int = Field(0, ge=0, le=1000, description="epochs training the unfrozen top of the backbone")
     head_lr: float = Field(1e-3, gt=0, le=1)
-    fine_tune_lr: float = Field(5e-5, gt=0, le=1, description="10-100x lower than head_lr")
+    fine_tune_lr: Optional[float] = Field(
+        None, gt=0, le=1, description="default: 5e-5 (10-100x lower than head_lr) with pretrained weights, 2e-3 with weights none"
+    )
     freeze: str = Field("auto", description="auto | all | none | early/mid/late | LAYER_NAME | fraction 0..1")
     domain: Literal["similar", "different"] = Field("similar", description="how close your photos are to ImageNet")
     batch_size: int = Field(32, ge=1, le=4096)
@@ -74,12 +76,28 @@ class VerifyConfig(_Strict):
     threads: int = Field(1, ge=1, le=256)
     runs: int = Field(100, ge=1, le=100000)
     warmup: int = Field(10, ge=0, le=10000)
-    max_accuracy_drop: float = Field(1.0, ge=0)
-    min_agreement: float = Field(0.95, ge=0, le=1)
-    max_latency_ratio: float = Field(1.0, gt=0)
-    float_tolerance: float = Field(1e-4, gt=0)
-    fp16_tolerance: float = Field(1e-2, gt=0)
+    # Check limits: None = the default in edgetl.verify.checks.Thresholds (the one place they live).
+    margin_pp: Optional[float] = Field(None, ge=0)
+    confidence: Optional[float] = Field(None, ge=0.5, lt=1)
+    min_agreement: Optional[float] = Field(None, ge=0, le=1)
+    max_mean_diff: Optional[float] = Field(None, ge=0)
+    float_tolerance: Optional[float] = Field(None, gt=0)
+    fp16_tolerance: Optional[float] = Field(None, gt=0)
+    max_latency_ratio: Optional[float] = Field(None, gt=0)
+    latency_noise: Optional[float] = Field(None, ge=0)
+    max_p50_ms: Optional[float] = Field(None, gt=0)
+    max_p99_ms: Optional[float] = Field(None, gt=0)
+    bundle_sample: bool = False
     report: Optional[str] = None
+
+
+    def thresholds(self):
+        """The recipe's check limits, the defaults for those it does not set."""
+        from edgetl.verify.checks import Thresholds
+
+        keys = ("margin_pp", "confidence", "min_agreement", "max_mean_diff", "float_tolerance", "fp16_tolerance",
+                "max_latency_ratio", "latency_noise", "max_p50_ms", "max_p99_ms")
+        return Thresholds(**{k: getattr(self, k) for k in keys if getattr(self, k) is not None})
 
 
 class Recipe(_Strict):

@@ -47,9 +47,11 @@ class ArtifactBlob:
     input_quant: list[float] | None = None
     output_dtype: str = "float32"
     output_quant: list[float] | None = None
+    source: str | None = None  # bundle.json "source" (None: not written; verify infers it from the quantization)
 
     def entry(self) -> dict[str, Any]:
-        return {
+        extra = {"source": self.source} if self.source else {}
+        return {**extra,
             "name": self.name,
             "file": self.file,
             "format": self.format,
@@ -222,7 +224,7 @@ class TinyClassifier:
         return replace(blob, data=embed_metadata(blob.data, meta, "".join(f"{x}\n" for x in LABELS)))
 
     def slowed_onnx(self, blob: ArtifactBlob | None = None, name: str = "model_slowed_onnx", hidden: int = 512,
-                    depth: int = 16) -> ArtifactBlob:
+                    depth: int = 16, quantization: str = "fp32") -> ArtifactBlob:
         """The same ONNX graph plus a heavy MatMul/Tanh chain on the input whose result is multiplied by 0 and
         added to the output: identical probabilities, many times the compute."""
         import onnx
@@ -261,7 +263,9 @@ class TinyClassifier:
         graph.node.extend(nodes)
         assert graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
         onnx.checker.check_model(proto)
-        return ArtifactBlob(name, f"{name}.onnx", "onnx", "fp32", proto.SerializeToString())
+        if quantization != blob.quantization:  # a claim of another quantization: drop the embedded metadata
+            del proto.metadata_props[:]
+        return ArtifactBlob(name, f"{name}.onnx", "onnx", quantization, proto.SerializeToString())
 
     def honest_artifacts(self) -> list[ArtifactBlob]:
         return [self.onnx_fp32(), self.tflite_fp32(), self.tflite_int8()]
@@ -276,6 +280,7 @@ class TinyClassifier:
         images: np.ndarray | None = None,
         labels: np.ndarray | None = None,
         reference_outputs: np.ndarray | None = None,
+        qat_outputs: np.ndarray | None = None,
         overrides: dict[str, Any] | None = None,
     ) -> Path:
         """Write a complete bundle per docs/formats.md (checksums included). ``overrides`` patch bundle.json."""
@@ -289,6 +294,7 @@ class TinyClassifier:
             ("images", self.sample_images if images is None else images),
             ("labels", self.sample_labels if labels is None else labels),
             ("reference_outputs", self.reference_outputs if reference_outputs is None else reference_outputs),
+            *([("qat_outputs", qat_outputs)] if qat_outputs is not None else []),
         ):
             np.save(dest / "sample" / f"{key}.npy", array, allow_pickle=False)
             blobs[f"sample/{key}.npy"] = (dest / "sample" / f"{key}.npy").read_bytes()
@@ -306,6 +312,8 @@ class TinyClassifier:
             "artifacts": [a.entry() for a in artifacts],
             "sample": {"images": "sample/images.npy", "labels": "sample/labels.npy",
                        "reference_outputs": "sample/reference_outputs.npy",
+                       **({"source_outputs": {"float.keras": "sample/reference_outputs.npy",
+                                              "qat.h5": "sample/qat_outputs.npy"}} if qat_outputs is not None else {}),
                        "count": int(len(self.sample_images if images is None else images))},
             "files": {rel: _sha(data) for rel, data in sorted(blobs.items())},
         }

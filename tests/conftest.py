@@ -36,6 +36,27 @@ def shapes_dir(tmp_path_factory) -> Path:
     return make_shapes(tmp_path_factory.mktemp("shapes"), per_class=16, size=48, seed=1)
 
 
+@pytest.fixture(scope="session")
+def cli_run(shapes_dir, tmp_path_factory) -> Path:
+    """A run made by the real `edgetl finetune` CLI (random init, 32 px, head + fine-tune + QAT) and exported by the
+    real `edgetl export` CLI: the run directory, with its bundle in RUN/export/."""
+    import subprocess
+
+    root = tmp_path_factory.mktemp("cli_run")
+    run = root / "run"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_USE_LEGACY_KERAS": "1"}
+    for args in (
+        ["finetune", "--data", str(shapes_dir), "--out", str(run), "--weights", "none", "--image-size", "32",
+         "--epochs", "2", "--fine-tune-epochs", "2", "--qat-epochs", "1",
+         "--batch-size", "8", "--seed", "0"],
+        ["export", str(run)],
+    ):
+        proc = subprocess.run([sys.executable, "-m", "edgetl", *args], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, f"edgetl {args[0]}: {proc.stderr[-3000:]}"
+    return run
+
+
 @pytest.fixture
 def cli():
     """Run the real CLI in-process; returns (exit_code, stdout, stderr)."""

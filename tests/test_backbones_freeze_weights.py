@@ -168,3 +168,16 @@ def test_weights_none_batchnorm_recalibration_revives_random_features(name):
     assert before < 1e-4 and after > 0.1, (before, after)
     assert all(np.array_equal(a, w.numpy()) for a, w in zip(kernels, [w for w in base.weights if "moving" not in w.name]))
     assert [(layer.momentum, layer.trainable) for layer in bns] == settings
+
+
+def test_auto_freeze_without_pretrained_weights_freezes_nothing():
+    for n in (40, 300, 3000):
+        point, reason = auto_freeze_point(n, "similar", pretrained=False)
+        assert point == "none" and "no pretrained features" in reason
+    from edgetl.config import FinetuneConfig
+    from edgetl.finetune import FROM_SCRATCH_FINE_TUNE_LR, PRETRAINED_FINE_TUNE_LR, fine_tune_learning_rate
+
+    cfg = FinetuneConfig(data="x")
+    assert fine_tune_learning_rate(cfg, pretrained=True) == PRETRAINED_FINE_TUNE_LR
+    assert fine_tune_learning_rate(cfg, pretrained=False) == FROM_SCRATCH_FINE_TUNE_LR
+    assert fine_tune_learning_rate(FinetuneConfig(data="x", fine_tune_lr=1e-4), pretrained=False) == 1e-4

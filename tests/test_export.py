@@ -208,6 +208,17 @@ def test_every_variant_exports_with_a_verifiable_bundle(exported, run_dir):
     ref = np.load(bundle / "sample/reference_outputs.npy", allow_pickle=False)
     assert images.dtype == np.uint8 and images.shape == (9, 32, 32, 3)  # all 9 val images (< --samples 12)
     assert labels.dtype == np.int64 and ref.dtype == np.float32 and ref.shape == (9, 3)
+    # each source model's outputs, so a device checks every artifact against the model it was converted from
+    assert meta["sample"]["source_outputs"] == {"float.keras": "sample/reference_outputs.npy",
+                                                "qat.h5": "sample/qat_outputs.npy"}
+    assert {r["name"]: r["source"] for r in meta["artifacts"] if r["quantization"] == "qat_int8"} == {
+        "tflite_qat_int8": "qat.h5", "onnx_qat_int8": "qat.h5"}
+    qat = np.load(bundle / "sample/qat_outputs.npy", allow_pickle=False)
+    assert qat.dtype == np.float32 and qat.shape == ref.shape and "sample/qat_outputs.npy" in meta["files"]
+    from edgetl.quantize import load_qat_model
+
+    live = np.asarray(load_qat_model(run_dir / "qat.h5")(images.astype(np.float32), training=False))
+    np.testing.assert_allclose(qat, live, atol=1e-5)
     assert (bundle / "labels.txt").read_text() == "blue\ngreen\nred\n"
     assert not list(bundle.parent.glob(".all.*"))  # no temp dirs left behind
 

@@ -121,23 +121,21 @@ def run_recipe(path: Path, overrides: list[str], reporter, as_json: bool = False
             render_export(result, False)
         summary["bundle"] = str(result.bundle_dir)
     if "verify" in recipe.stages:
-        from edgetl.verify import Thresholds, default_report_dir, verify
+        from edgetl.verify import default_report_dir, verify
         from edgetl.verify.report import render
 
         console.rule("[bold]verify")
         vc = recipe.verify
-        thresholds = Thresholds(max_accuracy_drop=vc.max_accuracy_drop, min_agreement=vc.min_agreement,
-                                max_latency_ratio=vc.max_latency_ratio, float_tolerance=vc.float_tolerance,
-                                fp16_tolerance=vc.fp16_tolerance)
         report = verify(run_dir, data=vc.data, threads=vc.threads, runs=vc.runs, warmup=vc.warmup,
-                        thresholds=thresholds)
+                        thresholds=vc.thresholds(), bundle_sample=vc.bundle_sample)
         written = report.write(Path(vc.report) if vc.report else default_report_dir(run_dir))
         render(report, console if as_json else out)
         console.print(f"report: {written / 'report.md'}", highlight=False)
-        summary["verify"] = {"passed": report.passed, "report": str(written), "failures": report.failures}
+        summary["verify"] = {"verdict": report.verdict, "passed": report.passed, "report": str(written),
+                             "failures": report.failures, "inconclusive": report.undecided}
         if as_json:
             print_json(summary)
-        return 0 if report.passed else 1
+        return report.exit_code
     if as_json:
         print_json(summary)
     return 0
@@ -147,7 +145,7 @@ def register(app: typer.Typer) -> None:
     @app.command(help=(
         "Run every stage declared in a YAML recipe (finetune -> export -> verify). Keys are the long flag names of "
         "each command (see recipes/quickstart.yaml); misspelt keys fail with a suggestion. `data: builtin:shapes` "
-        "uses the embedded offline demo data set. Exit 0 when verify passes, 1 when a check fails, 2 on bad input."))
+        "uses the embedded offline demo data set. Exit 0 when verify passes, 1 when a check fails, 4 when a check is inconclusive, 2 on bad input."))
     @handle_errors
     def run(
         recipe: Path = typer.Argument(..., help="Path of the YAML recipe."),

@@ -10,14 +10,19 @@ import typer
 from edgetl.cli._common import console, handle_errors, out, print_json
 from edgetl.errors import ConfigError
 
-HELP = """Prove each exported artifact is as accurate and as fast as the original model, on THIS CPU.
+HELP = """Prove each exported artifact is as good as the model it came from, and as fast, on THIS CPU.
 
-TARGET is a bundle folder (what `edgetl export` wrote; it needs no TensorFlow: copy it to the device and run this there) or a run directory (on the host: its bundle is RUN/export/ and the original float.keras is run as the reference).
+TARGET is a bundle folder (what `edgetl export` wrote; it needs no TensorFlow: copy it to the device and run this there) or a run directory (on the host: its bundle is RUN/export/, the original float.keras and qat.h5 are run, and the run's whole validation split is used when its images are reachable).
 
-Every artifact runs at batch 1 on the bundle's held-out sample (or --data) and is compared with the reference: the original model's outputs (sample/reference_outputs.npy, or float.keras on the host) for accuracy, top-1 agreement and probability differences, and the float32 ONNX artifact named in bundle.json (float.keras on the host) for latency, timed interleaved in the same run. Every failed check is listed, not just the first.
+Three checks per artifact, every failure listed: FIDELITY against the model it was converted from (float.keras for fp32/fp16/dynamic/PTQ/ORT-static, qat.h5 for QAT int8; fp32 max |dp| <= --float-tolerance, fp16 <= --fp16-tolerance, int8 top-1 agreement >= --min-agreement and mean |dp| <= --max-mean-diff); ACCURACY non-inferiority against the original float model on the same labelled images (paired Newcombe interval of the drop: PASS when its upper end is <= --margin-pp, FAIL when its lower end is above it, INCONCLUSIVE when too few images to tell: pass --data DIR); LATENCY: each int8 artifact's p50 <= (--max-latency-ratio + --latency-noise) x the fp32 artifact of the same runtime, timed interleaved in one run, and optional budgets --max-p50-ms/--max-p99-ms. The Keras model's latency is shown as information.
 
-Exit status: 0 all checks pass, 1 a check failed, 2 bad input (missing or tampered bundle, bad flag). Reports (report.json, report.md, latency.png, confusion.png) go to BUNDLE/verify/ or --report DIR.
+Exit status: 0 PASS (every check passed), 1 FAIL (a check failed), 4 INCONCLUSIVE (nothing failed but a check could not decide, e.g. too few images), 2 bad input (missing or tampered bundle, bad flag), 3 internal error. Reports (report.json, report.md, latency.png, confusion.png, misclassified.png) go to BUNDLE/verify/ or --report DIR.
 """
+
+def _defaults():
+    from edgetl.verify.checks import DEFAULTS
+
+    return DEFAULTS
 
 
 def register(app: typer.Typer) -> None:
@@ -33,30 +38,42 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(1, "--threads", min=1, help="CPU threads per inference for every runtime."),
         runs: int = typer.Option(100, "--runs", min=1, help="Timed batch-1 inferences per model."),
         warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed inferences per model before timing."),
-        max_accuracy_drop: float = typer.Option(
-            1.0, "--max-accuracy-drop", metavar="PP",
-            help="Fail an artifact whose top-1 accuracy is more than PP percentage points below the reference's "
-            "on the same images. With N images one flipped prediction is 100/N pp.",
+        margin_pp: float = typer.Option(
+            _defaults().margin_pp, "--margin-pp", metavar="PP",
+            help="Accuracy non-inferiority margin: an artifact passes when the confidence interval of (float accuracy "
+            "- its accuracy) on the same images lies below PP percentage points.",
+        ),
+        confidence: float = typer.Option(
+            _defaults().confidence, "--confidence", metavar="C", help="Two-sided level of that interval (0.5..1)."
         ),
         min_agreement: float = typer.Option(
-            0.95, "--min-agreement", metavar="F",
-            help="Fail an artifact whose top-1 class equals the reference's on less than this share of images "
-            "(0..1). 0.95 suits int8; float artifacts are also held to the output tolerances below.",
+            _defaults().min_agreement, "--min-agreement", metavar="F",
+            help="int8 artifacts fail when their top-1 class equals their source model's on less than this share.",
         ),
-        max_latency_ratio: float = typer.Option(
-            1.0, "--max-latency-ratio", metavar="R",
-            help="Fail an artifact whose p50 latency is more than R times the reference's p50 measured in the same "
-            "run (1.0: no slower than the original). Raise slightly (e.g. 1.1) for tiny models where timing noise "
-            "dominates.",
+        max_mean_diff: float = typer.Option(
+            _defaults().max_mean_diff, "--max-mean-diff", metavar="D",
+            help="int8 artifacts fail when their mean |probability difference| to their source model exceeds D.",
         ),
         float_tolerance: float = typer.Option(
-            1e-4, "--float-tolerance", metavar="T",
-            help="fp32 artifacts fail if any output probability differs from the reference by more than T.",
+            _defaults().float_tolerance, "--float-tolerance", metavar="T",
+            help="fp32 artifacts fail if any output probability differs from their source model's by more than T.",
         ),
         fp16_tolerance: float = typer.Option(
-            1e-2, "--fp16-tolerance", metavar="T",
-            help="fp16 artifacts fail if any output probability differs from the reference by more than T "
-            "(looser: half precision rounds at ~1e-3).",
+            _defaults().fp16_tolerance, "--fp16-tolerance", metavar="T",
+            help="fp16 artifacts fail if any output probability differs from their source model's by more than T.",
+        ),
+        max_latency_ratio: float = typer.Option(
+            _defaults().max_latency_ratio, "--max-latency-ratio", metavar="R",
+            help="int8 artifacts fail when their p50 exceeds (R + --latency-noise) x the same runtime's fp32 p50.",
+        ),
+        latency_noise: float = typer.Option(
+            _defaults().latency_noise, "--latency-noise", metavar="N",
+            help="Allowance for timing noise added to --max-latency-ratio (0.10: 10%).",
+        ),
+        max_p50_ms: Optional[float] = typer.Option(None, "--max-p50-ms", metavar="MS", help="Fail any artifact whose p50 exceeds MS."),
+        max_p99_ms: Optional[float] = typer.Option(None, "--max-p99-ms", metavar="MS", help="Fail any artifact whose p99 exceeds MS."),
+        bundle_sample: bool = typer.Option(
+            False, "--bundle-sample", help="On a run directory: evaluate on the bundle sample, not the whole validation split."
         ),
         report: Optional[Path] = typer.Option(
             None, "--report", metavar="DIR", help="Write report.json, report.md and plots here (default: BUNDLE/verify/)."
@@ -69,11 +86,9 @@ def register(app: typer.Typer) -> None:
         from edgetl.verify import Thresholds, default_report_dir, verify
 
         thresholds = Thresholds(
-            max_accuracy_drop=max_accuracy_drop,
-            min_agreement=min_agreement,
-            max_latency_ratio=max_latency_ratio,
-            float_tolerance=float_tolerance,
-            fp16_tolerance=fp16_tolerance,
+            margin_pp=margin_pp, confidence=confidence, min_agreement=min_agreement, max_mean_diff=max_mean_diff,
+            float_tolerance=float_tolerance, fp16_tolerance=fp16_tolerance, max_latency_ratio=max_latency_ratio,
+            latency_noise=latency_noise, max_p50_ms=max_p50_ms, max_p99_ms=max_p99_ms,
         )
         report_dir = report if report is not None else default_report_dir(target)
         from edgetl.verify.report import check_report_dir
@@ -91,6 +106,7 @@ def register(app: typer.Typer) -> None:
                 warmup=warmup,
                 thresholds=thresholds,
                 artifacts=only,
+                bundle_sample=bundle_sample,
                 progress=(lambda msg: status.update(msg)) if status is not None else None,
             )
         finally:
@@ -111,5 +127,5 @@ def register(app: typer.Typer) -> None:
             console.print(f"report: {written / 'report.md'}", highlight=False)
         if as_json:
             print_json(result.to_dict())
-        if not result.passed:
-            raise typer.Exit(1)
+        if result.exit_code:
+            raise typer.Exit(result.exit_code)

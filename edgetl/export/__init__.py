@@ -408,6 +408,11 @@ def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, 
         np.save(tmp / "sample" / "images.npy", loaded.images, allow_pickle=False)
         np.save(tmp / "sample" / "labels.npy", loaded.labels.astype(np.int64), allow_pickle=False)
         np.save(tmp / "sample" / "reference_outputs.npy", reference_outputs.astype(np.float32), allow_pickle=False)
+        source_outputs = {"float.keras": "sample/reference_outputs.npy"}
+        if any(v.needs_qat for v in chosen):  # verify checks QAT int8 files against the model they came from
+            qat_outputs = _predict(ctx.qat_model(), loaded.images)
+            np.save(tmp / "sample" / "qat_outputs.npy", qat_outputs.astype(np.float32), allow_pickle=False)
+            source_outputs["qat.h5"] = "sample/qat_outputs.npy"
         labels_text = "".join(f"{label}\n" for label in run.labels)
         (tmp / "labels.txt").write_text(labels_text, encoding="utf-8")
 
@@ -490,6 +495,7 @@ def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, 
                 "split": "val",
                 "seed": seed,
                 "reference_model": "float.keras",
+                "source_outputs": source_outputs,
             },
             "calibration": {"split": "train", "count": calib_state["count"], "seed": seed + 1},
             "source_run": {"path": str(run.path), "manifest_sha256": sha256_file(run.path / "manifest.json")},

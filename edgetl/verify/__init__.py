@@ -1,15 +1,21 @@
-"""``edgetl verify``: prove each exported artifact is as accurate and as fast as the original, on this CPU.
+"""``edgetl verify``: prove each exported artifact is as good as the model it came from, and as fast, on this CPU.
+
+Three checks per artifact (see :mod:`edgetl.verify.checks`): *fidelity* against the model the artifact was
+converted from (float.keras, or qat.h5 for QAT int8 files), *accuracy* non-inferiority against the original float
+model on labelled images (a paired test with a margin and a confidence interval; *inconclusive* when the images are
+too few to tell), and *latency* of each int8 file against the fp32 file of the same runtime (plus optional budgets).
 
 Device path (a bundle folder): imports only numpy, onnxruntime, ai_edge_litert (and rich/matplotlib for output).
-The reference for agreement/accuracy is ``sample/reference_outputs.npy`` (the original Keras model's outputs);
-the reference for latency is the float32 ONNX artifact named by ``bundle.json`` ``reference``.
+Source outputs come from the bundle sample (``sample/reference_outputs.npy`` for float.keras,
+``sample/qat_outputs.npy`` for qat.h5); with ``--data`` the float model's outputs come from the bundle's fp32
+reference artifact.
 
-Host path (a run directory): the bundle is ``RUN/export/`` and the original ``float.keras`` is loaded (TensorFlow,
-lazily) and run for both reference outputs and reference latency.
+Host path (a run directory): float.keras (and qat.h5) are loaded (TensorFlow, lazily) and run; the run's whole
+validation split is used when its images are reachable (else the bundle sample), unless ``data`` is given.
 
     from edgetl.verify import verify, Thresholds
-    report = verify("models/flowers/export", threads=4, thresholds=Thresholds(max_latency_ratio=1.1))
-    report.passed, report.failures, report.to_dict()
+    report = verify("models/flowers/export", threads=4, thresholds=Thresholds(margin_pp=1.0))
+    report.verdict, report.failures, report.to_dict()
 """
 
 from __future__ import annotations
@@ -23,12 +29,33 @@ from edgetl import __version__
 from edgetl.errors import BundleError, ConfigError, RunDirError
 from edgetl.fsutil import sha256_file
 from edgetl.manifest import RUN_SCHEMA
-from edgetl.verify.bundle import ArtifactSpec, Bundle, InputContract, Sample, load_bundle
-from edgetl.verify.checks import ArtifactResult, LatencyStats, Thresholds, accuracy, check, compare_outputs
+from edgetl.verify.bundle import SOURCE_FLOAT, SOURCE_QAT, ArtifactSpec, Bundle, InputContract, Sample, load_bundle
+from edgetl.verify.checks import (
+    EXIT_CODES,
+    FAIL,
+    INCONCLUSIVE,
+    PASS,
+    ArtifactResult,
+    LatencyStats,
+    Thresholds,
+    accuracy,
+    check,
+    compare_outputs,
+    paired_accuracy,
+    per_class,
+)
 from edgetl.verify.report import Report, ReferenceInfo, machine_info
 from edgetl.verify.runners import KerasRunner, Runner, make_runner, measure_latencies
 
+#: timed inferences per model per interleaved round
+LATENCY_BLOCK = 10
+
 __all__ = [
+    "EXIT_CODES",
+    "paired_ratio",
+    "FAIL",
+    "INCONCLUSIVE",
+    "PASS",
     "ArtifactResult",
     "ArtifactSpec",
     "Bundle",
@@ -41,10 +68,6 @@ __all__ = [
     "default_report_dir",
     "verify",
 ]
-
-#: Below this many images a single flipped prediction moves accuracy by more than 1 pp.
-SMALL_SAMPLE = 100
-
 
 def resolve_target(target: str | Path) -> tuple[Path, Path | None]:
     """Return ``(bundle_dir, run_dir_or_None)`` for a bundle folder, its bundle.json, or a run directory."""
@@ -114,12 +137,40 @@ def _select(bundle: Bundle, only: Sequence[str] | None) -> list[ArtifactSpec]:
     return [a for a in bundle.artifacts if a.name in names]
 
 
-def _load_data(data: str | Path, bundle: Bundle) -> tuple[np.ndarray, np.ndarray]:
+def _load_data(data: str | Path, bundle: Bundle) -> tuple[np.ndarray, np.ndarray, list[str]]:
     from edgetl.data import load_images, scan_folder
 
     folder = scan_folder(data, classes=bundle.labels)
     loaded = load_images(folder.items, (bundle.input.height, bundle.input.width))
-    return loaded.images, loaded.labels
+    return loaded.images, loaded.labels, [str(p) for p in loaded.paths]
+
+
+def _load_val_split(run_dir: Path, bundle: Bundle) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """The run's whole validation split, when splits.json and its images are reachable (else None)."""
+    from edgetl.data import load_images
+    from edgetl.errors import DataError
+    from edgetl.rundir import read_run
+
+    try:
+        run = read_run(run_dir, verify_checksums=False)
+        items = run.split_items("val")
+    except (RunDirError, DataError):
+        return None
+    items = [(p, label) for p, label in items if p.is_file()]
+    if not items:
+        return None
+    try:
+        loaded = load_images(items, (bundle.input.height, bundle.input.width), skip_bad=True)
+    except DataError:
+        return None
+    return loaded.images, loaded.labels, [str(p) for p in loaded.paths]
+
+
+def _baseline(bundle: Bundle, spec: ArtifactSpec) -> ArtifactSpec | None:
+    """The fp32 artifact of the same runtime an int8 artifact is timed against."""
+    if not spec.is_int8:
+        return None
+    return next((a for a in bundle.artifacts if a.format == spec.format and a.quantization == "fp32"), None)
 
 
 def verify(
@@ -133,12 +184,15 @@ def verify(
     artifacts: Sequence[str] | None = None,
     report_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    bundle_sample: bool = False,
 ) -> Report:
     """Verify every artifact of a bundle (or of a run directory's ``export/`` bundle) and return a :class:`Report`.
 
-    ``artifacts`` limits the check to those names. ``report_dir`` (optional) also writes report.json/report.md/plots.
+    ``artifacts`` limits the check to those names. ``bundle_sample`` evaluates a run directory on the bundle sample
+    instead of its whole validation split. ``report_dir`` (optional) also writes report.json/report.md/plots.
     Raises BundleError/ModelFileError/RunDirError/DataError/ConfigError for bad input; failing checks do *not*
-    raise: they are listed in ``report.failures`` and ``report.passed`` is False.
+    raise: they are listed in ``report.failures`` and ``report.verdict`` is FAIL (INCONCLUSIVE when a check
+    could not decide).
     """
     thresholds = thresholds or Thresholds()
     for flag, value, low in (("--threads", threads, 1), ("--runs", runs, 1), ("--warmup", warmup, 0)):
@@ -157,103 +211,152 @@ def verify(
     for spec in selected:
         say(f"loading {spec.name}")
         runners[spec.name] = make_runner(spec, bundle.input, bundle.labels, threads)
+    baselines: dict[str, str] = {}
+    extra: dict[str, Runner] = {}  # timed only (latency baselines not selected with --only)
+    for spec in selected:
+        base = _baseline(bundle, spec)
+        if spec.is_int8 and base is None:
+            warnings.append(f"{spec.name}: the bundle has no fp32 {spec.format} artifact: latency ratio not checked")
+        elif base is not None:
+            baselines[spec.name] = base.name
+            if base.name not in runners and base.name not in extra:
+                extra[base.name] = make_runner(base, bundle.input, bundle.labels, threads)
 
-    # Reference runner (latency, and outputs when they cannot come from the bundle sample).
-    ref_runner: Runner | None
+    # The images: --data, else (host) the run's whole validation split, else the bundle sample.
+    image_names: list[str] | None = None
+    if data is not None:
+        say(f"loading images from {data}")
+        images, labels, image_names = _load_data(data, bundle)
+        data_desc = str(data)
+    else:
+        split = None
+        if keras_path is not None and not bundle_sample:
+            say("loading the run's validation split")
+            split = _load_val_split(run_dir, bundle)  # type: ignore[arg-type]
+            if split is None:
+                warnings.append("the run's validation images are not reachable: verified on the bundle sample")
+        if split is not None:
+            images, labels, image_names = split
+            data_desc = "the run's validation split"
+        else:
+            images, labels = bundle.sample.images, bundle.sample.labels
+            data_desc = "bundle sample"
+    on_sample = data_desc == "bundle sample"
+    n = int(images.shape[0])
+
+    # The original float model's outputs on those images, and every source model's.
+    keras_runner: Runner | None = None
+    sources: dict[str, np.ndarray] = {}
     if keras_path is not None:
         say("loading the original Keras model")
-        ref_runner = KerasRunner("float.keras", keras_path, bundle.input, n_classes, threads=threads)
-        ref_name, ref_kind = "float.keras", "keras"
-    else:
-        ref_spec = bundle.reference_artifact
-        if ref_spec is None:
-            ref_spec = next((a for a in bundle.artifacts if a.quantization == "fp32"), None)
-            if ref_spec is not None:
-                warnings.append(
-                    f"bundle.json names no reference; using {ref_spec.name!r} (fp32 {ref_spec.format}) for latency"
-                )
-        if ref_spec is None:
-            ref_runner = None
-            ref_name, ref_kind = "reference_outputs.npy", "none"
-            warnings.append("bundle has no float32 artifact: latency_ratio was not checked")
-        else:
-            ref_runner = runners.get(ref_spec.name) or make_runner(ref_spec, bundle.input, bundle.labels, threads)
-            ref_name, ref_kind = ref_spec.name, ref_spec.format
-
-    if data is not None:
-        if ref_runner is None:
-            raise ConfigError(
-                "--data needs a reference model to compute reference outputs, and this bundle has no float32 artifact",
-                "verify on the bundle sample (drop --data), or verify the run directory on the host",
-            )
-        say(f"loading images from {data}")
-        images, labels = _load_data(data, bundle)
-        say(f"running the reference {ref_name}")
-        ref_outputs = ref_runner.predict(images)
-        data_desc, outputs_source = str(data), f"{ref_name} on --data"
-    else:
-        images, labels = bundle.sample.images, bundle.sample.labels
-        if keras_path is not None:
-            say("running the original Keras model")
-            ref_outputs = ref_runner.predict(images)  # type: ignore[union-attr]
-            outputs_source = "float.keras on the bundle sample"
-            stale = float(np.max(np.abs(ref_outputs - bundle.sample.reference_outputs)))
+        keras_runner = KerasRunner("float.keras", keras_path, bundle.input, n_classes, threads=threads)
+        say("running the original Keras model")
+        float_outputs = keras_runner.predict(images)
+        ref_name, ref_kind, outputs_source = "float.keras", "keras", f"float.keras on {data_desc}"
+        sources[SOURCE_FLOAT] = float_outputs
+        if on_sample:
+            stale = float(np.max(np.abs(float_outputs - bundle.sample.reference_outputs)))
             if stale > thresholds.float_tolerance:
                 warnings.append(
                     f"bundle sample/reference_outputs.npy differs from float.keras by up to {stale:.3g}: "
                     f"the bundle may be stale (re-run `edgetl export {run_dir}`)"
                 )
-        else:
-            ref_outputs = bundle.sample.reference_outputs
-            outputs_source = "sample/reference_outputs.npy (the original Keras model)"
-        data_desc = "bundle sample"
-    ref_accuracy = accuracy(ref_outputs, labels)
-    n = int(images.shape[0])
-    if n < SMALL_SAMPLE:
-        warnings.append(
-            f"only {n} images: one flipped prediction moves accuracy by {100.0 / n:.2f} pp; pass --data DIR for more"
-        )
+        if any(s.source == SOURCE_QAT for s in selected):
+            qat_path = run_dir / "qat.h5"  # type: ignore[operator]
+            if qat_path.is_file():
+                say("running the QAT model")
+                sources[SOURCE_QAT] = _qat_outputs(run_dir, images)  # type: ignore[arg-type]
+            else:
+                warnings.append("the run has no qat.h5: QAT artifacts' fidelity is checked on the bundle sample")
+    elif data is not None:
+        ref_spec = bundle.reference_artifact or next((a for a in bundle.artifacts if a.quantization == "fp32"), None)
+        if ref_spec is None:
+            raise ConfigError(
+                "--data needs a float32 artifact to stand in for the float model, and this bundle has none",
+                "verify on the bundle sample (drop --data), or verify the run directory on the host",
+            )
+        ref_runner = runners.get(ref_spec.name) or extra.get(ref_spec.name)
+        if ref_runner is None:
+            ref_runner = extra[ref_spec.name] = make_runner(ref_spec, bundle.input, bundle.labels, threads)
+        say(f"running {ref_spec.name} (the float model's stand-in)")
+        float_outputs = ref_runner.predict(images)
+        ref_name, ref_kind = ref_spec.name, ref_spec.format
+        outputs_source = f"{ref_spec.name} on --data (fp32, checked against float.keras on the bundle sample)"
+    else:
+        float_outputs = bundle.sample.reference_outputs
+        ref_name, ref_kind = "reference_outputs.npy", "bundle"
+        outputs_source = "sample/reference_outputs.npy (the original Keras model)"
+        sources = dict(bundle.sample.source_outputs)
+    ref_accuracy = accuracy(float_outputs, labels)
+    float_pred = np.argmax(float_outputs, axis=1)
 
     results: list[ArtifactResult] = []
-    metrics = {}
     for spec in selected:
         say(f"running {spec.name} on {n} images")
         outputs = runners[spec.name].predict(images)
-        metrics[spec.name] = compare_outputs(outputs, ref_outputs, labels)
-        m = metrics[spec.name]
-        results.append(
-            ArtifactResult(
-                name=spec.name,
-                file=spec.file,
-                format=spec.format,
-                quantization=spec.quantization,
-                runtime=runners[spec.name].runtime,
-                accuracy=m.accuracy,
-                accuracy_drop_pp=(ref_accuracy - m.accuracy) * 100.0,
-                top1_agreement=m.top1_agreement,
-                max_abs_diff=m.max_abs_diff,
-                mean_abs_diff=m.mean_abs_diff,
-                latency=LatencyStats.from_ms(np.empty(0)),
-                latency_ratio=None,
-                size_bytes=spec.path.stat().st_size,
-                is_reference=(keras_path is None and spec.name == ref_name),
-                predictions=outputs,
-            )
+        if spec.source in sources:
+            fid = compare_outputs(outputs, sources[spec.source], labels)
+            fidelity_note = None
+        elif spec.source in bundle.sample.source_outputs:  # --data on a device, or no qat.h5 on the host
+            sample_out = runners[spec.name].predict(bundle.sample.images)
+            fid = compare_outputs(sample_out, bundle.sample.source_outputs[spec.source], bundle.sample.labels)
+            fidelity_note = None
+        else:
+            fid = compare_outputs(outputs, outputs, labels)
+            fidelity_note = (f"fidelity: not checked: the bundle carries no {spec.source} outputs "
+                             "(exported by an older edgetl; re-export it)")
+        pred = np.argmax(outputs, axis=1)
+        paired = paired_accuracy(float_pred, pred, labels, thresholds.margin_pp, thresholds.confidence)
+        classes = per_class(labels, pred, bundle.labels)
+        wrong = np.flatnonzero(pred != labels)
+        classes["misclassified"] = [
+            {"image": image_names[i] if image_names else f"{data_desc} #{i}", "index": int(i),
+             "true": bundle.labels[int(labels[i])], "predicted": bundle.labels[int(pred[i])],
+             "probability": float(outputs[i, pred[i]])}
+            for i in wrong[:MAX_MISCLASSIFIED]
+        ]
+        classes["misclassified_count"] = int(wrong.size)
+        result = ArtifactResult(
+            name=spec.name,
+            file=spec.file,
+            format=spec.format,
+            quantization=spec.quantization,
+            runtime=runners[spec.name].runtime,
+            accuracy=accuracy(outputs, labels),
+            accuracy_drop_pp=paired.drop_pp,
+            top1_agreement=fid.top1_agreement,
+            max_abs_diff=fid.max_abs_diff if fidelity_note is None else float("nan"),
+            mean_abs_diff=fid.mean_abs_diff if fidelity_note is None else float("nan"),
+            latency=LatencyStats.from_ms(np.empty(0)),
+            latency_ratio=None,
+            size_bytes=spec.path.stat().st_size,
+            source=spec.source,
+            latency_baseline=baselines.get(spec.name),
+            paired=paired,
+            per_class=classes,
+            is_reference=(keras_path is None and spec.name == bundle.reference),
+            predictions=outputs,
         )
+        if fidelity_note is not None:
+            result.inconclusive.append(fidelity_note)
+        if not bool(np.all(np.isfinite(outputs))):
+            result.failures.append("fidelity: outputs contain NaN or Inf")
+        results.append(result)
 
-    say(f"timing {len(runners) + (ref_runner is not None and ref_name not in runners)} model(s): {warmup} warm-up + {runs} runs each")
-    timed: dict[str, Runner] = dict(runners)
-    ref_key = None
-    if ref_runner is not None:
-        ref_key = ref_name if ref_name in runners and keras_path is None else "\0reference"
-        timed.setdefault(ref_key, ref_runner)
-    times = measure_latencies(timed, images[0], warmup=warmup, runs=runs)
-    ref_latency = LatencyStats.from_ms(times[ref_key]) if ref_key is not None else None
+    timed: dict[str, Runner] = {**runners, **extra}
+    if keras_runner is not None:
+        timed["\0keras"] = keras_runner
+    say(f"timing {len(timed)} model(s): {warmup} warm-up + {runs} runs each, interleaved")
+    times = measure_latencies(timed, images[0], warmup=warmup, runs=runs, block=LATENCY_BLOCK)
+    stats = {name: LatencyStats.from_ms(t) for name, t in times.items()}
     for result in results:
-        result.latency = LatencyStats.from_ms(times[result.name])
-        if ref_latency is not None and ref_latency.p50 > 0:
-            result.latency_ratio = 1.0 if result.name == ref_key else result.latency.p50 / ref_latency.p50
-        result.failures = check(result, metrics[result.name], ref_latency, thresholds)
+        result.latency = stats[result.name]
+        base = stats.get(result.latency_baseline) if result.latency_baseline else None
+        if base is not None and base.p50 > 0:
+            result.latency_ratio = paired_ratio(times[result.name], times[result.latency_baseline])
+        failures, undecided = check(result, thresholds, base)
+        result.failures = list(dict.fromkeys(result.failures + failures))
+        result.inconclusive += undecided
 
     for runner in list(timed.values()):
         runner.close()
@@ -263,7 +366,7 @@ def verify(
         bundle=str(bundle.root),
         run_id=bundle.run_id,
         labels=bundle.labels,
-        reference=ReferenceInfo(ref_name, ref_kind, ref_accuracy, ref_latency, outputs_source),
+        reference=ReferenceInfo(ref_name, ref_kind, ref_accuracy, stats.get("\0keras"), outputs_source),
         artifacts=results,
         thresholds=thresholds,
         machine=machine_info(threads),
@@ -271,10 +374,41 @@ def verify(
         data=data_desc,
         labels_true=labels,
         warnings=warnings,
+        reference_per_class=per_class(labels, float_pred, bundle.labels),
+        images=images,
+        image_names=image_names,
     )
     if report_dir is not None:
         report.write(report_dir)
     return report
+
+
+def paired_ratio(times: np.ndarray, baseline: np.ndarray, block: int = LATENCY_BLOCK) -> float:
+    """Median over the interleaved rounds of (median of this round's block / median of the baseline's block).
+
+    Both were timed in the same rounds (:func:`measure_latencies`), so a neighbour's load that slows one round
+    slows both sides of that round's ratio; the median over rounds then ignores the rounds it hit hardest.
+    """
+    n = min(len(times), len(baseline)) // block
+    if n == 0:
+        return float(np.median(times) / np.median(baseline))
+    a = np.median(np.asarray(times[: n * block]).reshape(n, block), axis=1)
+    b = np.median(np.asarray(baseline[: n * block]).reshape(n, block), axis=1)
+    return float(np.median(a / b))
+
+
+#: misclassified images listed per artifact in report.json
+MAX_MISCLASSIFIED = 50
+
+
+def _qat_outputs(run_dir: Path, images: np.ndarray) -> np.ndarray:
+    """qat.h5's outputs on ``images`` (host only: TensorFlow + tfmot, loaded with export's safety checks)."""
+    from edgetl.export import _predict
+    from edgetl.export.context import BuildContext
+    from edgetl.rundir import read_run
+
+    ctx = BuildContext(run=read_run(run_dir), workdir=run_dir, calibration_loader=lambda: np.empty(0))
+    return _predict(ctx.qat_model(), images)
 
 
 def default_report_dir(target: str | Path) -> Path:

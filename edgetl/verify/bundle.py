@@ -29,6 +29,9 @@ FLOAT_QUANTIZATIONS = ("fp32", "fp16")
 IO_DTYPES = ("float32", "float16", "uint8", "int8")
 QUANTIZED_DTYPES = ("uint8", "int8")
 
+SOURCE_FLOAT, SOURCE_QAT = "float.keras", "qat.h5"
+SOURCES = (SOURCE_FLOAT, SOURCE_QAT)
+
 _FIX = "re-export the bundle with `edgetl export RUN` (and copy the whole folder)"
 
 
@@ -46,6 +49,7 @@ class ArtifactSpec:
     output_dtype: str
     output_quant: tuple[float, int] | None
     size_bytes: int | None
+    source: str = "float.keras"  # the model it was converted from: float.keras, or qat.h5 for QAT variants
 
     @property
     def is_float(self) -> bool:
@@ -60,7 +64,9 @@ class ArtifactSpec:
 class Sample:
     images: np.ndarray  # uint8 (N, H, W, 3)
     labels: np.ndarray  # int64 (N,)
-    reference_outputs: np.ndarray  # float32 (N, C)
+    reference_outputs: np.ndarray  # float32 (N, C): the float model's outputs
+    #: every source model's outputs on these images, by source name ("float.keras" = reference_outputs, "qat.h5")
+    source_outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
@@ -232,6 +238,9 @@ def _parse_artifact(root: Path, raw: Any, index: int) -> ArtifactSpec:
         if dtype not in QUANTIZED_DTYPES and q is not None:
             raise _err(f"bundle.json: {where} has {key}_quant but a {dtype} {key}")
     size = raw.get("size_bytes")
+    source = raw.get("source", SOURCE_QAT if quant == "qat_int8" else SOURCE_FLOAT)
+    if source not in SOURCES:
+        raise _err(f"bundle.json: {where} has source {source!r}; expected one of {', '.join(SOURCES)}")
     return ArtifactSpec(
         name=name,
         file=str(raw["file"]),
@@ -243,6 +252,7 @@ def _parse_artifact(root: Path, raw: Any, index: int) -> ArtifactSpec:
         output_dtype=out_dtype,
         output_quant=out_quant,
         size_bytes=int(size) if isinstance(size, int) else None,
+        source=source,
     )
 
 
@@ -281,6 +291,14 @@ def _load_sample(root: Path, raw: Any, contract: InputContract, n_classes: int) 
         if key not in raw:
             raise _err(f"bundle.json: sample.{key} is missing")
         rel[key] = raw[key]
+    extra = raw.get("source_outputs") or {}
+    if not isinstance(extra, dict):
+        raise _err("bundle.json: sample.source_outputs must map a source model name to a .npy file")
+    for source, value in extra.items():
+        if source not in SOURCES:
+            raise _err(f"bundle.json: sample.source_outputs names {source!r}; expected one of {', '.join(SOURCES)}")
+        if source != SOURCE_FLOAT:
+            rel[f"source:{source}"] = value
     paths = {key: _confine(root, value, f"sample.{key}") for key, value in rel.items()}
     for key, path in paths.items():
         if not path.is_file():
@@ -306,10 +324,17 @@ def _load_sample(root: Path, raw: Any, contract: InputContract, n_classes: int) 
         )
     if not np.all(np.isfinite(ref)):
         raise _err(f"bundle file {rel['reference_outputs']} contains NaN or Inf")
+    sources = {SOURCE_FLOAT: ref.astype(np.float32)}
+    for key in [k for k in rel if k.startswith("source:")]:
+        out = _load_npy(paths[key], rel[key])
+        if out.shape != (n, n_classes) or not np.issubdtype(out.dtype, np.floating) or not np.all(np.isfinite(out)):
+            raise _err(f"bundle file {rel[key]} holds {out.dtype} {out.shape}; expected finite float32 ({n}, {n_classes})")
+        sources[key.split(":", 1)[1]] = out.astype(np.float32)
     count = raw.get("count", n)
     if count != n:
         raise _err(f"bundle.json: sample.count is {count} but {rel['images']} holds {n} images")
-    sample = Sample(images=images, labels=labels.astype(np.int64), reference_outputs=ref.astype(np.float32))
+    sample = Sample(images=images, labels=labels.astype(np.int64), reference_outputs=sources[SOURCE_FLOAT],
+                    source_outputs=sources)
     return sample, {str(v): k for k, v in rel.items()}
 
 

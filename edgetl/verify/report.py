@@ -14,11 +14,12 @@ import numpy as np
 from edgetl.errors import ConfigError
 from edgetl.fsutil import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, check_target
 from edgetl.manifest import REPORT_FOLDER
-from edgetl.verify.checks import ArtifactResult, LatencyStats, Thresholds
+from edgetl.verify.checks import EXIT_CODES, FAIL, INCONCLUSIVE, PASS, ArtifactResult, LatencyStats, Thresholds
 
-REPORT_SCHEMA = "edgetl.verify/1"
+REPORT_SCHEMA = "edgetl.verify/2"
 LATENCY_PLOT = "latency.png"
 CONFUSION_PLOT = "confusion.png"
+MISCLASSIFIED_PLOT = "misclassified.png"
 
 
 def _cpu_model() -> str:
@@ -64,7 +65,7 @@ def machine_info(threads: int) -> dict[str, Any]:
 @dataclass
 class ReferenceInfo:
     name: str
-    kind: str  # "keras" (run dir: the original) or "onnx" (bundle: float32 ONNX standing in for it)
+    kind: str  # "keras" (run dir: the original), "bundle" (its stored outputs) or the fp32 stand-in's format
     accuracy: float
     latency: LatencyStats | None
     outputs_source: str
@@ -93,19 +94,38 @@ class Report:
     data: str
     labels_true: np.ndarray | None = field(default=None, repr=False)
     warnings: list[str] = field(default_factory=list)
+    reference_per_class: dict[str, Any] | None = None
+    images: np.ndarray | None = field(default=None, repr=False)
+    image_names: list[str] | None = field(default=None, repr=False)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
+    def verdict(self) -> str:
+        """FAIL if any check failed, else INCONCLUSIVE if any could not decide, else PASS."""
+        verdicts = {a.verdict for a in self.artifacts}
+        return FAIL if FAIL in verdicts else INCONCLUSIVE if INCONCLUSIVE in verdicts else PASS
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.verdict]
+
+    @property
     def passed(self) -> bool:
-        return all(a.passed for a in self.artifacts)
+        return self.verdict == PASS
 
     @property
     def failures(self) -> list[str]:
         return [f"{a.name}: {f}" for a in self.artifacts for f in a.failures]
 
+    @property
+    def undecided(self) -> list[str]:
+        return [f"{a.name}: {f}" for a in self.artifacts for f in a.inconclusive]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": REPORT_SCHEMA,
+            "verdict": self.verdict,
+            "exit_code": self.exit_code,
             "passed": self.passed,
             "created": self.created,
             "target": self.target,
@@ -117,6 +137,8 @@ class Report:
             "reference": self.reference.to_dict(),
             "artifacts": [a.to_dict() for a in self.artifacts],
             "failures": self.failures,
+            "inconclusive": self.undecided,
+            "reference_per_class": self.reference_per_class,
             "thresholds": self.thresholds.to_dict(),
             "machine": self.machine,
             "warnings": list(self.warnings),
@@ -161,33 +183,40 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def _row(a: ArtifactResult) -> list[str]:
+    ci = f" [{a.paired.ci_low_pp:+.1f},{a.paired.ci_high_pp:+.1f}]" if a.paired else ""
     return [
         a.name + (" (ref)" if a.is_reference else ""),
-        f"{a.format} {a.quantization}",
+        f"{a.format} {a.quantization} <- {a.source}",
         _fmt(a.accuracy, ".4f"),
-        _fmt(a.accuracy_drop_pp, "+.2f"),
+        _fmt(a.accuracy_drop_pp, "+.2f") + ci,
         _fmt(a.top1_agreement, ".4f"),
         _fmt(a.max_abs_diff, ".1e"),
         _fmt(a.latency.p50, ".3f"),
-        _fmt(a.latency.p90, ".3f"),
+        _fmt(a.latency.p99, ".3f"),
         _fmt(a.latency_ratio, ".2f"),
         f"{a.size_bytes / 1024:.1f}",
-        "PASS" if a.passed else "FAIL",
+        a.verdict,
     ]
 
 
-HEADERS = ["artifact", "type", "acc", "drop pp", "agree", "max Δp", "p50 ms", "p90 ms", "ratio", "KiB", "verdict"]
+#: "agree"/"max Δp": vs the source model (fidelity); "drop pp [CI]": vs the float model (accuracy);
+#: "int8/fp32": p50 ratio to the same runtime's fp32 artifact (latency)
+HEADERS = ["artifact", "type", "acc", "drop pp [CI]", "agree", "max Δp", "p50 ms", "p99 ms", "int8/fp32", "KiB",
+           "verdict"]
 
 
 def to_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
     ref = report.reference
     lines = [
-        f"# edgetl verify: {'PASS' if report.passed else 'FAIL'}",
+        f"# edgetl verify: {report.verdict}",
         "",
         f"- bundle: `{report.bundle}`" + (f" (run `{report.run_id}`)" if report.run_id else ""),
         f"- data: {report.data} ({report.samples} images)",
-        f"- reference: `{ref.name}` ({ref.kind}), accuracy {ref.accuracy:.4f}, "
-        + (f"p50 {ref.latency.p50:.3f} ms / p90 {ref.latency.p90:.3f} ms" if ref.latency else "no latency reference"),
+        f"- float model: `{ref.name}` ({ref.outputs_source}), accuracy {ref.accuracy:.4f}"
+        + (f", p50 {ref.latency.p50:.3f} ms / p99 {ref.latency.p99:.3f} ms (information only)" if ref.latency else ""),
+        f"- checks: fidelity vs the model each file was converted from (`<-`); accuracy: paired non-inferiority vs "
+        f"the float model, margin {report.thresholds.margin_pp:g} pp, {report.thresholds.confidence:.0%} CI "
+        f"(Newcombe); latency: int8 p50 / the same runtime's fp32 p50 <= {report.thresholds.latency_limit:g}",
         f"- machine: {report.machine.get('cpu')} ({report.machine.get('arch')}), threads {report.machine.get('threads')}, "
         f"python {report.machine.get('python')}, onnxruntime {report.machine.get('onnxruntime')}, "
         f"ai_edge_litert {report.machine.get('ai_edge_litert')}, {report.machine.get('os')}",
@@ -198,14 +227,44 @@ def to_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
     ]
     lines += ["| " + " | ".join(_row(a)) + " |" for a in report.artifacts]
     lines += ["", "## Thresholds", ""]
-    lines += [f"- `{k}`: {v:g}" for k, v in report.thresholds.to_dict().items()]
+    lines += [f"- `{k}`: {'-' if v is None else format(v, 'g')}" for k, v in report.thresholds.to_dict().items()]
     lines += ["", "## Failures", ""]
     lines += [f"- {f}" for f in report.failures] or ["- none"]
+    lines += ["", "## Inconclusive", ""]
+    lines += [f"- {f}" for f in report.undecided] or ["- none"]
+    lines += _per_class_markdown(report)
     if report.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report.warnings]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{title}]({name})" for title, name in plots.items()]
     return "\n".join(lines) + "\n"
+
+
+def _pr(entry: dict[str, Any]) -> str:
+    p, r = entry.get("precision"), entry.get("recall")
+    return f"{_fmt(p, '.3f')} / {_fmt(r, '.3f')}"
+
+
+def _per_class_markdown(report: Report) -> list[str]:
+    arts = [a for a in report.artifacts if a.per_class]
+    if not arts or report.reference_per_class is None:
+        return []
+    head = ["class", "images", f"{report.reference.name} P / R"] + [f"{a.name} P / R" for a in arts]
+    lines = ["", "## Per class (precision / recall)", "", "| " + " | ".join(head) + " |",
+             "|" + "|".join("---" for _ in head) + "|"]
+    for name in report.labels:
+        ref = report.reference_per_class["classes"][name]
+        cells = [name, str(ref["support"]), _pr(ref)] + [_pr(a.per_class["classes"][name]) for a in arts]  # type: ignore[index]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Confusion matrices (rows true, columns predicted, order {', '.join(report.labels)}) are in "
+              "report.json (`artifacts[].per_class.confusion`).", ""]
+    chosen = _confusion_artifact(report)
+    if chosen is not None and chosen.per_class:
+        wrong = chosen.per_class.get("misclassified", [])
+        lines += [f"### Misclassified by {chosen.name} ({chosen.per_class.get('misclassified_count', 0)} images)", ""]
+        lines += [f"- `{w['image']}`: true {w['true']}, predicted {w['predicted']} (p {w['probability']:.2f})"
+                  for w in wrong[:20]] or ["- none"]
+    return lines
 
 
 def _confusion_artifact(report: Report) -> ArtifactResult | None:
@@ -232,19 +291,18 @@ def write_plots(report: Report, directory: Path) -> dict[str, str]:
     if report.reference.latency and report.reference.kind == "keras":
         names.append(f"{report.reference.name} (ref)")
         p50.append(report.reference.latency.p50)
-        p90.append(report.reference.latency.p90)
+        p90.append(report.reference.latency.p99)
     for a in report.artifacts:
         names.append(a.name + (" (ref)" if a.is_reference else ""))
         p50.append(a.latency.p50)
-        p90.append(a.latency.p90)
+        p90.append(a.latency.p99)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 4.5))
     x = np.arange(len(names))
     bars = ax.bar(x - 0.2, p50, 0.4, label="p50")
-    ax.bar(x + 0.2, p90, 0.4, label="p90")
+    ax.bar(x + 0.2, p90, 0.4, label="p99")
     ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
-    if report.reference.latency:
-        ax.axhline(report.reference.latency.p50 * report.thresholds.max_latency_ratio, color="red", linestyle="--",
-                   linewidth=1, label="max allowed p50")
+    if report.thresholds.max_p50_ms is not None:
+        ax.axhline(report.thresholds.max_p50_ms, color="red", linestyle="--", linewidth=1, label="--max-p50-ms")
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel("ms per image (batch 1)")
@@ -254,7 +312,7 @@ def write_plots(report: Report, directory: Path) -> dict[str, str]:
     with atomic_path(directory / LATENCY_PLOT) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    plots["latency p50/p90"] = LATENCY_PLOT
+    plots["latency p50/p99"] = LATENCY_PLOT
 
     chosen = _confusion_artifact(report)
     if chosen is not None and report.labels_true is not None:
@@ -281,6 +339,24 @@ def write_plots(report: Report, directory: Path) -> dict[str, str]:
             fig.savefig(tmp, dpi=100, format="png")
         plt.close(fig)
         plots[f"confusion matrix ({chosen.name})"] = CONFUSION_PLOT
+        wrong = np.flatnonzero(np.argmax(chosen.predictions, axis=1) != report.labels_true)[:16]
+        if report.images is not None and wrong.size:
+            cols = min(4, wrong.size)
+            rows = -(-wrong.size // cols)
+            fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+            for ax in axes.flat:
+                ax.axis("off")
+            for ax, i in zip(axes.flat, wrong):
+                ax.imshow(report.images[i])
+                pred = int(np.argmax(chosen.predictions[i]))
+                ax.set_title(f"#{i} true {report.labels[int(report.labels_true[i])]}\npred {report.labels[pred]}",
+                             fontsize=7)
+            fig.suptitle(f"Misclassified by {chosen.name}", fontsize=9)
+            fig.tight_layout()
+            with atomic_path(directory / MISCLASSIFIED_PLOT) as tmp:
+                fig.savefig(tmp, dpi=100, format="png")
+            plt.close(fig)
+            plots[f"misclassified ({chosen.name})"] = MISCLASSIFIED_PLOT
     return plots
 
 
@@ -295,25 +371,28 @@ def render(report: Report, console: Any) -> None:
                   pad_edge=False)
     # Narrow terminals (a device's serial console): keep the columns that decide the verdict.
     narrow = getattr(console, "width", 200) < 118
-    keep = [i for i, h in enumerate(HEADERS) if not (narrow and h in ("type", "p90 ms", "KiB"))]
+    keep = [i for i, h in enumerate(HEADERS) if not (narrow and h in ("type", "p99 ms", "KiB", "agree", "max Δp"))]
     for i in keep:
         header = HEADERS[i]
         if header in ("artifact", "type"):
-            table.add_column(header, justify="left", overflow="fold", min_width=8)
+            table.add_column(header, justify="left", overflow="fold", min_width=8 if header == "type" else 15)
         else:
             table.add_column(header, justify="left" if header == "verdict" else "right", no_wrap=True)
     if ref.kind == "keras":
         lat = ref.latency
-        cells = [f"{ref.name} (ref)", "keras fp32", f"{ref.accuracy:.4f}", "", "", "",
-                 _fmt(lat.p50 if lat else None, ".3f"), _fmt(lat.p90 if lat else None, ".3f"), "1.00", "", ""]
+        cells = [f"{ref.name} (original)", "keras fp32", f"{ref.accuracy:.4f}", "", "", "",
+                 _fmt(lat.p50 if lat else None, ".3f"), _fmt(lat.p99 if lat else None, ".3f"), "", "", "info"]
         table.add_row(*[cells[i] for i in keep], style="dim")
     for a in report.artifacts:
         cells = _row(a)
-        cells[-1] = "[bold green]PASS[/]" if a.passed else "[bold red]FAIL[/]"
+        cells[-1] = {PASS: "[bold green]PASS[/]", FAIL: "[bold red]FAIL[/]"}.get(a.verdict, "[bold yellow]INCONCLUSIVE[/]")
         table.add_row(*[cells[i] for i in keep])
     console.print(table)
+    t = report.thresholds
     console.print(
-        f"reference: {ref.name} ({ref.kind}); machine: {report.machine.get('cpu')}, threads={report.machine.get('threads')}",
+        f"float model: {ref.name} ({ref.outputs_source}); accuracy: margin {t.margin_pp:g} pp at {t.confidence:.0%}; "
+        f"latency: int8/fp32 same runtime <= {t.latency_limit:g}; machine: {report.machine.get('cpu')}, "
+        f"threads={report.machine.get('threads')}",
         highlight=False,
     )
     for warning in report.warnings:
@@ -322,5 +401,11 @@ def render(report: Report, console: Any) -> None:
         console.print(f"[bold red]{len(report.failures)} check(s) failed:[/]")
         for failure in report.failures:
             console.print(f"  [red]✗[/] {failure}", highlight=False, soft_wrap=True)
+    if report.undecided:
+        console.print(f"[bold yellow]{len(report.undecided)} check(s) inconclusive:[/]")
+        for item in report.undecided:
+            console.print(f"  [yellow]?[/] {item}", highlight=False, soft_wrap=True)
+    if report.verdict == PASS:
+        console.print("[bold green]verdict: PASS (all checks passed)[/]")
     else:
-        console.print("[bold green]all checks passed[/]")
+        console.print(f"verdict: {report.verdict} (exit {report.exit_code})", highlight=False)
