@@ -43,7 +43,7 @@ from edgetl.fsutil import FolderKind  # noqa: E402
 
 #: BUNDLE/verify/ (or --report DIR): only report files; recognised by its entries (a killed verify leaves no report.json)
 REPORT_FOLDER = FolderKind("verify report folder", None,
-                           names=("report.json", "report.md", "latency.png", "confusion.png"))
+                           names=("report.json", "report.md", "latency.png", "confusion.png", "misclassified.png"))
 BUNDLE_FOLDER = FolderKind("bundle", "bundle.json", "edgetl.bundle/", children=(("verify", REPORT_FOLDER),))
 RUN_FOLDER = FolderKind("run directory", "manifest.json", "edgetl.run/",
                         names=("progress.json", "labels.txt", "splits.json", "curves.png", "float.keras", "qat.h5"),
