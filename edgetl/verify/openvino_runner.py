@@ -23,7 +23,9 @@ from edgetl.verify.runners import (
     _REEXPORT,
     Runner,
     _check_claim,
+    _check_classes,
     _check_hw,
+    _check_io_count,
     _first_line,
     _onnx_metadata,
     _version,
@@ -60,11 +62,7 @@ class OpenVinoRunner(Runner):
         except Exception as exc:
             raise ModelFileError(f"{self.path.name} is not an ONNX model OpenVINO can read: {_first_line(exc)}",
                                  _REEXPORT) from None
-        if len(model.inputs) != 1 or not model.outputs:
-            raise ModelFileError(
-                f"{self.path.name} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; expected 1 image input",
-                _REEXPORT,
-            )
+        _check_io_count(self.path, len(model.inputs), len(model.outputs))
         shape = [d.get_length() if d.is_static else None for d in model.inputs[0].get_partial_shape()]
         _check_hw(self.path, shape, self.contract)
         model.reshape({model.inputs[0]: [1, self.contract.height, self.contract.width, 3]})
@@ -73,11 +71,8 @@ class OpenVinoRunner(Runner):
         _check_claim(self.path, "input dtype", self.input_dtype, in_type)
         _check_claim(self.path, "output dtype", self.output_dtype, out_type)
         out_shape = list(model.outputs[0].get_partial_shape())
-        if out_shape and out_shape[-1].is_static and out_shape[-1].get_length() != self.n_classes:
-            raise ModelFileError(
-                f"{self.path.name} outputs {out_shape[-1].get_length()} classes but the bundle has {self.n_classes} labels",
-                _REEXPORT,
-            )
+        _check_classes(self.path, out_shape[-1].get_length() if out_shape and out_shape[-1].is_static else None,
+                       self.n_classes)
         self.config = {
             "INFERENCE_NUM_THREADS": int(threads),
             "NUM_STREAMS": 1,

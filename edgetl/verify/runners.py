@@ -204,6 +204,18 @@ def _check_quant(path: Path, what: str, claimed: tuple[float, int] | None, actua
             _check_claim(path, what, [c_scale, c_zp], [a_scale, a_zp])
 
 
+def _check_io_count(path: Path, n_inputs: int, n_outputs: int) -> None:
+    if n_inputs != 1 or not n_outputs:
+        raise ModelFileError(f"{path.name} has {n_inputs} inputs and {n_outputs} outputs; expected 1 image input",
+                             _REEXPORT)
+
+
+def _check_classes(path: Path, classes: int | None, n_classes: int) -> None:
+    """``classes``: the model's static output width (None when it is dynamic or unknown)."""
+    if classes is not None and classes > 0 and classes != n_classes:
+        raise ModelFileError(f"{path.name} outputs {classes} classes but the bundle has {n_classes} labels", _REEXPORT)
+
+
 def _check_hw(path: Path, shape: list[Any], contract: InputContract) -> None:
     if len(shape) != 4:
         raise ModelFileError(f"{path.name}: model input has rank {len(shape)}; expected NHWC (rank 4)", _REEXPORT)
@@ -277,10 +289,7 @@ class OnnxRunner(Runner):
         except Exception as exc:  # onnxruntime raises several private exception types
             raise ModelFileError(f"{self.path.name} is not a loadable ONNX model: {_first_line(exc)}", _REEXPORT) from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1 or not outputs:
-            raise ModelFileError(
-                f"{self.path.name} has {len(inputs)} inputs and {len(outputs)} outputs; expected 1 image input", _REEXPORT
-            )
+        _check_io_count(self.path, len(inputs), len(outputs))
         self._input_name = inputs[0].name
         self._output_name = outputs[0].name
         in_type = self._TYPES.get(inputs[0].type, inputs[0].type)
@@ -289,10 +298,8 @@ class OnnxRunner(Runner):
         _check_claim(self.path, "output dtype", self.output_dtype, out_type)
         _check_hw(self.path, list(inputs[0].shape), self.contract)
         out_shape = list(outputs[0].shape)
-        if out_shape and isinstance(out_shape[-1], int) and out_shape[-1] > 0 and out_shape[-1] != self.n_classes:
-            raise ModelFileError(
-                f"{self.path.name} outputs {out_shape[-1]} classes but the bundle has {self.n_classes} labels", _REEXPORT
-            )
+        _check_classes(self.path, out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None,
+                       self.n_classes)
         try:
             props = dict(self.session.get_modelmeta().custom_metadata_map)
         except Exception:  # pragma: no cover - metadata is optional
@@ -323,10 +330,7 @@ class TfliteRunner(Runner):
             self.interpreter = Interpreter(model_path=str(self.path), num_threads=int(threads))
             inp = self.interpreter.get_input_details()
             outp = self.interpreter.get_output_details()
-            if len(inp) != 1 or not outp:
-                raise ModelFileError(
-                    f"{self.path.name} has {len(inp)} inputs and {len(outp)} outputs; expected 1 image input", _REEXPORT
-                )
+            _check_io_count(self.path, len(inp), len(outp))
             _check_hw(self.path, [int(d) for d in inp[0]["shape"]], self.contract)
             if int(inp[0]["shape"][0]) != 1:
                 self.interpreter.resize_tensor_input(
