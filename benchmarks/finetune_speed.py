@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from edgetl.backbones import get_backbone  # noqa: E402
 from edgetl.config import FinetuneConfig  # noqa: E402
-from edgetl.data import load_images, scan_folder, stratified_split  # noqa: E402
+from edgetl.data import ImageList, load_images, scan_folder, stratified_split  # noqa: E402
 from edgetl.finetune import build_classifier, evaluate_accuracy, head_phase, set_seeds  # noqa: E402
 from edgetl.progress import NullReporter  # noqa: E402
 from edgetl.weights import resolve_weights  # noqa: E402
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=160)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-class", type=int, default=0, help="use only the first N images per class (0: all)")
     args = ap.parse_args()
 
     from edgetl._tfenv import keras
@@ -42,7 +43,10 @@ def main() -> None:
     k = keras()
     b = get_backbone(args.backbone)
     folder = scan_folder(args.data)
-    tr, va = stratified_split(folder.items, 0.2, args.seed)
+    items = folder.items
+    if args.per_class:
+        items = [it for c in range(len(folder.classes)) for it in [i for i in items if i[1] == c][: args.per_class]]
+    tr, va = stratified_split(items, 0.2, args.seed)
     size = (args.image_size, args.image_size)
     train, val = load_images(tr, size), load_images(va, size)
     weights = resolve_weights(b, args.weights, args.image_size)
@@ -57,7 +61,8 @@ def main() -> None:
     model, base = build_classifier(b, args.image_size, len(folder.classes), weights, cfg.dropout)
     base.trainable = False
     t0 = time.perf_counter()
-    rec = head_phase(cfg, model, train, val, NullReporter(), args.seed)
+    # streamed: decoded from the files, features cached on disk (the plain fit below gets the decoded arrays free)
+    rec = head_phase(cfg, model, ImageList(tuple(tr)), ImageList(tuple(va)), NullReporter(), args.seed).record
     edgetl_s = time.perf_counter() - t0
     edgetl_acc = rec["val_accuracy"]
 
