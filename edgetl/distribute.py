@@ -37,6 +37,29 @@ class ClusterRole:
 
     _has_chief: bool = False
 
+    @property
+    def chief_name(self) -> str:
+        return "chief:0" if self._has_chief else "worker:0"
+
+
+def cluster_failure(exc: BaseException, role: ClusterRole):
+    """A ClusterError for TensorFlow's error when a peer worker died or is unreachable; None for anything else."""
+    from edgetl._tfenv import tf
+    from edgetl.errors import ClusterError
+
+    errors = tf().errors
+    kinds = (errors.UnavailableError, errors.DeadlineExceededError, errors.AbortedError, errors.CancelledError)
+    if role.workers <= 1 or not isinstance(exc, kinds):
+        return None
+    first = " ".join(str(exc).split())
+    first = first[:240] + ("..." if len(first) > 240 else "")
+    return ClusterError(
+        f"multi-worker training failed on {role.task_type}:{role.index} of {role.workers}: another worker died or "
+        f"became unreachable ({type(exc).__name__}: {first})",
+        "check the other workers' logs, then restart every worker with the same command (the chief resumes from "
+        "its last finished phase)",
+    )
+
 
 def cluster_role() -> ClusterRole:
     """Read TF_CONFIG (TF-free). ConfigError for TF_CONFIG that is not JSON or names no task of its cluster."""

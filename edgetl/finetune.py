@@ -702,9 +702,14 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None, force: bool 
         try:
             result = _run_phases(cfg, reporter, backbone, image_size, weights, target if scratch else run_dir,
                                  folder, train_items, val_items, config, work, state, force, strategy, role)
-        except BaseException:
+        except BaseException as exc:
             if fresh and not state["completed"]:  # nothing worth resuming: leave no trace
                 shutil.rmtree(work, ignore_errors=True)
+            from edgetl.distribute import cluster_failure
+
+            failure = cluster_failure(exc, role)
+            if failure is not None:
+                raise failure from None
             raise
     finally:
         if scratch is not None:
@@ -823,8 +828,9 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
              and p.name not in ("manifest.json", "progress.json")}
     files.update(_log_files(work))
     distribution = {"strategy": type(strategy).__name__, "replicas": int(strategy.num_replicas_in_sync)}
-    if role.workers > 1:
-        distribution.update({"workers": role.workers, "chief": f"{role.task_type}:{role.index}"})
+    if role.workers > 1:  # (TensorFlow's class behind MultiWorkerMirroredStrategy is CollectiveAllReduceStrategy)
+        distribution.update({"strategy": "MultiWorkerMirroredStrategy", "workers": role.workers,
+                             "chief": role.chief_name})
     manifest = {
         "schema": RUN_SCHEMA,
         "edgetl_version": __version__,
