@@ -285,16 +285,17 @@ class _EpochProgress:
             def on_epoch_end(self, epoch, logs=None):
                 logs = logs or {}
                 best["epochs_run"] = epoch + 1
-                task.update(epoch=epoch + 1, loss=float(logs.get("loss", np.nan)),
-                            val_acc=float(logs.get("val_accuracy", np.nan)))
+                best["shown"] = dict(epoch=epoch + 1, loss=float(logs.get("loss", np.nan)),
+                                     val_acc=float(logs.get("val_accuracy", np.nan)))
+                task.update(**best["shown"])
 
             def on_train_end(self, logs=None):
                 if stopper is None:
                     return
                 best["best_epoch"] = int(getattr(stopper, "best_epoch", 0)) + 1
                 run = best.get("epochs_run", 0)
-                if epochs is not None and run < epochs:
-                    task.update(stopped=f"early at epoch {run}/{epochs}", best_epoch=best["best_epoch"])
+                if epochs is not None and 0 < run < epochs:  # the bar ends at what was done (RichReporter)
+                    task.update(**best.get("shown", {}), stopped=f"early({run}/{epochs})", best=best["best_epoch"])
 
         return _Callback()
 
@@ -369,7 +370,10 @@ def predict_stream(model, ds) -> np.ndarray:
 
     fn = _PREDICT_FNS.get(model)
     if fn is None:  # one traced function per model (not per call)
-        fn = _PREDICT_FNS[model] = tf().function(lambda x: model(x, training=False), reduce_retracing=True)
+        def forward(x):
+            return model(x, training=False)
+
+        fn = _PREDICT_FNS[model] = tf().function(forward, reduce_retracing=True)
     return np.concatenate([fn(x).numpy() for x, _ in ds])
 
 

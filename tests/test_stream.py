@@ -129,3 +129,62 @@ def test_head_phase_streams_skips_bad_images_and_cleans_its_cache(shapes_dir, tm
     lines = (tmp_path / "logs" / "history.csv").read_text().splitlines()
     assert lines[0] == "epoch,accuracy,loss,val_accuracy,val_loss" and len(lines) == 3
     np.testing.assert_allclose([float(r.split(",")[3]) for r in lines[1:]], rec["history"]["val_accuracy"])
+
+
+def test_run_directory_has_training_logs_edgetl_owns(cli_run):
+    """history.csv and TensorBoard scalars per phase, matching the manifest's history; listed in the manifest's
+    files, so the run stays provably edgetl's own (a rerun with --force may replace it)."""
+    import json
+
+    from edgetl._tfenv import tf
+    from edgetl.fsutil import check_target, foreign_entries, sha256_file
+    from edgetl.manifest import RUN_FOLDER
+
+    m = json.loads((cli_run / "manifest.json").read_text())
+    for phase in ("head", "fine_tune", "qat"):
+        rec = m["phases"][phase]
+        assert 1 <= rec["best_epoch"] <= rec["epochs_run"], rec
+        rows = (cli_run / "logs" / phase / "history.csv").read_text().splitlines()
+        assert rows[0] == "epoch,accuracy,loss,val_accuracy,val_loss" and len(rows) == 1 + rec["epochs_run"]
+        val_acc = [float(r.split(",")[3]) for r in rows[1:]]
+        events = {}
+        for split in ("train", "validation"):
+            (event_file,) = (cli_run / "logs" / phase / split).iterdir()
+            for e in tf().compat.v1.train.summary_iterator(str(event_file)):
+                for v in e.summary.value:
+                    events[(split, v.tag, e.step)] = float(tf().make_ndarray(v.tensor))
+        assert [events[("validation", "epoch_accuracy", i)] for i in range(len(val_acc))] == pytest.approx(val_acc)
+        assert ("train", "epoch_loss", 0) in events
+    logs = {name: digest for name, digest in m["files"].items() if name.startswith("logs/")}
+    assert len(logs) == 9  # 3 phases x (history.csv + 2 event files)
+    assert all(sha256_file(cli_run / name) == digest for name, digest in logs.items())
+    assert foreign_entries(cli_run, RUN_FOLDER) == []
+    assert check_target(cli_run, RUN_FOLDER, force=True) is True
+
+
+def test_progress_after_early_stopping_ends_at_what_ran_and_says_so():
+    """A real Keras fit stopped early: the bar ends full at the batches that ran, its status names the stop and the
+    best epoch (the one whose weights were kept)."""
+    from rich.console import Console
+
+    from edgetl._tfenv import keras
+    from edgetl.config import FinetuneConfig
+    from edgetl.finetune import _early_stopping, _EpochProgress
+    from edgetl.progress import RichReporter
+
+    k = keras()
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)).astype(np.float32), rng.integers(0, 3, 64)
+    model = k.Sequential([k.Input((4,)), k.layers.Dense(3, activation="softmax")])
+    model.compile(k.optimizers.SGD(0.0), "sparse_categorical_crossentropy", metrics=["accuracy"])  # lr 0: no gain
+    cfg = FinetuneConfig(data="unused", patience=2)
+    console = Console(record=True, width=160, force_terminal=False)
+    best: dict = {}
+    stopper = _early_stopping(k, cfg)
+    with RichReporter(console).task("head phase", 8 * 30) as task:
+        model.fit(x, y, validation_data=(x, y), batch_size=8, epochs=30, verbose=0,
+                  callbacks=[stopper, _EpochProgress(task, best, stopper, 30)])
+    text = console.export_text()
+    assert best["epochs_run"] == 3 and best["best_epoch"] == 1  # nothing improves after epoch 1
+    assert "24/24" in text and "/240" not in text, text
+    assert "stopped=early(3/30)" in text and "best=1" in text, text
