@@ -5,8 +5,8 @@ multi-replica path on a machine without GPUs). Must be called before TensorFlow 
 
 Multi-worker (``TF_CONFIG`` with more than one task, docs/multi-worker.md): MultiWorkerMirroredStrategy. A cluster
 that does not form within ``EDGETL_WORKER_TIMEOUT`` seconds (default 300: a worker never started, a wrong address)
-ends this process with one line and exit 3 (TensorFlow blocks in C++ and ignores SIGTERM there, so nothing else
-would end it); a worker dying later fails the running collective on the others (TensorFlow's coordination
+ends this process with one line, killed by a watchdog process (exit 137: TensorFlow blocks in C++ there, holding
+the GIL, and catches SIGTERM, so nothing else would end it); a worker dying later fails the running collective on the others (TensorFlow's coordination
 service stops getting its heartbeats within ~10-20 s), reported as :class:`edgetl.errors.ClusterError`.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 from dataclasses import dataclass
 
 #: seconds to wait for every worker of TF_CONFIG's cluster to join
@@ -96,25 +95,40 @@ def worker_timeout() -> float:
     return value
 
 
+#: run in a child process: TensorFlow blocks in C++ while the cluster forms (holding the GIL: no Python thread of
+#: this process runs) and catches SIGTERM, so only an outside SIGKILL ends a cluster that never forms
+_WATCHDOG = """
+import os, sys, time
+parent, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+end = time.monotonic() + timeout
+while time.monotonic() < end:
+    time.sleep(0.2)
+    try:
+        os.kill(parent, 0)
+    except OSError:
+        sys.exit(0)
+    if os.getppid() != parent:
+        sys.exit(0)
+sys.stderr.write(message + "\\n")
+sys.stderr.flush()
+os.kill(parent, 9)
+"""
+
+
 def _multi_worker(tf, role: ClusterRole):
+    import subprocess
+
     timeout = worker_timeout()
-    done = threading.Event()
-
-    def give_up() -> None:
-        if done.wait(timeout):
-            return
-        sys.stderr.write(
-            f"error: the multi-worker cluster in TF_CONFIG did not form within {timeout:g} s (this is "
-            f"{role.task_type}:{role.index} of {role.workers}); start every worker listed in TF_CONFIG, check "
-            "their addresses and ports, or raise EDGETL_WORKER_TIMEOUT.\n")
-        sys.stderr.flush()
-        os._exit(3)
-
-    threading.Thread(target=give_up, name="edgetl-cluster-timeout", daemon=True).start()
+    message = (f"error: the multi-worker cluster in TF_CONFIG did not form within {timeout:g} s (this is "
+               f"{role.task_type}:{role.index} of {role.workers}); start every worker listed in TF_CONFIG, check "
+               "their addresses and ports, or raise EDGETL_WORKER_TIMEOUT.")
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), message],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     try:
         return tf.distribute.MultiWorkerMirroredStrategy()
     finally:
-        done.set()
+        watchdog.kill()
+        watchdog.wait()
 
 
 def select_strategy(role: ClusterRole | None = None):

@@ -64,7 +64,7 @@ def test_a_cluster_that_never_forms_ends_with_one_line(shapes_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edgetl", "finetune", "--data", str(shapes_dir),
                            "--out", str(tmp_path / "run"), *FAST], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.returncode == -9, proc.stderr[-2000:]  # TensorFlow blocks in C++: a watchdog SIGKILLs it
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "did not form within 8 s" in lines[0], proc.stderr[-2000:]
     assert time.monotonic() - t0 < 200
