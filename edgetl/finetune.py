@@ -417,14 +417,16 @@ class HeadResult:
 
 
 def head_phase(cfg, model, train: ImageList, val: ImageList, reporter: Reporter, seed: int,
-               pretrained: bool = True, cache_dir: Path | None = None, logdir: Path | None = None) -> HeadResult:
+               pretrained: bool = True, cache_dir: Path | None = None, logdir: Path | None = None,
+               on_checked=None) -> HeadResult:
     """Train the head on cached features of the frozen backbone (clean features only from a random backbone:
     augmented views of random features are not worth their time).
 
     Images are decoded from their files batch by batch; the features (one file per split and view) go to
     ``cache_dir`` (default: a fresh temporary folder), are streamed from there for training and deleted at the end.
     The first (clean) pass over the images also finds the unreadable ones: DataError naming them, unless
-    ``cfg.skip_bad_images`` (then they are left out of every later pass and returned as skipped).
+    ``cfg.skip_bad_images`` (then they are left out of every later pass and returned as skipped). ``on_checked``
+    is called once every image was found readable (or skipped).
     """
     import tempfile
 
@@ -486,6 +488,8 @@ def head_phase(cfg, model, train: ImageList, val: ImageList, reporter: Reporter,
             if not len(train) or not len(val):
                 raise DataError("no readable images" if not len(train) else "no readable validation images",
                                 "check the data folder")
+            if on_checked is not None:
+                on_checked()
             for view in range(1, 1 + views):
                 train_files.append(extract(train, "train", view, task))
         cache_s = time.perf_counter() - t0
@@ -754,30 +758,39 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
         # the BatchNorm images of a weights-none backbone: drawn by index, only those decoded
         pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(train))[:BN_RECALIBRATION_IMAGES])
         bn_images = load_at(train.items, pick, size) if weights.source == "none" else None
+        # Said once the head phase's first pass found every image readable (a bad one fails with one line only).
+        pending: list[str] = []
         if not state["completed"] and weights.source == "none":
             count = recalibrate_batchnorm(base, bn_images)
-            reporter.info(f"weights none: statistics of {count} BatchNorm layers set from training images")
+            pending.append(f"weights none: statistics of {count} BatchNorm layers set from training images")
         n_per_class = len(train) / len(folder.classes)
         pretrained = weights.source != "none"
         decision = decide_freeze(backbone, base, cfg.freeze, n_per_class, cfg.domain, pretrained)
         fine_tune_lr = fine_tune_learning_rate(cfg, pretrained)
-        reporter.info(f"weights: {weights.describe()}")
-        reporter.info(f"freeze: {decision.reason}")
+        pending.append(f"weights: {weights.describe()}")
+        pending.append(f"freeze: {decision.reason}")
         if not pretrained and cfg.fine_tune_epochs == 0:
-            reporter.info("weights none with fine_tune_epochs 0: only the head trains, on random features")
+            pending.append("weights none with fine_tune_epochs 0: only the head trains, on random features")
         phases = state["phases"]
+
+        def say_pending() -> None:
+            for message in pending:
+                reporter.info(message)
+            pending.clear()
 
         if "head" not in state["completed"]:
             for layer in base.layers:
                 layer.trainable = False
             head = head_phase(cfg, model, train, val, reporter, cfg.seed, pretrained,
-                              cache_dir=work / ".features.partial", logdir=work / "logs" / "head")
+                              cache_dir=work / ".features.partial", logdir=work / "logs" / "head",
+                              on_checked=say_pending)
             train, val = head.train, head.val
             _check_classes(folder, train)
             phases["head"] = head.record
             state["skipped"] = {"train": [str(p) for p in train.skipped], "val": [str(p) for p in val.skipped]}
             reporter.info(f"head phase: val_accuracy {phases['head']['val_accuracy']:.4f}")
             _checkpoint(work, model, state, "head")
+        say_pending()  # (resumed after the head phase: said here)
 
         freeze_info = apply_freeze(base, decision)
         if "fine_tune" not in state["completed"]:
