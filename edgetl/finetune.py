@@ -7,6 +7,11 @@
    ``training=False``), frozen or not.
 3. qat (default on): quantization-aware training from the best float weights (edgetl.quantize).
 
+Images are never all in memory: every phase streams them from their files (edgetl.stream: tf.data over file
+indices, parallel decode + resize with the same decoder as export and verify), the head phase's cached features go to
+files in the work folder and are read back a batch at a time, and the BatchNorm, calibration images are drawn by index.
+Each phase writes ``logs/PHASE/history.csv`` and TensorBoard scalars.
+
 The run is built in a hidden ``.NAME.partial`` folder beside the target and swapped in when complete; each finished
 phase is checkpointed there, so a killed run resumes from its last completed phase when rerun with the same config.
 """
