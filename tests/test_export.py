@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,21 +82,11 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def qat_loader(run_dir):
-    """quantize.load_qat_model, or (if reloading qat.h5 is broken) the in-memory QAT model, with a warning."""
+    """The run's qat.h5 reloads with quantize.load_qat_model (no fallback: export must go through the real loader)."""
     from edgetl import quantize
 
-    if not (run_dir / "qat.h5").exists():
-        pytest.skip("edgetl.quantize could not make a QAT model")
-    try:
-        quantize.load_qat_model(run_dir / "qat.h5")
-        yield None
-        return
-    except Exception as exc:  # a quantize.py bug, not export's: keep testing export's QAT path
-        warnings.warn(f"quantize.load_qat_model cannot reload qat.h5 ({exc}); using the in-memory QAT model")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(quantize, "load_qat_model", lambda p: rundir_factory.QAT_MODELS[str(Path(p).parent.resolve())])
-    yield "patched"
-    mp.undo()
+    assert (run_dir / "qat.h5").is_file(), "rundir_factory made no QAT model"
+    quantize.load_qat_model(run_dir / "qat.h5")
 
 
 @pytest.fixture(scope="module")
