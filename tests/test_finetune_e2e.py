@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, subset_of
+
 from edgetl.config import FinetuneConfig
 from edgetl.finetune import finetune
 from edgetl.fsutil import sha256_file

@@ -7,10 +7,10 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from dataclasses import replace
 import pytest
 from bundle_factory import edit_bundle_json, get_factory, rehash
 from hypothesis import given, settings

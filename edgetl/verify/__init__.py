@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
 import numpy as np
 
 from edgetl import __version__
@@ -44,7 +45,7 @@ from edgetl.verify.checks import (
     paired_accuracy,
     per_class,
 )
-from edgetl.verify.report import Report, ReferenceInfo, machine_info
+from edgetl.verify.report import ReferenceInfo, Report, machine_info
 from edgetl.verify.runners import KerasRunner, Runner, make_runner, measure_latencies
 
 #: timed inferences per model per interleaved round
