@@ -236,7 +236,11 @@ def test_outputs_match_the_keras_model(exported, run_dir):
             assert (got.argmax(1) == labels).mean() >= 0.6, (record["name"], got.argmax(1), labels)
 
 
-@pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0"])
+@pytest.mark.parametrize("backbone", [
+    "mobilenet_v3_small",
+    pytest.param("mobilenet_v3_large", marks=pytest.mark.slow),
+    pytest.param("efficientnet_b0", marks=pytest.mark.slow),
+])
 def test_every_variant_exports_for_every_backbone(backbone, tmp_path):
     """Each product backbone (32 px, random weights, QAT model): all variants export, float artifacts match Keras
     within 1e-4, the bundle's checksums verify and the QAT int8 TFLite is one XNNPACK partition. (mobilenet_v2, the
