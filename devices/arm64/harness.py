@@ -512,7 +512,8 @@ def main() -> int:
         print(f"device-test-arm64: FAIL: {exc}", file=sys.stderr)
         return 1
     print_tables(rows, infos)
-    print(f"\nhost (finetune, export, verify, probe): {t_host:.0f} s; root + venv: {t_root:.0f} s; "
+    stages = "copy of --bundle" if args.bundle is not None else "finetune, export"
+    print(f"\nhost ({stages}, verify, probe, predict): {t_host:.0f} s; root + venv: {t_root:.0f} s; "
           f"total {time.monotonic() - t_all:.0f} s. Emulated latency is not a device figure.")
     (work / "summary.json").write_text(json.dumps({"rows": rows, "cores": infos}, indent=1))
     problems = [f"{i['core']}: {p}" for i in infos for p in i["problems"]]
