@@ -412,8 +412,9 @@ def render(report: Report, console: Any) -> None:
     narrow = getattr(console, "width", 200) < 118
     cols = headers(report)
     threads = _threads(report)
+    extra_ratios = {f"int8/fp32 @{t}t" for t in threads[1:]}  # narrow: the other counts keep their p50 only
     keep = [i for i, h in enumerate(cols)
-            if not (narrow and (h in ("type", "KiB", "agree", "max Δp") or h.startswith("p99 ms")))]
+            if not (narrow and (h in ("type", "KiB", "agree", "max Δp") or h.startswith("p99 ms") or h in extra_ratios))]
     for i in keep:
         header = cols[i]
         if header in ("artifact", "type"):
