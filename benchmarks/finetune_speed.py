@@ -1,7 +1,8 @@
 """Head-phase speed: edgetl's cached-feature head training vs a plain `model.fit` over the full frozen-base model.
 
 Same data, same split, same epochs, same optimizer, no augmentation on either side (so both see identical inputs);
-prints both wall times, the speed-up and both validation accuracies, measured side by side in one run.
+prints both wall times, the speed-up and both validation accuracies, measured side by side in one run. edgetl's
+time includes decoding the image files (it streams them); the plain fit gets them decoded in memory beforehand.
 
     EDGETL_WEIGHTS_DIR=../shared/weights python benchmarks/finetune_speed.py [--data DIR] [--image-size 160] [--epochs 10]
 """
@@ -20,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from edgetl.backbones import get_backbone  # noqa: E402
 from edgetl.config import FinetuneConfig  # noqa: E402
-from edgetl.data import load_images, scan_folder, stratified_split  # noqa: E402
+from edgetl.data import ImageList, load_images, scan_folder, stratified_split  # noqa: E402
 from edgetl.finetune import build_classifier, evaluate_accuracy, head_phase, set_seeds  # noqa: E402
 from edgetl.progress import NullReporter  # noqa: E402
 from edgetl.weights import resolve_weights  # noqa: E402
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=160)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--per-class", type=int, default=0, help="use only the first N images per class (0: all)")
     args = ap.parse_args()
 
     from edgetl._tfenv import keras
@@ -42,9 +44,14 @@ def main() -> None:
     k = keras()
     b = get_backbone(args.backbone)
     folder = scan_folder(args.data)
-    tr, va = stratified_split(folder.items, 0.2, args.seed)
+    items = folder.items
+    if args.per_class:
+        items = [it for c in range(len(folder.classes)) for it in [i for i in items if i[1] == c][: args.per_class]]
+    tr, va = stratified_split(items, 0.2, args.seed)
     size = (args.image_size, args.image_size)
+    t0 = time.perf_counter()
     train, val = load_images(tr, size), load_images(va, size)
+    decode_s = time.perf_counter() - t0
     weights = resolve_weights(b, args.weights, args.image_size)
     cfg = FinetuneConfig(data=args.data, backbone=args.backbone, image_size=args.image_size, epochs=args.epochs,
                          patience=args.epochs + 1, feature_views=0, seed=args.seed,
@@ -57,7 +64,8 @@ def main() -> None:
     model, base = build_classifier(b, args.image_size, len(folder.classes), weights, cfg.dropout)
     base.trainable = False
     t0 = time.perf_counter()
-    rec = head_phase(cfg, model, train, val, NullReporter(), args.seed)
+    # streamed: decoded from the files, features cached on disk (the plain fit below gets the decoded arrays free)
+    rec = head_phase(cfg, model, ImageList(tuple(tr)), ImageList(tuple(va)), NullReporter(), args.seed).record
     edgetl_s = time.perf_counter() - t0
     edgetl_acc = rec["val_accuracy"]
 
@@ -78,7 +86,9 @@ def main() -> None:
     print(f"{'method':<44}{'seconds':>10}{'val acc':>10}")
     print(f"{'edgetl head phase (cached features)':<44}{edgetl_s:>10.1f}{edgetl_acc:>10.4f}")
     print(f"{'plain model.fit, frozen base':<44}{plain_s:>10.1f}{plain_acc:>10.4f}")
-    speedup = plain_s / edgetl_s
+    print(f"{'  (+ decoding its images into memory first)':<44}{plain_s + decode_s:>10.1f}")
+    speedup = plain_s / edgetl_s  # conservative: edgetl's time includes decoding the files, the plain fit's not
+    print(f"speed-up counting the plain fit's decoding too: {(plain_s + decode_s) / edgetl_s:.1f}x")
     diff_pp = (edgetl_acc - plain_acc) * 100
     print(f"\nspeed-up {speedup:.1f}x (goal >= 5x); accuracy difference {diff_pp:+.2f} pp (goal within +-1 pp)")
     print("RESULT", "PASS" if speedup >= 5 and abs(diff_pp) <= 1.0 else "MISS")

@@ -245,6 +245,34 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class ImageList:
+    """A split as file paths and labels (nothing decoded): what the streaming training pipeline reads from."""
+
+    items: tuple[tuple[Path, int], ...]
+    skipped: tuple[Path, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return tuple(p for p, _ in self.items)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([label for _, label in self.items], dtype=np.int64)
+
+    def without(self, bad: Sequence[Path]) -> "ImageList":
+        """The list minus ``bad`` (unreadable files), which are recorded as skipped."""
+        bad_set = {str(p) for p in bad}
+        if not bad_set:
+            return self
+        kept = tuple(it for it in self.items if str(it[0]) not in bad_set)
+        gone = tuple(p for p, _ in self.items if str(p) in bad_set)
+        return ImageList(kept, self.skipped + gone)
+
+
+@dataclass(frozen=True)
 class LoadedImages:
     images: np.ndarray  # uint8 (N, H, W, 3)
     labels: np.ndarray  # int64 (N,)

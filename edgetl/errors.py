@@ -53,3 +53,10 @@ class BundleError(EdgetlError):
 
 class ExportError(EdgetlError):
     """An export variant cannot be produced from this run."""
+
+
+class ClusterError(EdgetlError):
+    """A multi-worker training cluster (TF_CONFIG) failed: a worker died or could not be reached. Exit 3: not the
+    user's input, but not a bug in edgetl either; the message says which worker and what to do."""
+
+    exit_code = 3

@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import numpy as np
 from edgetl import __version__
 from edgetl.backbones import Backbone, check_image_size, get_backbone
 from edgetl.config import FinetuneConfig
-from edgetl.data import ImageFolder, LoadedImages, load_images, scan_folder, stratified_split
+from edgetl.data import ImageFolder, ImageList, scan_folder, stratified_split
 from edgetl.errors import ConfigError, DataError, RunDirError, WeightsError
 from edgetl.fsutil import atomic_write_json, atomic_write_text, check_target, clean_stale, sha256_file, swap_dir
 from edgetl.manifest import RUN_FOLDER, RUN_SCHEMA, config_hash, new_run_id, now_iso, package_versions
@@ -271,9 +272,10 @@ def make_augmenter(cfg: FinetuneConfig, seed: int):
 
 
 class _EpochProgress:
-    """A Keras callback driving a Reporter task: one tick per batch, metrics per epoch."""
+    """A Keras callback driving a Reporter task: one tick per batch, metrics per epoch; after early stopping the
+    task's last status says so (the bar then ends at what was done, see RichReporter)."""
 
-    def __new__(cls, task, best: dict):
+    def __new__(cls, task, best: dict, stopper=None, epochs: int | None = None):
         from edgetl._tfenv import keras
 
         class _Callback(keras().callbacks.Callback):
@@ -283,14 +285,74 @@ class _EpochProgress:
             def on_epoch_end(self, epoch, logs=None):
                 logs = logs or {}
                 best["epochs_run"] = epoch + 1
-                task.update(epoch=epoch + 1, loss=float(logs.get("loss", np.nan)),
-                            val_acc=float(logs.get("val_accuracy", np.nan)))
+                best["shown"] = dict(epoch=epoch + 1, loss=float(logs.get("loss", np.nan)),
+                                     val_acc=float(logs.get("val_accuracy", np.nan)))
+                task.update(**best["shown"])
+
+            def on_train_end(self, logs=None):
+                if stopper is None:
+                    return
+                best["best_epoch"] = int(getattr(stopper, "best_epoch", 0)) + 1
+                run = best.get("epochs_run", 0)
+                if epochs is not None and 0 < run < epochs:  # the bar ends at what was done (RichReporter)
+                    task.update(**best.get("shown", {}), stopped=f"early({run}/{epochs})", best=best["best_epoch"])
 
         return _Callback()
 
 
+class _TrainingLog:
+    """Per-phase training logs in ``logdir``: ``history.csv`` (rewritten after every epoch) and TensorBoard scalar
+    event files (``train/`` and ``validation/``, tags ``epoch_loss``, ``epoch_accuracy`` like Keras's TensorBoard
+    callback). Written with TensorFlow's own summary writer, so the ``tensorboard`` package is not needed to write
+    them (only to view them: ``tensorboard --logdir RUN/logs``)."""
+
+    def __new__(cls, logdir: Path):
+        from edgetl._tfenv import keras, tf
+
+        tf_ = tf()
+        from tensorflow.core.framework import summary_pb2
+
+        metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
+        shutil.rmtree(logdir, ignore_errors=True)  # a resumed phase starts its logs again
+        logdir.mkdir(parents=True)
+
+        class _Callback(keras().callbacks.Callback):
+            rows: list[dict] = []
+            writers: dict = {}
+
+            def _writer(self, split):
+                if split not in self.writers:
+                    self.writers[split] = tf_.summary.create_file_writer(str(logdir / split))
+                return self.writers[split]
+
+            def on_epoch_end(self, epoch, logs=None):
+                logs = {k: float(v) for k, v in (logs or {}).items()}
+                self.rows.append({"epoch": epoch + 1, **logs})
+                for key, value in logs.items():
+                    split, name = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
+                    with self._writer(split).as_default():
+                        tf_.summary.write(f"epoch_{name}", tf_.constant(value), step=epoch, metadata=metadata)
+                    self._writer(split).flush()
+                keys = ["epoch"] + sorted({k for r in self.rows for k in r} - {"epoch"})
+                lines = [",".join(keys)] + [",".join(f"{r.get(k, '')}" for k in keys) for r in self.rows]
+                atomic_write_text(logdir / "history.csv", "\n".join(lines) + "\n")
+
+            def on_train_end(self, logs=None):
+                for w in self.writers.values():
+                    w.close()
+
+        cb = _Callback()
+        cb.rows, cb.writers = [], {}
+        return cb
+
+
 def _history(h) -> dict[str, list[float]]:
     return {k: [float(v) for v in vals] for k, vals in h.history.items()}
+
+
+def _early_stopping(k, cfg):
+    return k.callbacks.EarlyStopping("val_accuracy", patience=cfg.patience, mode="max", restore_best_weights=True)
 
 
 def evaluate_accuracy(model, images: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> float:
@@ -298,28 +360,85 @@ def evaluate_accuracy(model, images: np.ndarray, labels: np.ndarray, batch_size:
     return float(np.mean(np.argmax(probs, axis=1) == labels))
 
 
-def tflite_accuracy(content: bytes, images: np.ndarray, labels: np.ndarray) -> float:
-    """Accuracy of a .tflite flatbuffer, run with LiteRT exactly as a device would (batch 1)."""
+_PREDICT_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def predict_stream(model, ds) -> np.ndarray:
+    """Class probabilities over a batched dataset of ``(inputs, targets)``, batch by batch, in its order (not
+    distributed: under a multi-worker strategy every worker computes the same full result)."""
+    from edgetl._tfenv import tf
+
+    fn = _PREDICT_FNS.get(model)
+    if fn is None:  # one traced function per model (not per call)
+        def forward(x):
+            return model(x, training=False)
+
+        fn = _PREDICT_FNS[model] = tf().function(forward, reduce_retracing=True)
+    return np.concatenate([fn(x).numpy() for x, _ in ds])
+
+
+def stream_accuracy(model, images: ImageList, image_size: int, batch_size: int) -> float:
+    """Accuracy over images decoded from their files a batch at a time."""
+    from edgetl.stream import image_dataset
+
+    probs = predict_stream(model, image_dataset(images.items, (image_size, image_size), batch_size))
+    return float(np.mean(np.argmax(probs, axis=1) == images.labels))
+
+
+def tflite_accuracy(content: bytes, images, labels: np.ndarray | None = None, image_size: int | None = None,
+                    chunk: int = 256) -> float:
+    """Accuracy of a .tflite flatbuffer, run with LiteRT exactly as a device would (batch 1). ``images``: an array
+    (with ``labels``) or an :class:`ImageList` decoded ``chunk`` images at a time."""
     from edgetl.quantize import tflite_predict
 
-    probs = tflite_predict(content, images, threads=os.cpu_count() or 1)
-    return float(np.mean(np.argmax(probs, axis=1) == labels))
+    threads = os.cpu_count() or 1
+    if not isinstance(images, ImageList):
+        probs = tflite_predict(content, images, threads=threads)
+        return float(np.mean(np.argmax(probs, axis=1) == labels))
+    from edgetl.data import load_images
+
+    correct = total = 0
+    for i in range(0, len(images), chunk):
+        part = load_images(images.items[i : i + chunk], (image_size, image_size), skip_bad=True)
+        probs = tflite_predict(content, part.images, threads=threads)
+        correct += int(np.sum(np.argmax(probs, axis=1) == part.labels))
+        total += len(part.labels)
+    return correct / max(total, 1)
 
 
 # --------------------------------------------------------------------------------------------------------- phases
 
 
-def head_phase(cfg, model, train: LoadedImages, val: LoadedImages, reporter: Reporter, seed: int,
-               pretrained: bool = True) -> dict:
+@dataclass(frozen=True)
+class HeadResult:
+    record: dict  # the phase's manifest record
+    train: ImageList  # the splits without unreadable images (--skip-bad-images)
+    val: ImageList
+
+
+def head_phase(cfg, model, train: ImageList, val: ImageList, reporter: Reporter, seed: int,
+               pretrained: bool = True, cache_dir: Path | None = None, logdir: Path | None = None) -> HeadResult:
     """Train the head on cached features of the frozen backbone (clean features only from a random backbone:
-    augmented views of random features are not worth their time)."""
+    augmented views of random features are not worth their time).
+
+    Images are decoded from their files batch by batch; the features (one file per split and view) go to
+    ``cache_dir`` (default: a fresh temporary folder), are streamed from there for training and deleted at the end.
+    The first (clean) pass over the images also finds the unreadable ones: DataError naming them, unless
+    ``cfg.skip_bad_images`` (then they are left out of every later pass and returned as skipped).
+    """
+    import tempfile
+
     from edgetl._tfenv import keras, tf
+    from edgetl.stream import BadImages, FeatureFile, feature_dataset, image_dataset
 
     k, tf = keras(), tf()
     feature_model = k.Model(model.input, model.get_layer("pool").output)
     augment = make_augmenter(cfg, seed)
     views = cfg.feature_views if augment is not None and pretrained else 0
     bs = cfg.batch_size
+    size = tuple(int(d) for d in model.input_shape[1:3])
+    num_classes = model.output_shape[-1]
+    width = int(feature_model.output_shape[-1])
 
     @tf.function(reduce_retracing=True)
     def clean_features(batch):
@@ -330,51 +449,77 @@ def head_phase(cfg, model, train: LoadedImages, val: LoadedImages, reporter: Rep
         return feature_model(augment(tf.cast(batch, tf.float32), training=True), training=False)
 
     if augment is not None:  # build the augmentation layers' state outside tf.function
-        augment(tf.zeros((1,) + train.images.shape[1:]), training=True)
+        augment(tf.zeros((1,) + size + (3,)), training=True)
 
-    def extract(images: np.ndarray, n_views: int, task) -> np.ndarray:
-        out = []
-        for view in range(n_views):
-            chunks = []
-            for i in range(0, len(images), bs):
-                fn = augmented_features if view > 0 else clean_features
-                chunks.append(fn(images[i : i + bs]).numpy())
-                task.advance(1)
-            out.append(np.concatenate(chunks))
-        return np.concatenate(out)
+    if cache_dir is None:
+        cache = Path(tempfile.mkdtemp(prefix="edgetl-features-"))
+    else:
+        cache = Path(cache_dir)
+        shutil.rmtree(cache, ignore_errors=True)
+        cache.mkdir(parents=True)
+    files: list = []
 
-    t0 = time.perf_counter()
-    n_batches = -(-len(train.images) // bs) * (1 + views) + -(-len(val.images) // bs)
-    with reporter.task(f"caching features (1+{views} views)", n_batches) as task:
-        x_train = extract(train.images, 1 + views, task)
+    def extract(images: ImageList, name: str, view: int, task, bad: BadImages | None = None):
+        f = FeatureFile(cache / f"{name}-view{view}.f32", width)
+        files.append(f)
+        fn = augmented_features if view > 0 else clean_features
+        for batch in image_dataset(images.items, size, bs, bad=bad, as_float=False):
+            feats = fn(batch[0]).numpy()
+            f.append(feats if bad is None else feats[batch[2].numpy()])
+            task.advance(1)
+        f.finish()
+        return f
+
+    try:
+        t0 = time.perf_counter()
+        n_batches = -(-len(train) // bs) * (1 + views) + -(-len(val) // bs)
+        with reporter.task(f"caching features (1+{views} views)", n_batches) as task:
+            bad_train, bad_val = BadImages(), BadImages()
+            train_files = [extract(train, "train", 0, task, bad_train)]
+            val_file = extract(val, "val", 0, task, bad_val)
+            merged = BadImages()
+            for i, (path, why) in enumerate([*bad_train.reasons.values(), *bad_val.reasons.values()]):
+                merged.add(i, path, why)
+            merged.raise_unless(cfg.skip_bad_images)
+            train = train.without([p for p, _ in bad_train.reasons.values()])
+            val = val.without([p for p, _ in bad_val.reasons.values()])
+            if not len(train) or not len(val):
+                raise DataError("no readable images" if not len(train) else "no readable validation images",
+                                "check the data folder")
+            for view in range(1, 1 + views):
+                train_files.append(extract(train, "train", view, task))
+        cache_s = time.perf_counter() - t0
+
         y_train = np.tile(train.labels, 1 + views)
-        x_val = extract(val.images, 1, task)
-    cache_s = time.perf_counter() - t0
-
-    head_in = k.Input(x_train.shape[1:], name="features")
-    h = k.layers.Dropout(cfg.dropout, name="dropout")(head_in)
-    head_out = k.layers.Dense(model.output_shape[-1], activation="softmax", name="predictions")(h)
-    head = k.Model(head_in, head_out)
-    head.compile(k.optimizers.Adam(cfg.head_lr), _loss(cfg, k), metrics=["accuracy"])
-    best: dict = {}
-    steps = -(-len(x_train) // bs)
-    t1 = time.perf_counter()
-    with reporter.task("head phase", steps * cfg.epochs) as task:
-        hist = head.fit(
-            x_train, _targets(y_train, cfg, model.output_shape[-1]), validation_data=(x_val, _targets(val.labels, cfg, model.output_shape[-1])),
-            epochs=cfg.epochs, batch_size=bs, shuffle=True, verbose=0,
-            callbacks=[k.callbacks.EarlyStopping("val_accuracy", patience=cfg.patience, mode="max",
-                                                 restore_best_weights=True),
-                       _EpochProgress(task, best)],
-        )
+        train_ds = feature_dataset(train_files, _targets(y_train, cfg, num_classes), bs, shuffle_seed=seed)
+        val_ds = feature_dataset([val_file], _targets(val.labels, cfg, num_classes), bs)
+        head_in = k.Input((width,), name="features")
+        h = k.layers.Dropout(cfg.dropout, name="dropout")(head_in)
+        head_out = k.layers.Dense(num_classes, activation="softmax", name="predictions")(h)
+        head = k.Model(head_in, head_out)
+        head.compile(k.optimizers.Adam(cfg.head_lr), _loss(cfg, k), metrics=["accuracy"])
+        best: dict = {}
+        steps = -(-len(y_train) // bs)
+        stopper = _early_stopping(k, cfg)
+        logs = (_TrainingLog(logdir),) if logdir is not None else ()
+        t1 = time.perf_counter()
+        with reporter.task("head phase", steps * cfg.epochs) as task:
+            hist = head.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, verbose=0,
+                            callbacks=[stopper, _EpochProgress(task, best, stopper, cfg.epochs), *logs])
+        train_s = time.perf_counter() - t1
+    finally:
+        for f in files:
+            f.close()
+        shutil.rmtree(cache, ignore_errors=True)
     model.get_layer("predictions").set_weights(head.get_layer("predictions").get_weights())
-    history = _history(hist)
-    val_acc = evaluate_accuracy(model, val.images, val.labels, bs)
-    return {
-        "status": "done", "epochs": cfg.epochs, "epochs_run": best.get("epochs_run", cfg.epochs), "lr": cfg.head_lr,
-        "feature_views": views, "cached_samples": int(len(x_train)), "cache_seconds": round(cache_s, 2),
-        "train_seconds": round(time.perf_counter() - t1, 2), "val_accuracy": val_acc, "history": history,
+    val_acc = stream_accuracy(model, val, size[0], bs)
+    record = {
+        "status": "done", "epochs": cfg.epochs, "epochs_run": best.get("epochs_run", cfg.epochs),
+        "best_epoch": best.get("best_epoch"), "lr": cfg.head_lr, "feature_views": views,
+        "cached_samples": int(len(y_train)), "cache_seconds": round(cache_s, 2), "train_seconds": round(train_s, 2),
+        "val_accuracy": val_acc, "history": _history(hist),
     }
+    return HeadResult(record, train, val)
 
 
 def _loss(cfg: FinetuneConfig, k):
@@ -389,46 +534,34 @@ def _targets(labels: np.ndarray, cfg: FinetuneConfig, num_classes: int) -> np.nd
     return labels
 
 
-def image_dataset(images: np.ndarray, labels: np.ndarray, cfg: FinetuneConfig, num_classes: int, seed: int,
-                  augment=None, shuffle: bool = True):
-    from edgetl._tfenv import tf
-
-    tf = tf()
-    ds = tf.data.Dataset.from_tensor_slices((images, _targets(labels, cfg, num_classes)))
-    if shuffle:
-        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(cfg.batch_size)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
-    if augment is not None:
-        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def fit_phase(name, cfg, model, train, val, lr, epochs, reporter, seed, augment=True, callbacks=()) -> dict:
-    """End-to-end training of the trainable layers (fine-tune or QAT), early stopping on val accuracy."""
+def fit_phase(name, cfg, model, train: ImageList, val: ImageList, lr, epochs, reporter, seed, augment=True,
+              callbacks=(), logdir: Path | None = None) -> dict:
+    """End-to-end training of the trainable layers (fine-tune or QAT), early stopping on val accuracy; images are
+    decoded from their files a batch at a time (:func:`edgetl.stream.image_dataset`)."""
     from edgetl._tfenv import keras
+    from edgetl.stream import image_dataset
 
     k = keras()
     num_classes = model.output_shape[-1]
+    size = tuple(int(d) for d in model.input_shape[1:3])
     model.compile(k.optimizers.Adam(lr), _loss(cfg, k), metrics=["accuracy"])
-    train_ds = image_dataset(train.images, train.labels, cfg, num_classes, seed,
-                             make_augmenter(cfg, seed) if augment else None)
-    val_ds = image_dataset(val.images, val.labels, cfg, num_classes, seed, None, shuffle=False)
-    steps = -(-len(train.images) // cfg.batch_size)
+    train_ds = image_dataset(train.items, size, cfg.batch_size, shuffle_seed=seed,
+                             targets=_targets(train.labels, cfg, num_classes),
+                             augment=make_augmenter(cfg, seed) if augment else None)
+    val_ds = image_dataset(val.items, size, cfg.batch_size, targets=_targets(val.labels, cfg, num_classes))
+    steps = -(-len(train) // cfg.batch_size)
     best: dict = {}
+    stopper = _early_stopping(k, cfg)
+    logs = (_TrainingLog(logdir),) if logdir is not None else ()
     t0 = time.perf_counter()
     with reporter.task(f"{name} phase", steps * epochs) as task:
-        hist = model.fit(
-            train_ds, validation_data=val_ds, epochs=epochs, verbose=0,
-            callbacks=[k.callbacks.EarlyStopping("val_accuracy", patience=cfg.patience, mode="max",
-                                                 restore_best_weights=True),
-                       _EpochProgress(task, best), *callbacks],
-        )
+        hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0,
+                         callbacks=[stopper, _EpochProgress(task, best, stopper, epochs), *logs, *callbacks])
     return {
-        "status": "done", "epochs": epochs, "epochs_run": best.get("epochs_run", epochs), "lr": lr,
+        "status": "done", "epochs": epochs, "epochs_run": best.get("epochs_run", epochs),
+        "best_epoch": best.get("best_epoch"), "lr": lr,
         "train_seconds": round(time.perf_counter() - t0, 2), "history": _history(hist),
     }
-
 
 # ------------------------------------------------------------------------------------------------------- the run
 
@@ -437,6 +570,7 @@ def fit_phase(name, cfg, model, train, val, lr, epochs, reporter, seed, augment=
 class RunResult:
     run_dir: Path
     manifest: dict
+    chief: bool = True  # False: a multi-worker run's other worker (the chief wrote run_dir)
 
 
 def default_run_dir(cfg: FinetuneConfig) -> Path:
@@ -457,18 +591,12 @@ def _scan_split(cfg: FinetuneConfig) -> tuple[ImageFolder, list, list]:
     return folder, train_items, val_items
 
 
-def _load_split(cfg: FinetuneConfig, folder: ImageFolder, train_items, val_items, image_size: int,
-                reporter: Reporter) -> tuple[LoadedImages, LoadedImages]:
-    """Decode every image (DataError naming unreadable ones, unless --skip-bad-images)."""
-    size = (image_size, image_size)
-    with reporter.task("loading images", len(train_items) + len(val_items)) as task:
-        train = load_images(train_items, size, cfg.skip_bad_images, task.advance)
-        val = load_images(val_items, size, cfg.skip_bad_images, task.advance)
-    if len(set(train.labels.tolist())) < len(folder.classes):
-        missing = sorted(set(range(len(folder.classes))) - set(train.labels.tolist()))
+def _check_classes(folder: ImageFolder, train: ImageList) -> None:
+    present = set(train.labels.tolist())
+    if len(present) < len(folder.classes):
+        missing = sorted(set(range(len(folder.classes))) - present)
         raise DataError(f"class(es) {', '.join(folder.classes[i] for i in missing)} have no readable training image",
                         "add images to them")
-    return train, val
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -480,6 +608,8 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _plot_curves(phases: dict, path: Path) -> None:
+    """Accuracy and loss per epoch, phases one after the other; each phase's best epoch (the weights early stopping
+    kept) marked on its validation curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -488,16 +618,23 @@ def _plot_curves(phases: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     offset = 0
     for name in PHASES:
-        hist = phases.get(name, {}).get("history")
+        rec = phases.get(name, {})
+        hist = rec.get("history")
         if not hist:
             continue
         n = len(hist.get("loss", []))
         xs = np.arange(offset + 1, offset + n + 1)
+        best = rec.get("best_epoch")
         for key, ax in (("accuracy", axes[0]), ("loss", axes[1])):
             if key in hist:
                 ax.plot(xs, hist[key], label=f"{name} train")
             if f"val_{key}" in hist:
-                ax.plot(xs, hist[f"val_{key}"], "--", label=f"{name} val")
+                line, = ax.plot(xs, hist[f"val_{key}"], "--", label=f"{name} val")
+                if best and 1 <= best <= n:
+                    ax.plot([offset + best], [hist[f"val_{key}"][best - 1]], marker="*", markersize=13,
+                            color=line.get_color(), linestyle="none",
+                            label=f"{name} best (epoch {best})" if key == "accuracy" else None)
+                    ax.axvline(offset + best, color=line.get_color(), alpha=0.25, linewidth=1)
         offset += n
     for ax, title in zip(axes, ("accuracy", "loss")):
         ax.set_title(title)
@@ -516,56 +653,94 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None, force: bool 
 
     An existing ``--out`` is only replaced when it is an edgetl run holding nothing edgetl did not write, and only
     with ``force``. A killed run resumes (same config and data) from its hidden ``.NAME.partial`` work folder.
+
+    With ``TF_CONFIG`` naming several workers (multi-worker training), only the chief (``chief`` task, else worker
+    0) writes the run directory; the other workers train in a temporary folder they delete at the end.
     """
+    import tempfile
+
+    from edgetl.distribute import cluster_role
+
     reporter = reporter or NullReporter()
+    role = cluster_role()
     backbone = get_backbone(cfg.backbone)
     image_size = cfg.image_size or backbone.default_size
     check_image_size(backbone, image_size)
     weights = resolve_weights(backbone, cfg.weights, image_size, cfg.weights_dir)
     run_dir = default_run_dir(cfg)
-    target = Path(os.path.abspath(run_dir))
-    clean_stale(target, RUN_FOLDER)  # a run killed mid-swap: its old run is put back first
-    # only ever replace an edgetl run holding nothing but edgetl's files, and only with --force
-    replacing = check_target(target, RUN_FOLDER, force)
+    scratch = None
+    if role.chief:
+        target = Path(os.path.abspath(run_dir))
+        clean_stale(target, RUN_FOLDER)  # a run killed mid-swap: its old run is put back first
+        # only ever replace an edgetl run holding nothing but edgetl's files, and only with --force
+        replacing = check_target(target, RUN_FOLDER, force)
+    else:  # another worker: the same training, written to a private temporary folder
+        scratch = Path(tempfile.mkdtemp(prefix=f"edgetl-worker{role.index}-"))
+        target, replacing = scratch / "run", False
 
-    # Cheap checks first (no image decoded, no TensorFlow): folder layout, classes, split.
-    folder, train_items, val_items = _scan_split(cfg)
-    config = cfg.model_dump()
-    config["image_size"] = image_size
-    # the data's classes and per-class counts too: a resume must never continue on a changed data set
-    chash = config_hash({**{k: v for k, v in config.items() if k not in ("out", "name")},
-                         "data_classes": list(folder.classes), "data_counts": folder.counts,
-                         "split_sizes": [len(train_items), len(val_items)]})
-
-    work = target.with_name(f".{target.name}.partial")
-    state = _read_state(work, chash)
-    fresh = state is None
-    if state is None:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        state = {"config_hash": chash, "run_id": new_run_id(), "created": now_iso(), "completed": [], "phases": {}}
-    else:
-        reporter.info(f"resuming {run_dir} after phase(s): {', '.join(state['completed'])}")
-    if replacing:
-        reporter.info(f"--force: the earlier run in {run_dir} will be replaced when this one is complete")
     try:
-        return _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, train_items, val_items,
-                           config, work, state, force)
-    except BaseException:
-        if fresh and not state["completed"]:  # nothing worth resuming: leave no trace
+        # Cheap checks first (no image decoded, no TensorFlow): folder layout, classes, split.
+        folder, train_items, val_items = _scan_split(cfg)
+        config = cfg.model_dump()
+        config["image_size"] = image_size
+        # the data's classes and per-class counts too: a resume must never continue on a changed data set
+        chash = config_hash({**{k: v for k, v in config.items() if k not in ("out", "name")},
+                             "data_classes": list(folder.classes), "data_counts": folder.counts,
+                             "split_sizes": [len(train_items), len(val_items)]})
+
+        from edgetl.distribute import select_strategy
+
+        strategy = select_strategy(role)  # before the work folder: a cluster that never forms leaves nothing
+        work = target.with_name(f".{target.name}.partial")
+        state = _read_state(work, chash)
+        fresh = state is None
+        if state is None:
             shutil.rmtree(work, ignore_errors=True)
-        raise
+            work.mkdir(parents=True)
+            state = {"config_hash": chash, "run_id": new_run_id(), "created": now_iso(), "completed": [],
+                     "phases": {}}
+        else:
+            reporter.info(f"resuming {run_dir} after phase(s): {', '.join(state['completed'])}")
+        if replacing:
+            reporter.info(f"--force: the earlier run in {run_dir} will be replaced when this one is complete")
+        try:
+            result = _run_phases(cfg, reporter, backbone, image_size, weights, target if scratch else run_dir,
+                                 folder, train_items, val_items, config, work, state, force, strategy, role)
+        except BaseException as exc:
+            if fresh and not state["completed"]:  # nothing worth resuming: leave no trace
+                shutil.rmtree(work, ignore_errors=True)
+            from edgetl.distribute import cluster_failure
+
+            failure = cluster_failure(exc, role)
+            if failure is not None:
+                raise failure from None
+            raise
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if scratch is not None:
+        return RunResult(run_dir, result.manifest, chief=False)
+    return result
+
+
+def _log_files(work: Path) -> dict[str, str]:
+    """The training logs (RUN/logs/PHASE/history.csv and TensorBoard events) with their checksums."""
+    logs = work / "logs"
+    if not logs.is_dir():
+        return {}
+    return {p.relative_to(work).as_posix(): sha256_file(p) for p in sorted(logs.rglob("*")) if p.is_file()}
 
 
 def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, train_items, val_items, config, work,
-                state, force: bool = False) -> RunResult:
-    from edgetl.distribute import select_strategy
+                state, force, strategy, role) -> RunResult:
+    from edgetl.stream import load_at
 
-    strategy = select_strategy()
     determinism = set_seeds(cfg.seed)
-    from edgetl._tfenv import keras
-
-    k = keras()
+    size = (image_size, image_size)
+    train = ImageList(tuple(train_items))
+    val = ImageList(tuple(val_items))
+    if state.get("skipped"):  # resumed: the unreadable images the head phase found
+        train, val = train.without(state["skipped"]["train"]), val.without(state["skipped"]["val"])
     with strategy.scope():
         # The model before the images: a weights file that does not fit fails in seconds, before decoding a
         # large data set.
@@ -576,12 +751,13 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
             base = get_base(model)
         else:
             model, base = build_classifier(backbone, image_size, len(folder.classes), weights, cfg.dropout)
-        train, val = _load_split(cfg, folder, train_items, val_items, image_size, reporter)
-        pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(train.images))[:BN_RECALIBRATION_IMAGES])
+        # the BatchNorm images of a weights-none backbone: drawn by index, only those decoded
+        pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(train))[:BN_RECALIBRATION_IMAGES])
+        bn_images = load_at(train.items, pick, size) if weights.source == "none" else None
         if not state["completed"] and weights.source == "none":
-            count = recalibrate_batchnorm(base, train.images[pick])
+            count = recalibrate_batchnorm(base, bn_images)
             reporter.info(f"weights none: statistics of {count} BatchNorm layers set from training images")
-        n_per_class = len(train.labels) / len(folder.classes)
+        n_per_class = len(train) / len(folder.classes)
         pretrained = weights.source != "none"
         decision = decide_freeze(backbone, base, cfg.freeze, n_per_class, cfg.domain, pretrained)
         fine_tune_lr = fine_tune_learning_rate(cfg, pretrained)
@@ -594,7 +770,12 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
         if "head" not in state["completed"]:
             for layer in base.layers:
                 layer.trainable = False
-            phases["head"] = head_phase(cfg, model, train, val, reporter, cfg.seed, pretrained)
+            head = head_phase(cfg, model, train, val, reporter, cfg.seed, pretrained,
+                              cache_dir=work / ".features.partial", logdir=work / "logs" / "head")
+            train, val = head.train, head.val
+            _check_classes(folder, train)
+            phases["head"] = head.record
+            state["skipped"] = {"train": [str(p) for p in train.skipped], "val": [str(p) for p in val.skipped]}
             reporter.info(f"head phase: val_accuracy {phases['head']['val_accuracy']:.4f}")
             _checkpoint(work, model, state, "head")
 
@@ -605,8 +786,9 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
                 saved = model.get_weights()
                 rec = fit_phase("fine_tune", cfg, model, train, val, fine_tune_lr, cfg.fine_tune_epochs,
                                 reporter, cfg.seed + 1,
-                                callbacks=() if pretrained else (_BatchNormTracker(base, train.images[pick]),))
-                rec["val_accuracy"] = evaluate_accuracy(model, val.images, val.labels, cfg.batch_size)
+                                callbacks=() if pretrained else (_BatchNormTracker(base, bn_images),),
+                                logdir=work / "logs" / "fine_tune")
+                rec["val_accuracy"] = stream_accuracy(model, val, image_size, cfg.batch_size)
                 if rec["val_accuracy"] < before:
                     model.set_weights(saved)
                     rec["kept"] = "head weights (fine-tuning did not improve val accuracy)"
@@ -630,6 +812,7 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
     else:
         phases["qat"] = {"status": "skipped", "reason": "--no-qat"}
         (work / "qat.h5").unlink(missing_ok=True)
+        shutil.rmtree(work / "logs" / "qat", ignore_errors=True)
 
     atomic_write_text(work / "labels.txt", "\n".join(folder.classes) + "\n")
     data_root = Path(os.path.abspath(cfg.data))
@@ -637,8 +820,8 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
     splits = {
         "data_root": str(data_root),
         "val_root": str(val_root) if cfg.val_data else None,
-        "train": [[_rel(p, data_root), int(label)] for p, label in zip(train.paths, train.labels.tolist())],
-        "val": [[_rel(p, val_root), int(label)] for p, label in zip(val.paths, val.labels.tolist())],
+        "train": [[_rel(p, data_root), int(label)] for p, label in train.items],
+        "val": [[_rel(p, val_root), int(label)] for p, label in val.items],
         "skipped": [str(p) for p in train.skipped + val.skipped],
     }
     atomic_write_json(work / "splits.json", splits)
@@ -647,6 +830,11 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
     loaded = weights.path or (keras_download_path(backbone) if weights.source == "imagenet" else None)
     files = {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.is_file() and not p.name.startswith(".")
              and p.name not in ("manifest.json", "progress.json")}
+    files.update(_log_files(work))
+    distribution = {"strategy": type(strategy).__name__, "replicas": int(strategy.num_replicas_in_sync)}
+    if role.workers > 1:  # (TensorFlow's class behind MultiWorkerMirroredStrategy is CollectiveAllReduceStrategy)
+        distribution.update({"strategy": "MultiWorkerMirroredStrategy", "workers": role.workers,
+                             "chief": role.chief_name})
     manifest = {
         "schema": RUN_SCHEMA,
         "edgetl_version": __version__,
@@ -662,10 +850,10 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
         "freeze": freeze_info,
         "seed": cfg.seed,
         "determinism": determinism,
-        "distribution": {"strategy": type(strategy).__name__, "replicas": int(strategy.num_replicas_in_sync)},
+        "distribution": distribution,
         "config": config,
         "versions": package_versions(),
-        "data": {"classes": folder.counts, "train_images": int(len(train.labels)), "val_images": int(len(val.labels)),
+        "data": {"classes": folder.counts, "train_images": int(len(train)), "val_images": int(len(val)),
                  "skipped_images": len(splits["skipped"])},
         "phases": {name: {k2: v for k2, v in rec.items() if k2 != "history"} for name, rec in phases.items()},
         "metrics": metrics,
@@ -681,24 +869,29 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
     return RunResult(run_dir, manifest)
 
 
-def qat_phase(cfg, model, train, val, work: Path, reporter: Reporter) -> dict:
-    """Phase 3: rewrite + annotate, calibrate ranges on training images, train at a low lr, measure int8 files."""
+def qat_phase(cfg, model, train: ImageList, val: ImageList, work: Path, reporter: Reporter) -> dict:
+    """Phase 3: rewrite + annotate, calibrate ranges on training images, train at a low lr, measure int8 files.
+
+    The calibration images are drawn by index and only those are decoded; accuracies stream the validation files."""
     from edgetl import quantize
+    from edgetl.stream import load_at
 
     t0 = time.perf_counter()
+    size = tuple(int(d) for d in model.input_shape[1:3])
     rng = np.random.default_rng(cfg.seed)
-    calib_idx = rng.permutation(len(train.images))[: cfg.calibration_images]
-    calib = train.images[np.sort(calib_idx)].astype(np.float32)
+    calib_idx = rng.permutation(len(train))[: cfg.calibration_images]
+    calib = load_at(train.items, np.sort(calib_idx), size).astype(np.float32)
     with reporter.task("QAT: rewrite, annotate, calibrate", None):
         qat_model = quantize.quantize_for_training(model)
         quantize.calibrate(qat_model, calib, batch_size=cfg.batch_size)
-    calibrated_acc = evaluate_accuracy(qat_model, val.images, val.labels, cfg.batch_size)
-    rec = fit_phase("qat", cfg, qat_model, train, val, cfg.qat_lr, cfg.qat_epochs, reporter, cfg.seed + 2)
-    fake_acc = evaluate_accuracy(qat_model, val.images, val.labels, cfg.batch_size)
+    calibrated_acc = stream_accuracy(qat_model, val, size[0], cfg.batch_size)
+    rec = fit_phase("qat", cfg, qat_model, train, val, cfg.qat_lr, cfg.qat_epochs, reporter, cfg.seed + 2,
+                    logdir=work / "logs" / "qat")
+    fake_acc = stream_accuracy(qat_model, val, size[0], cfg.batch_size)
     quantize.save_qat_model(qat_model, work / "qat.h5")
     with reporter.task("QAT: converting int8 TFLite (QAT and PTQ) to measure them", None):
-        qat_int8 = tflite_accuracy(quantize.qat_to_tflite_int8(qat_model), val.images, val.labels)
-        ptq_int8 = tflite_accuracy(quantize.ptq_to_tflite_int8(model, calib), val.images, val.labels)
+        qat_int8 = tflite_accuracy(quantize.qat_to_tflite_int8(qat_model), val, image_size=size[0])
+        ptq_int8 = tflite_accuracy(quantize.ptq_to_tflite_int8(model, calib), val, image_size=size[0])
     rec.update({
         "calibrated_val_accuracy": calibrated_acc,
         "val_accuracy": fake_acc,

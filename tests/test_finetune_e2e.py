@@ -29,8 +29,8 @@ def test_finetune_real_photos_with_shared_weights(trash_subset, weights_dir, tmp
     result = finetune(cfg)
     m = result.manifest
     run = result.run_dir
-    assert sorted(p.name for p in run.iterdir()) == ["curves.png", "float.keras", "labels.txt", "manifest.json",
-                                                      "splits.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["curves.png", "float.keras", "labels.txt", "logs",
+                                                      "manifest.json", "splits.json"]
     assert m["labels"] == ["cardboard", "glass", "metal"]
     assert (run / "labels.txt").read_text().split() == m["labels"]
     assert m["weights"]["sha256"] == sha256_file(weights_dir / m["weights"]["file"])

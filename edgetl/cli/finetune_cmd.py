@@ -19,6 +19,14 @@ def finetune_config_from_flags(values: dict):
 
 def render_run(result, as_json: bool) -> None:
     m = result.manifest
+    if not result.chief:  # a multi-worker run's other worker: its copy is deleted, the chief wrote the run
+        d = m["distribution"]
+        if as_json:
+            print_json({"run_dir": None, "chief_run_dir": str(result.run_dir), "distribution": d})
+        else:
+            out.print(f"worker done ({d['strategy']}, {d['workers']} workers): the chief ({d['chief']}) writes "
+                      f"the run directory {result.run_dir}")
+        return
     if as_json:
         print_json({"run_dir": str(result.run_dir), "manifest": m})
         return
