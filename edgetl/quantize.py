@@ -63,7 +63,7 @@ __all__ = [
     "INPUT_RANGE",
 ]
 
-_UNSUPPORTED_FIX = "use a supported backbone (mobilenet_v3_small, mobilenet_v3_large, efficientnet_b0) or export without int8"
+_UNSUPPORTED_FIX = "use a backbone from edgetl's table (edgetl finetune --help lists them) or export without int8"
 
 #: The value range of the model input (RGB pixels); the int8 input is quantized with exactly it.
 INPUT_RANGE = (0.0, 255.0)
@@ -1101,7 +1101,7 @@ def quantize_for_training(model, stem: str = "float") -> "keras.Model":
             return tfmot.quantization.keras.quantize_annotate_layer(layer, out_cfg())
         raise ExportError(
             f"layer {layer.name} ({cls}) has no quantization rule in edgetl",
-            "use a supported backbone (mobilenet_v3_small/large, efficientnet_b0)",
+            _UNSUPPORTED_FIX,
         )
 
     with _scope():
