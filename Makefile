@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16
 DEMO_WEIGHTS := $(SHARED)/weights/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean device-test-arm64
+.PHONY: install demo test test-slow test-all lint bench clean device-test-arm64
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,19 @@ demo: install
 	  $(BIN)/edgetl run recipes/quickstart.yaml --force --set finetune.weights=none; \
 	fi
 
-test: install
+# make test: lint + every test not marked slow (the CI suite, ~20 min on 2 cores). make test-slow: the slow ones
+# (more backbones, real-photo end-to-end runs); make test-all: both.
+test: install lint
+	EDGETL_SHARED="$(abspath $(SHARED))" $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	EDGETL_SHARED="$(abspath $(SHARED))" $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: install lint
 	EDGETL_SHARED="$(abspath $(SHARED))" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check edgetl tests benchmarks devices
 
 bench: install
 	EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/python benchmarks/export_latency.py

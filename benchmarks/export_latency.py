@@ -8,7 +8,9 @@ every model alike. Accuracy is not the point here (few images, one epoch); laten
 
     EDGETL_WEIGHTS_DIR=../shared/weights python benchmarks/export_latency.py [--image-size 224] [--runs 200] [--threads 1 2]
 
-MobileNetV3-Small uses the shared ImageNet weights; MobileNetV3-Large and EfficientNet-B0 have none here and use
+    python benchmarks/export_latency.py --backbones resnet50 vgg16 efficientnet_b7 --threads 1 --runs 100
+
+MobileNetV3-Small uses the shared ImageNet weights; the other backbones have none here and use
 random initialisation, with BatchNorm statistics recalibrated on the images by finetune (int8 latency does depend on
 the weights: collapsed activations give int8 scales that XNNPACK refuses, see docs/qat.md).
 """
@@ -29,10 +31,13 @@ import numpy as np  # noqa: E402
 from edgetl.config import FinetuneConfig  # noqa: E402
 from edgetl.export import export_run  # noqa: E402
 from edgetl.finetune import finetune  # noqa: E402
-from edgetl.verify import load_bundle  # noqa: E402
+from edgetl.verify import load_bundle, paired_ratio  # noqa: E402
 from edgetl.verify.runners import KerasRunner, make_runner, measure_latencies  # noqa: E402
 
-BACKBONES = {"mobilenet_v3_small": "imagenet", "mobilenet_v3_large": "none", "efficientnet_b0": "none"}
+#: backbone -> weights used here (only MobileNetV3-Small's ImageNet file is available offline; the rest run with random
+#: weights and BatchNorm statistics recalibrated by finetune)
+BACKBONES = {"mobilenet_v3_small": "imagenet", "mobilenet_v3_large": "none", "efficientnet_b0": "none",
+             "resnet50": "none", "vgg16": "none", "efficientnet_b7": "none"}
 
 
 def subset(src: Path, dst: Path, per_class: int) -> Path:
@@ -67,7 +72,8 @@ def main() -> None:
     here = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(here.parent / "shared" / "data" / "trashnet"))
-    ap.add_argument("--backbones", nargs="+", default=list(BACKBONES))
+    ap.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES),
+                    help="rows to run (default: all; EfficientNet-B7 alone takes tens of minutes on 2 cores)")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--per-class", type=int, default=12)
     ap.add_argument("--runs", type=int, default=200)
@@ -114,25 +120,38 @@ def main() -> None:
             if t != t0:
                 continue
             by_threads = {tt: stats[(art, runtime, tt)][0] for tt in args.threads if (art, runtime, tt) in stats}
-            base = stats.get((fp32_of.get(fmt.get(art)), runtime, t0)) if art in fmt else None
-            vs_fp32 = p50 / base[0] if base is not None else None
+            # int8 vs the same runtime's fp32 at each thread count: median over the interleaved rounds of the
+            # per-round p50 ratio (as edgetl verify), so a neighbour's load in one round hits both sides of it
+            ratio_by_threads = {}
+            for tt in by_threads:
+                base_key = (fp32_of.get(fmt.get(art)), runtime, tt)
+                if art in fmt and base_key in runners:
+                    ratio_by_threads[tt] = paired_ratio(times["|".join(map(str, (art, runtime, tt)))],
+                                                        times["|".join(map(str, base_key))])
+            vs_fp32 = ratio_by_threads.get(t0)
             size = sizes.get(art)
             size_rel = size / sizes[fp32_of[fmt[art]]] if size else None
             rows.append(dict(backbone=name, artifact=art, runtime=runtime, p50=p50, p90=p90, p99=p99,
-                             by_threads=by_threads, size=size, vs_keras=p50 / keras_p50, vs_fp32=vs_fp32,
+                             by_threads=by_threads, ratio_by_threads=ratio_by_threads, size=size, vs_keras=p50 / keras_p50, vs_fp32=vs_fp32,
                              size_rel=size_rel, int8="int8" in quant.get(art, "")))
         for r in runners.values():
             r.close()
 
     tcols = "".join(f"{'p50 ' + str(t) + 't':>10}" for t in args.threads)
+    tcols += "".join(f"{'int8/fp32 ' + str(t) + 't':>15}" for t in args.threads)
     print(f"{'backbone':<20}{'artifact':<18}{'runtime':<13}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{tcols}"
           f"{'size KiB':>10}{'vs keras':>10}{'vs fp32':>9}{'size/fp32':>10}")
+    print("(vs fp32, int8/fp32: median over interleaved rounds of the per-round p50 ratio; the load average when timed "
+          "is printed below)")
     for r in rows:
         tvals = "".join(f"{r['by_threads'].get(t, float('nan')):>10.3f}" for t in args.threads)
+        tvals += "".join(f"{r['ratio_by_threads'][t]:>14.2f}x" if r["int8"] and t in r["ratio_by_threads"]
+                         else f"{'':>15}" for t in args.threads)
         vs_fp32 = f"{r['vs_fp32']:.2f}x" if r["vs_fp32"] is not None else ""
         size_rel = f"{r['size_rel']:.2f}x" if r["size_rel"] is not None else ""
         print(f"{r['backbone']:<20}{r['artifact']:<18}{r['runtime']:<13}{r['p50']:>9.3f}{r['p90']:>9.3f}"
               f"{r['p99']:>9.3f}{tvals}{(r['size'] or 0) / 1024:>10.0f}{r['vs_keras']:>9.2f}x{vs_fp32:>9}{size_rel:>10}")
+    print(f"load when timed: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores")
     print(f"\ngoals ({t0} thread): best int8 <= 0.30x keras; int8 <= 1.0x fp32 in the same runtime; "
           "int8 size <= 0.30x fp32 (OpenVINO rows: information)")
     for name in args.backbones:

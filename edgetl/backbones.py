@@ -29,6 +29,11 @@ class Backbone:
     builder_kwargs: dict[str, Any] = field(default_factory=dict)
     #: a layer put in front of the base for backbones without built-in preprocessing: (scale, offset)
     input_rescale: tuple[float, float] | None = None
+    #: caffe-style preprocessing put in front of the base (``tf_keras.applications.imagenet_utils`` mode "caffe"):
+    #: RGB -> BGR and minus these per-channel means (B, G, R), no scaling. Built as one frozen 1x1 Conv2D
+    #: (a channel permutation kernel, bias -mean): one fp32 CONV_2D in the float files, and for QAT the permutation
+    #: folds exactly into the stem conv's kernel (edgetl.quantize), leaving one per-channel ADD in the float stem.
+    input_bgr_mean: tuple[float, float, float] | None = None
     #: input size must be a multiple of this
     size_multiple: int = 1
     #: default ImageNet resolution of the published weights (sizes Keras accepts for imagenet weights)
@@ -41,6 +46,9 @@ class Backbone:
         builder: Callable[..., Any] = getattr(keras().applications, self.keras_class)
         return builder(input_shape=(image_size, image_size, 3), include_top=False, weights=weights, **self.builder_kwargs)
 
+
+#: ImageNet channel means in BGR order (Keras's caffe-style preprocess_input for ResNet50 and VGG16)
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
 BACKBONES: dict[str, Backbone] = {
     b.name: b
@@ -94,6 +102,48 @@ BACKBONES: dict[str, Backbone] = {
             builder_kwargs={"alpha": 1.0},
             input_rescale=(1 / 127.5, -1.0),
             imagenet_sizes=(96, 128, 160, 192, 224),
+        ),
+        Backbone(
+            name="resnet50",
+            keras_class="ResNet50",
+            default_size=224,
+            min_size=32,
+            preprocessing="caffe-style, in front of the base: RGB -> BGR, minus ImageNet mean "
+                          "(103.939, 116.779, 123.68), no scaling (one frozen 1x1 conv)",
+            weight_files=(
+                "resnet50_weights_tf_dim_ordering_tf_kernels.h5",
+                "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            ),
+            freeze_points={"early": "conv2_block3_out", "mid": "conv3_block4_out", "late": "conv4_block6_out"},
+            input_bgr_mean=CAFFE_BGR_MEAN,
+        ),
+        Backbone(
+            name="vgg16",
+            keras_class="VGG16",
+            default_size=224,
+            min_size=32,
+            preprocessing="caffe-style, in front of the base: RGB -> BGR, minus ImageNet mean "
+                          "(103.939, 116.779, 123.68), no scaling (one frozen 1x1 conv)",
+            weight_files=(
+                "vgg16_weights_tf_dim_ordering_tf_kernels.h5",
+                "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            ),
+            freeze_points={"early": "block2_pool", "mid": "block3_pool", "late": "block4_pool"},
+            input_bgr_mean=CAFFE_BGR_MEAN,
+        ),
+        Backbone(
+            # Keras publishes B7 for 600 px; edgetl's default stays 224 like every other row: the side-by-side
+            # comparison (benchmarks/backbone_compare.py) is at one size, and B7 at 600 px costs ~7x the compute
+            # of 224 px on an edge CPU. The headless ImageNet weights load at any size; pass --image-size 600
+            # for the published accuracy.
+            name="efficientnet_b7",
+            keras_class="EfficientNetB7",
+            default_size=224,
+            min_size=32,
+            preprocessing="Rescaling(1/255) and ImageNet mean/std Normalization inside the model",
+            weight_files=("efficientnetb7.h5", "efficientnetb7_notop.h5"),
+            freeze_points={"early": "block2g_add", "mid": "block4j_add", "late": "block6m_add"},
+            imagenet_sizes=(600,),
         ),
     )
 }

@@ -76,12 +76,44 @@ def build_classifier(backbone: Backbone, image_size: int, num_classes: int, weig
     if backbone.input_rescale is not None:
         scale, offset = backbone.input_rescale
         x = k.layers.Rescaling(scale, offset, name="input_rescale")(x)
+    if backbone.input_bgr_mean is not None:
+        x = bgr_mean_preprocess(x, backbone.input_bgr_mean)
     x = base(x, training=False)
     x = k.layers.GlobalAveragePooling2D(name="pool")(x)
     x = k.layers.Dropout(dropout, name="dropout")(x)
     outputs = k.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
     model = k.Model(inputs, outputs, name=f"edgetl_{backbone.name}")
     return model, base
+
+
+def bgr_mean_preprocess(x, bgr_mean, name: str = "input_preprocess"):
+    """Caffe-style preprocessing as one frozen 1x1 Conv2D applied to ``x``: output channel c = input channel 2-c
+    minus ``bgr_mean[c]`` (RGB -> BGR, mean subtraction, no scaling: Keras's ``preprocess_input`` for
+    ResNet50/VGG16; each output is one input times 1 plus zeros, minus the mean). A stock layer, so ``float.keras``
+    needs no custom objects."""
+    from edgetl._tfenv import keras
+
+    kernel = np.zeros((1, 1, 3, 3), np.float32)
+    for c in range(3):
+        kernel[0, 0, 2 - c, c] = 1.0
+    layer = keras().layers.Conv2D(3, 1, name=name, trainable=False)
+    y = layer(x)
+    layer.set_weights([kernel, -np.asarray(bgr_mean, np.float32)])
+    return y
+
+
+def base_inputs(model, images: np.ndarray) -> np.ndarray:
+    """``images`` (0..255) as the nested backbone sees them: through the layers in front of it (``input_rescale``,
+    ``input_preprocess``; none for backbones with their preprocessing inside)."""
+    from edgetl._tfenv import keras
+
+    base = get_base(model)
+    front = [layer for layer in model.layers[: model.layers.index(base)]
+             if not isinstance(layer, keras().layers.InputLayer)]
+    x = np.asarray(images, np.float32)
+    for layer in front:
+        x = layer(x).numpy()
+    return x
 
 
 def get_base(model):
@@ -97,7 +129,8 @@ BN_RECALIBRATION_IMAGES = 64
 
 
 def recalibrate_batchnorm(base, images: np.ndarray) -> int:
-    """Set every BatchNormalization's moving mean/variance to the statistics of its input on ``images`` (one batch).
+    """Set every BatchNormalization's moving mean/variance to the statistics of its input on ``images`` (one batch;
+    the images as the base sees them: :func:`base_inputs`).
 
     For ``weights: none``: a randomly initialised backbone keeps BN's initial statistics (mean 0, variance 1), so
     activations shrink layer after layer (MobileNetV3-Large: ~1e-8 deep in the network). A frozen random base then
@@ -762,7 +795,8 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
             model, base = build_classifier(backbone, image_size, len(folder.classes), weights, cfg.dropout)
         # the BatchNorm images of a weights-none backbone: drawn by index, only those decoded
         pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(train))[:BN_RECALIBRATION_IMAGES])
-        bn_images = load_at(train.items, pick, size) if weights.source == "none" else None
+        # (as the nested backbone sees them: through any preprocessing layers in front of it)
+        bn_images = base_inputs(model, load_at(train.items, pick, size)) if weights.source == "none" else None
         # Said once the head phase's first pass found every image readable (a bad one fails with one line only).
         pending: list[str] = []
         if not state["completed"] and weights.source == "none":

@@ -33,6 +33,9 @@ QAT_CLASSES = frozenset({
     "AllValuesQuantizer",
     "AddConst", "ScaleConst", "ChannelAffine", "SpaceToDepth", "FusedReLU", "OutputQuantizeConfig",
     "NoOpQuantizeConfig", "AffineQuantizeConfig", "QATWrapper", "ChannelWeightsQuantizer", "ChannelQuantizeConfig",
+    # tfmot's own wrapper config for an unannotated layer that feeds an annotated one (ResNet50's float-stem
+    # ZeroPadding2D before the stem conv): the registry's config of that layer, outputs only (none for padding)
+    "OutputOnlyConfig",
 })
 _EDGETL_QAT = frozenset(f"edgetl>{name}" for name in QAT_CLASSES)
 #: ``module`` values Keras may import for these classes (None: the legacy HDF5 config names no module).

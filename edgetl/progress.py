@@ -49,8 +49,15 @@ class RichReporter:
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Task]:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         if total is None:  # a step of unknown length: a spinner and the time, no "0/?" bar
             columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), TextColumn("{task.fields[status]}"),

@@ -63,7 +63,7 @@ __all__ = [
     "INPUT_RANGE",
 ]
 
-_UNSUPPORTED_FIX = "use a supported backbone (mobilenet_v3_small, mobilenet_v3_large, efficientnet_b0) or export without int8"
+_UNSUPPORTED_FIX = "use a backbone from edgetl's table (edgetl finetune --help lists them) or export without int8"
 
 #: The value range of the model input (RGB pixels); the int8 input is quantized with exactly it.
 INPUT_RANGE = (0.0, 255.0)
@@ -788,6 +788,59 @@ def _space_to_depth_stem(tr: "_Tracer", ops: list[_Op], shapes: dict, outputs: l
     return ops
 
 
+def _is_permutation(w) -> bool:
+    w = np.asarray(w)
+    return (w.ndim == 2 and w.shape[0] == w.shape[1] and bool(np.all((w == 0) | (w == 1)))
+            and bool(np.all(w.sum(0) == 1)) and bool(np.all(w.sum(1) == 1)))
+
+
+def _fold_channel_permutation(ops: list[_Op], in_ids: list[str], outputs: list[str]) -> list[_Op]:
+    """Fold a 1x1 channel-permutation Conv2D on the model input (caffe-style RGB->BGR + mean subtraction, the
+    ``input_preprocess`` layer edgetl puts in front of ResNet50/VGG16) into the first real conv.
+
+    ``y = P x + b`` with P a permutation is ``P (x + P^T b)``; zero padding commutes with a channel permutation, so
+    ``conv_K(pad0(y)) == conv_K'(pad0(x + P^T b))`` with K' = K with its input channels permuted (exact: the kernel
+    is only reordered). The permutation conv becomes a per-channel affine (scale 1, offset P^T b), which the float
+    stem keeps in fp32 (one broadcast ADD) and int8 stems emit as a 1x1 depthwise conv; the 3-channel 7x7/3x3 stem
+    conv stays the first conv, so the float stem (:func:`_float_stem`) is the same as for the other backbones.
+    """
+    cons = _consumers(ops)
+    for op in list(ops):
+        if op.kind != "layer" or type(op.layer).__name__ != "Conv2D" or op.inputs[0] not in in_ids:
+            continue
+        cfg = op.config
+        kernel = np.asarray(op.weights[0])
+        if (tuple(cfg.get("kernel_size", ())) != (1, 1) or tuple(cfg.get("strides", (1, 1))) != (1, 1)
+                or cfg.get("groups", 1) != 1 or cfg.get("activation", "linear") != "linear"
+                or kernel.shape[:2] != (1, 1) or not _is_permutation(kernel[0, 0]) or op.out in outputs):
+            continue
+        # follow ZeroPadding2D (single consumers) to the conv that reads it
+        t, path = op.out, []
+        while True:
+            users = cons.get(t, [])
+            if len(users) != 1 or t in outputs:
+                users = None
+                break
+            u = users[0]
+            if u.kind == "layer" and type(u.layer).__name__ == "ZeroPadding2D":
+                path.append(u)
+                t = u.out
+                continue
+            break
+        if not users or u.kind != "layer" or type(u.layer).__name__ != "Conv2D" or len(u.inputs) != 1:
+            continue
+        perm = kernel[0, 0].astype(np.float64)  # [in, out]
+        bias = np.asarray(op.weights[1], np.float64) if cfg.get("use_bias", True) and len(op.weights) > 1 \
+            else np.zeros(perm.shape[1])
+        k = np.asarray(u.weights[0], np.float64)
+        u.weights = [np.einsum("ic,hwco->hwio", perm, k).astype(np.float32)] + list(u.weights[1:])
+        offset = perm @ bias
+        op.kind, op.layer, op.weights, op.config = "affine", None, None, None
+        op.params = {"scale": np.ones(perm.shape[0], np.float32), "offset": offset.astype(np.float32)}
+        op.trainable = False
+    return ops
+
+
 _STEM_BEFORE = ("affine", "add_const", "scale_const")
 _STEM_AFTER = ("add_const", "scale_const", "relu", "sigmoid", "multiply")
 
@@ -961,6 +1014,7 @@ def flatten_for_qat(model, push_scales: bool = True, stem: str = "float") -> "ke
         in_ids.append(tr.tid())
     out_ids = tr.trace(model, in_ids, inference=False)
     ops = _fold(tr.ops, out_ids)
+    ops = _fold_channel_permutation(ops, in_ids, out_ids)
     if stem == "float":
         ops = _float_stem(ops, in_ids, out_ids)
     if push_scales:
@@ -1047,7 +1101,7 @@ def quantize_for_training(model, stem: str = "float") -> "keras.Model":
             return tfmot.quantization.keras.quantize_annotate_layer(layer, out_cfg())
         raise ExportError(
             f"layer {layer.name} ({cls}) has no quantization rule in edgetl",
-            "use a supported backbone (mobilenet_v3_small/large, efficientnet_b0)",
+            _UNSUPPORTED_FIX,
         )
 
     with _scope():

@@ -86,12 +86,12 @@ def make_run_dir(
     else:  # a real table backbone, random weights with BN statistics from the images (what finetune does)
         from edgetl._tfenv import keras
         from edgetl.backbones import get_backbone
-        from edgetl.finetune import build_classifier, recalibrate_batchnorm
+        from edgetl.finetune import base_inputs, build_classifier, recalibrate_batchnorm
         from edgetl.weights import WeightsChoice
 
         keras().utils.set_random_seed(seed)
         model, base = build_classifier(get_backbone(backbone), size, len(labels), WeightsChoice("none", None), 0.2)
-        recalibrate_batchnorm(base, x.images.astype(np.float32))
+        recalibrate_batchnorm(base, base_inputs(model, x.images.astype(np.float32)))
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     model.fit(x.images.astype(np.float32), x.labels, epochs=epochs, batch_size=8, verbose=0)
     model.save(run / "float.keras")

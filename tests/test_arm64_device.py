@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import rundir_factory
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1095,9 +1095,10 @@ def test_read_only_target_is_bad_input(command, base_run, shapes_dir, cli):
     import os
     import tempfile
 
+    import rich.markup  # noqa: F401
+
     import edgetl.export  # noqa: F401  (imported before dropping privileges: the interpreter lives under /root)
     import edgetl.finetune  # noqa: F401
-    import rich.markup  # noqa: F401
 
     root = Path(tempfile.mkdtemp(prefix="edgetl-ro-"))  # outside pytest's 0700 folder, so `nobody` can reach it
     try:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, subset_of
+
 from edgetl.config import FinetuneConfig
 from edgetl.finetune import finetune
 from edgetl.fsutil import sha256_file
@@ -57,6 +57,7 @@ def test_finetune_real_photos_with_shared_weights(trash_subset, weights_dir, tmp
     assert not list(tmp_path.glob(".*partial*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["efficientnet_b0", "mobilenet_v3_large"])
 def test_other_backbones_train_end_to_end(backbone, shapes_dir, tmp_path):
     cfg = FinetuneConfig(data=str(shapes_dir), backbone=backbone, weights="none", image_size=32, epochs=2,
@@ -85,6 +86,7 @@ def test_multi_replica_training_on_two_logical_cpus(shapes_dir, tmp_path):
     assert m["phases"]["fine_tune"]["status"] == "done"
 
 
+@pytest.mark.slow
 def test_recipe_runs_every_stage_on_real_photos(trash_subset, weights_dir, tmp_path, cli):
     """`edgetl run`: finetune (head, fine-tune, QAT) -> export (fp32 + QAT int8, TFLite + ONNX) -> verify."""
     recipe = tmp_path / "r.yaml"

@@ -13,6 +13,7 @@ pytest.importorskip("openvino")
 import rundir_factory  # noqa: E402
 
 INT8_MEAN_TOL = 0.05  # mean |dp| between two int8 runtimes (different integer kernels) on the same QDQ file
+FAST = {"runs": 20, "warmup": 2}
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +80,69 @@ def test_reads_embedded_labels_and_refuses_a_mismatch(onnx_bundle):
     with pytest.raises(ModelFileError, match="labels"):
         OpenVinoRunner(spec.name, spec.path, bundle.input, len(bundle.labels), quantization="fp32",
                        labels=tuple(reversed(bundle.labels)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `edgetl verify --runtime onnxruntime,openvino`: OpenVINO rows checked like the others, in the same report
+
+
+@pytest.fixture(scope="module")
+def both_report(onnx_bundle, tmp_path_factory):
+    from edgetl.verify import Thresholds, verify
+
+    return verify(onnx_bundle, runtimes="onnxruntime,openvino", threads=(1, 2), report_dir=tmp_path_factory.mktemp("r"),
+                  thresholds=Thresholds(max_latency_ratio=8.0, margin_pp=50.0), **FAST)
+
+
+def _row(report, name):
+    return next(a for a in report.artifacts if a.name == name)
+
+
+def test_verify_openvino_fp32_matches_onnxruntime_at_f32(both_report):
+    from edgetl.verify import Thresholds
+
+    ort, ov = _row(both_report, "onnx_fp32"), _row(both_report, "onnx_fp32@openvino")
+    assert ov.engine == "openvino" and ov.artifact == "onnx_fp32" and "f32 precision" in ov.runtime
+    assert ort.engine == "onnxruntime" and "onnxruntime" in ort.runtime
+    assert float(np.abs(ov.predictions - ort.predictions).max()) <= 1e-4
+    assert ov.max_abs_diff <= Thresholds().float_tolerance  # fidelity vs float.keras's outputs, as for onnxruntime
+    assert not [f for f in ov.failures if f.startswith("fidelity")]
+
+
+def test_verify_openvino_int8_within_the_int8_tolerance(both_report):
+    from edgetl.verify import Thresholds
+
+    t = Thresholds()
+    ort, ov = _row(both_report, "onnx_qat_int8"), _row(both_report, "onnx_qat_int8@openvino")
+    assert ov.source == ort.source == "qat.h5"
+    assert float(np.abs(ov.predictions - ort.predictions).mean()) <= t.max_mean_diff
+    assert ov.top1_agreement >= t.min_agreement and ov.mean_abs_diff <= t.max_mean_diff  # vs qat.h5's outputs
+    assert not [f for f in ov.failures if f.startswith("fidelity")]
+
+
+def test_verify_openvino_int8_vs_fp32_ratio_per_thread_count(both_report):
+    ov = _row(both_report, "onnx_qat_int8@openvino")
+    assert ov.latency_baseline == "onnx_fp32@openvino"  # OpenVINO int8 is timed against OpenVINO fp32
+    assert _row(both_report, "onnx_qat_int8").latency_baseline == "onnx_fp32"
+    assert set(ov.latency_by_threads) == {1, 2} and set(ov.latency_ratio_by_threads) == {1, 2}
+    assert ov.latency_ratio == ov.latency_ratio_by_threads[1] and np.isfinite(ov.latency_ratio)
+    names = [a["name"] for a in both_report.to_dict()["artifacts"]]
+    assert len(names) == len(set(names)) and sum(n.endswith("@openvino") for n in names) == len(names) // 2
+    assert both_report.to_dict()["machine"]["openvino"]
+
+
+def test_cli_runtime_openvino(onnx_bundle, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgetl.cli import app
+
+    result = CliRunner().invoke(app, ["verify", str(onnx_bundle), "--runtime", "openvino", "--only", "onnx_fp32",
+                                      "--threads", "1,2", "--json", "--report", str(tmp_path / "r"), "--runs", "10",
+                                      "--warmup", "1", "--margin-pp", "50"])
+    assert result.exit_code == 0, result.stdout + result.stderr
+    data = json.loads(result.stdout)
+    assert [a["name"] for a in data["artifacts"]] == ["onnx_fp32@openvino"]  # openvino alone: no onnxruntime row
+    assert set(data["artifacts"][0]["latency_ms_by_threads"]) == {"1", "2"}
+    assert "onnx_fp32@openvino" in (tmp_path / "r" / "report.md").read_text()

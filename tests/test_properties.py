@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edgetl.cli.run_cmd import apply_overrides
@@ -277,6 +276,19 @@ KNOWN_EDGE_CASES = {
 
 @pytest.mark.parametrize("edit", list(KNOWN_EDGE_CASES.values()), ids=list(KNOWN_EDGE_CASES))
 def test_bundle_known_edge_cases(bundle_dir, valid_bundle_json, edit):
+    """Every one of these documents is invalid: load_bundle must refuse it with one edgetl error line (a load that
+    succeeds, e.g. a path that escapes the bundle accepted, fails the test)."""
+    from edgetl.verify.bundle import load_bundle
+
     doc = copy.deepcopy(valid_bundle_json)
     edit(doc)
-    _load_with(bundle_dir, json.dumps(doc))
+    path = bundle_dir / "bundle.json"
+    original = path.read_bytes()
+    try:
+        path.write_text(json.dumps(doc))
+        with pytest.raises(EdgetlError) as info:
+            load_bundle(bundle_dir)
+        line = info.value.one_line()
+        assert line and "\n" not in line
+    finally:
+        path.write_bytes(original)

@@ -7,10 +7,10 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from dataclasses import replace
 import pytest
 from bundle_factory import edit_bundle_json, get_factory, rehash
 from hypothesis import given, settings
@@ -545,6 +545,62 @@ def test_cli_bad_input_exit_2(bundle_copy, tmp_path):
     assert code == 2
 
 
+def test_cli_threads_side_by_side(bundle_copy, tmp_path):
+    """--threads 2,1: every model timed at both counts in one run, one column each; the checks use the first."""
+    code, out, err = _cli(bundle_copy, *LENIENT_FLAGS, "--threads", "2,1", "--json", "--report", tmp_path / "r")
+    assert code == 0, out + err
+    data = json.loads(out)
+    assert data["machine"]["threads"] == 2 and data["machine"]["threads_timed"] == [2, 1]
+    for a in data["artifacts"]:
+        assert set(a["latency_ms_by_threads"]) == {"2", "1"}
+        assert all(s["runs"] == 20 and s["p50"] > 0 for s in a["latency_ms_by_threads"].values())
+        assert a["latency_ms"] == a["latency_ms_by_threads"]["2"]  # the deployment count's figures are the verdict's
+    int8 = next(a for a in data["artifacts"] if a["name"] == "model_ptq_int8_tflite")
+    assert set(int8["latency_ratio_by_threads"]) == {"2", "1"}
+    assert int8["latency_ratio"] == int8["latency_ratio_by_threads"]["2"]
+    md = (tmp_path / "r" / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| artifact"))
+    for column in ("p50 ms @2t", "int8/fp32 @2t", "p50 ms @1t", "int8/fp32 @1t"):
+        assert column in header
+    assert "threads 2 (the deployment count: the latency check uses it); also timed at 1" in md
+    row = next(line for line in md.splitlines() if line.startswith("| model_ptq_int8_tflite"))
+    assert len(row.split("|")) == len(header.split("|"))
+
+
+def test_threads_sweep_is_what_the_latency_check_reads(honest_bundle):
+    report = verify(honest_bundle, threads="1,2", thresholds=replace(LENIENT, max_latency_ratio=1e-3), runs=20,
+                    warmup=2, artifacts=["model_ptq_int8_tflite"])
+    (int8,) = report.artifacts
+    assert int8.latency_ratio == int8.latency_ratio_by_threads[1] and 2 in int8.latency_ratio_by_threads
+    assert any(f.startswith("latency: p50") for f in int8.failures)
+
+
+@pytest.mark.parametrize("value", ["0", "two", "1,-2", ","])
+def test_cli_bad_threads_exit_2(bundle_copy, tmp_path, value):
+    code, out, err = _cli(bundle_copy, "--threads", value, "--report", tmp_path / "r")
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "--threads" in err and "--threads 1,all" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_bad_runtime_exit_2(bundle_copy, tmp_path):
+    code, out, err = _cli(bundle_copy, "--runtime", "tensorrt", "--report", tmp_path / "r")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "onnxruntime or openvino" in err
+    code, out, err = _cli(bundle_copy, "--runtime", "openvino", "--only", "model_fp32_tflite", "--report", tmp_path / "r")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no ONNX artifact" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_runtime_openvino_not_installed_exit_2(bundle_copy, tmp_path):
+    code = ("import sys; sys.modules['openvino'] = None\n"  # what Python does when the package is absent
+            "from edgetl.cli import app; app(['verify', sys.argv[1], '--runtime', 'openvino', '--report', sys.argv[2]])")
+    proc = subprocess.run([sys.executable, "-c", code, str(bundle_copy), str(tmp_path / "r")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == "error: --runtime openvino: OpenVINO is not installed; pip install 'edgetl[openvino]'."
+    assert not (tmp_path / "r").exists()
+
+
 def test_cli_help():
     from typer.testing import CliRunner
 
@@ -554,7 +610,7 @@ def test_cli_help():
     assert result.exit_code == 0
     for flag in ("--data", "--threads", "--runs", "--warmup", "--margin-pp", "--confidence", "--min-agreement",
                  "--max-mean-diff", "--max-latency-ratio", "--latency-noise", "--max-p50-ms", "--max-p99-ms",
-                 "--float-tolerance", "--fp16-tolerance", "--report", "--json", "--only", "--bundle-sample"):
+                 "--float-tolerance", "--fp16-tolerance", "--report", "--json", "--only", "--bundle-sample", "--runtime"):
         assert flag in result.stdout
     assert "4 INCONCLUSIVE" in " ".join(result.stdout.split())
 
@@ -646,6 +702,18 @@ def test_check_names_the_failed_check(kw, named):
     failures, undecided = check(_result(**kw), Thresholds())
     assert {f.split(":")[0] for f in failures} == named, failures
     assert not undecided
+
+
+def test_unchecked_fidelity_is_inconclusive_not_a_nan_failure():
+    """A bundle from an older export carries no qat.h5 outputs: fidelity is 'not checked' (INCONCLUSIVE), not FAIL."""
+    from edgetl.verify.checks import check
+
+    nan = float("nan")
+    note = "fidelity: not checked: the bundle carries no qat.h5 outputs (exported by an older edgetl; re-export it)"
+    result = _result(max_abs_diff=nan, mean_abs_diff=nan, inconclusive=[note])
+    assert check(result, Thresholds()) == ([], [])
+    result.inconclusive.clear()  # without that note, NaN differences still fail
+    assert [f.split(":")[0] for f in check(result, Thresholds())[0]] == ["fidelity"]
 
 
 def test_latency_budgets():

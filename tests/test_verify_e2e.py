@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import numpy as np
-
 from conftest import REPO
+
 from edgetl.verify import load_bundle
 
 FLAGS = ["--runs", "10", "--warmup", "2", "--json"]

@@ -18,12 +18,20 @@ What it does (every step is checked; the first failure stops it with one line an
    * the verdict and every artifact's pass/fail and accuracy equal the host's;
    * float outputs within 1e-4, int8 outputs within the int8 tolerance (``--int8-tolerance``) of the host's;
    * every QAT int8 TFLite file runs as one XNNPACK partition on ARM (delegate nodes counted);
+   * ``edgetl predict BUNDLE IMAGES --artifact NAME --json`` (the app's path: labels and input contract read from the
+     model file itself) gives, for every artifact, the labels, contract and top-1 of the host's ``edgetl predict``,
+     its scores within the same float / int8 tolerances;
    * TensorFlow is never imported.
 
 Emulated latency is reported as such (the fake cpuinfo names the emulation, and verify's machine line shows it):
 it says nothing about a real device. Needs root (mounts, chroot), Debian's package mirror and PyPI.
 
-    python devices/arm64/harness.py [--cores cortex-a72,cortex-a76,neoverse-n1] [--work DIR] [--keep]
+    python devices/arm64/harness.py [--cores cortex-a72,cortex-a76,neoverse-n1] [--work DIR] [--cache DIR]
+                                    [--install root|host] [--bundle DIR] [--weights-dir DIR]
+
+``--cache DIR`` uses another checkout's cached root (``.device/arm64``); ``--install host`` puts ``edgetl[device]`` on
+the root's ``sys.path`` from aarch64 wheels resolved by the host's pip (the quick path of ``make test``; it leaves the
+root's venv alone), ``--bundle DIR`` checks a bundle ``edgetl export`` made earlier instead of training one.
 """
 
 from __future__ import annotations
@@ -105,13 +113,21 @@ def _refuse_mounts_under(path: Path) -> None:
         raise Failed(f"{path} has file systems mounted inside ({', '.join(mounted[:3])}): unmount them first")
 
 
-def build_root(root: Path = ROOT) -> None:
+def use_cache(cache: Path) -> None:
+    """Use the root cached under ``cache`` (another checkout's ``.device/arm64``) instead of this one's."""
+    global CACHE, ROOT
+    CACHE = Path(cache).resolve()
+    ROOT = CACHE / "root"
+
+
+def build_root(root: Path | None = None) -> None:
     """Debian bookworm arm64 with Python 3.11: debootstrap's first stage downloads and unpacks the base system,
     then every downloaded package (python3 and its libraries among them) is unpacked with the host's dpkg-deb.
 
     debootstrap's second stage (7-8 minutes under emulation) only runs maintainer scripts; nothing edgetl's device
     path uses needs them, so it is skipped.
     """
+    root = root or ROOT
     stamp = root / ".edgetl-root-v1"
     if stamp.is_file():
         log(f"arm64 root: cached ({root})")
@@ -278,6 +294,83 @@ def host_reference(bundle: Path, work: Path) -> tuple[dict, dict]:
     return report, json.loads(probe.strip().splitlines()[-1])
 
 
+def installed(install: str, work: Path) -> tuple[list[str], list[str], dict[str, str]]:
+    """``(edgetl argv, python argv, env)`` inside the root for ``--install root`` (the venv) or ``host``."""
+    if install == "host":
+        env = host_resolved_site(work)
+        return ["/usr/bin/python3", "-m", "edgetl"], ["/usr/bin/python3"], env
+    build_venv(work)
+    return [f"{VENV}/bin/edgetl"], [f"{VENV}/bin/python"], {}
+
+
+# -- edgetl predict: what an app does with the bundle ----------------------------------------------------------------
+
+PREDICT_IMAGES = 8
+
+
+def predict_images(bundle: Path, work: Path) -> Path:
+    """The first bundle sample images as PNG files (at the model's size: predict's resize is then the identity)."""
+    from PIL import Image
+
+    from edgetl.verify import load_bundle
+
+    out = work / "predict-images"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for i, image in enumerate(load_bundle(bundle).sample.images[:PREDICT_IMAGES]):
+        Image.fromarray(image).save(out / f"{i:02d}.png")
+    return out
+
+
+def predict_all(run, bundle: str, images: str, names: list[str], n_labels: int) -> dict[str, dict]:
+    """``edgetl predict BUNDLE IMAGES --artifact NAME --json`` for every artifact; ``run(argv)`` runs one command
+    (on the host or in the root) and returns the CompletedProcess."""
+    out = {}
+    for name in names:
+        proc = run(["predict", bundle, images, "--artifact", name, "--top-k", str(n_labels), "--json"])
+        if proc.returncode != 0 or not proc.stdout.strip():
+            raise Failed(f"edgetl predict --artifact {name} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+        out[name] = json.loads(proc.stdout)
+    return out
+
+
+def _scores(result: dict, n_labels: int) -> tuple[list[str], np.ndarray]:
+    images, rows = [], []
+    for item in result["predictions"]:
+        row = np.full(n_labels, np.nan)
+        for top in item["top"]:
+            row[top["index"]] = top["score"]
+        images.append(Path(item["image"]).name)
+        rows.append(row)
+    return images, np.array(rows)
+
+
+def compare_predict(name: str, quant: str, host: dict, dev: dict, int8_tol: float) -> tuple[dict, list[str]]:
+    """Device ``edgetl predict`` vs the host's for one artifact: labels, contract, top-1 per image, scores."""
+    problems = []
+    n = len(host["labels"])
+    if dev["labels"] != host["labels"]:
+        problems.append(f"{name}: predict labels {dev['labels']} != host {host['labels']}")
+    if dev["input"] != host["input"]:
+        problems.append(f"{name}: predict input contract {dev['input']} != host {host['input']}")
+    h_img, h = _scores(host, n)
+    d_img, d = _scores(dev, n)
+    if h_img != d_img or h.shape != d.shape:
+        problems.append(f"{name}: predict ran on images {d_img}, host on {h_img}")
+        return {"predict_top1_host": None, "predict_max_diff_host": None}, problems
+    diff = np.abs(h - d)
+    agree = float(np.mean(np.nanargmax(h, 1) == np.nanargmax(d, 1)))
+    if quant in FLOAT_TOLERANCE:
+        if not diff.max() <= FLOAT_TOLERANCE[quant]:
+            problems.append(f"{name}: predict scores differ from the host's by {diff.max():.2e} > {FLOAT_TOLERANCE[quant]:g}")
+    elif not (diff.mean() <= int8_tol and agree >= INT8_MIN_AGREEMENT):
+        problems.append(f"{name}: predict int8 scores vs the host's: mean |dp| {diff.mean():.4f} (max {int8_tol}), "
+                        f"top-1 agreement {agree:.3f} (min {INT8_MIN_AGREEMENT})")
+    if quant in FLOAT_TOLERANCE and agree < 1.0:
+        problems.append(f"{name}: predict top-1 differs from the host's on {1 - agree:.0%} of the images")
+    return {"predict_top1_host": agree, "predict_max_diff_host": float(diff.max())}, problems
+
+
 # -- comparison ----------------------------------------------------------------------------------------------------
 
 
@@ -325,23 +418,33 @@ def compare(core: str, host_report: dict, dev_report: dict, host_npz: Path, dev_
     return rows, problems
 
 
-def run_core(core: str, bundle: Path, work: Path, host_report: dict, int8_tol: float) -> tuple[list[dict], dict]:
+def run_core(core: str, bundle: Path, work: Path, host_report: dict, int8_tol: float, host_predict: dict,
+             images: Path, tool: tuple[list[str], list[str], dict[str, str]]) -> tuple[list[dict], dict]:
+    edgetl, python, env = tool
     t0 = time.monotonic()
     rel = bundle.relative_to(work)
-    proc = in_root(core, [f"{VENV}/bin/edgetl", "verify", f"/work/{rel}", "--json", "--report",
-                          f"/work/reports/{core}", *VERIFY_FLAGS], work)
+    proc = in_root(core, [*edgetl, "verify", f"/work/{rel}", "--json", "--report",
+                          f"/work/reports/{core}", *VERIFY_FLAGS], work, env=env)
     if proc.returncode not in (0, 1, 4) or not proc.stdout.strip():
         raise Failed(f"{core}: edgetl verify exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     dev_report = json.loads(proc.stdout)
     t_verify = time.monotonic() - t0
-    proc = in_root(core, [f"{VENV}/bin/python", "/work/probe.py", f"/work/{rel}", f"/work/{core}.npz"], work)
+    proc = in_root(core, [*python, "/work/probe.py", f"/work/{rel}", f"/work/{core}.npz"], work, env=env)
     if proc.returncode != 0:
         raise Failed(f"{core}: probe exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     dev_probe = json.loads(proc.stdout.strip().splitlines()[-1])
     rows, problems = compare(core, host_report, dev_report, work / "host.npz", work / f"{core}.npz", dev_probe, int8_tol)
+    t1 = time.monotonic()
+    dev_predict = predict_all(lambda argv: in_root(core, [*edgetl, *argv], work, env=env, timeout=900), f"/work/{rel}",
+                              f"/work/{images.relative_to(work)}", list(host_predict), len(host_report["labels"]))
+    for row in rows:
+        name = row["artifact"]
+        extra, bad = compare_predict(name, row["quantization"], host_predict[name], dev_predict[name], int8_tol)
+        row.update(extra)
+        problems += bad
     info = {"core": core, "cpu": dev_report["machine"]["cpu"], "arch": dev_report["machine"]["arch"],
-            "verify_s": round(t_verify, 1), "total_s": round(time.monotonic() - t0, 1), "passed": dev_report["passed"],
-            "problems": problems}
+            "verify_s": round(t_verify, 1), "predict_s": round(time.monotonic() - t1, 1),
+            "total_s": round(time.monotonic() - t0, 1), "passed": dev_report["passed"], "problems": problems}
     return rows, info
 
 
@@ -354,7 +457,19 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--int8-tolerance", type=float, default=0.02,
                     help="max mean |probability difference| of an int8 artifact between ARM and the host")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="folder with the cached arm64 root (default .device/arm64 of this checkout)")
+    ap.add_argument("--install", choices=("root", "host"), default="root",
+                    help="root: pip in the emulated root installs edgetl[device] into a venv there (what a user does); "
+                    "host: the host's pip resolves the aarch64 wheels (quick; leaves the root's venv alone)")
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="check this bundle (made by `edgetl export` on the host) instead of training and exporting one")
     args = ap.parse_args()
+    if args.cache is not None:
+        use_cache(args.cache)
+    if args.bundle is not None and not (args.bundle / "bundle.json").is_file():
+        print(f"error: --bundle {args.bundle} has no bundle.json; pass a folder `edgetl export` wrote", file=sys.stderr)
+        return 2
     cores = [c for c in args.cores.split(",") if c]
     unknown = [c for c in cores if not (HERE / "cpuinfo" / f"{c}.txt").is_file()]
     if unknown:
@@ -368,18 +483,28 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         shutil.copy2(HERE / "probe.py", work / "probe.py")
         t0 = time.monotonic()
-        bundle = make_bundle(work, args.weights_dir, args.image_size)
+        if args.bundle is not None:
+            bundle = work / "bundle"
+            shutil.rmtree(bundle, ignore_errors=True)
+            shutil.copytree(args.bundle, bundle, ignore=shutil.ignore_patterns("verify"))
+            log(f"host: bundle {args.bundle} (copied to {bundle})")
+        else:
+            bundle = make_bundle(work, args.weights_dir, args.image_size)
         host_report, _ = host_reference(bundle, work)
+        images = predict_images(bundle, work)
+        log("host: edgetl predict, every artifact")
+        host_predict = predict_all(lambda argv: edgetl_host(*argv), str(bundle), str(images),
+                                   [a["name"] for a in host_report["artifacts"]], len(host_report["labels"]))
         t_host = time.monotonic() - t0
         log(f"host: verdict {'PASS' if host_report['passed'] else 'FAIL'} ({t_host:.0f} s)")
         t0 = time.monotonic()
         build_root()
-        build_venv(work)
+        tool = installed(args.install, work)
         t_root = time.monotonic() - t0
         rows, infos = [], []
         for core in cores:
-            log(f"{core}: edgetl verify + probe under emulation")
-            r, info = run_core(core, bundle, work, host_report, args.int8_tolerance)
+            log(f"{core}: edgetl verify + probe + predict under emulation")
+            r, info = run_core(core, bundle, work, host_report, args.int8_tolerance, host_predict, images, tool)
             rows += r
             infos.append(info)
             log(f"{core}: {len(info['problems'])} difference(s) from the host ({info['total_s']:.0f} s; cpu: {info['cpu']})")
@@ -387,7 +512,8 @@ def main() -> int:
         print(f"device-test-arm64: FAIL: {exc}", file=sys.stderr)
         return 1
     print_tables(rows, infos)
-    print(f"\nhost (finetune, export, verify, probe): {t_host:.0f} s; root + venv: {t_root:.0f} s; "
+    stages = "copy of --bundle" if args.bundle is not None else "finetune, export"
+    print(f"\nhost ({stages}, verify, probe, predict): {t_host:.0f} s; root + venv: {t_root:.0f} s; "
           f"total {time.monotonic() - t_all:.0f} s. Emulated latency is not a device figure.")
     (work / "summary.json").write_text(json.dumps({"rows": rows, "cores": infos}, indent=1))
     problems = [f"{i['core']}: {p}" for i in infos for p in i["problems"]]
@@ -395,24 +521,29 @@ def main() -> int:
         print(f"  - {p}", file=sys.stderr)
     verdict = "FAIL" if problems else "PASS"
     print(f"device-test-arm64: {verdict} ({len(cores)} cores, {len(problems)} difference(s) from the host; "
-          f"{work.relative_to(REPO)}/summary.json)")
+          f"{work}/summary.json)")
     return 1 if problems else 0
 
 
 def print_tables(rows: list[dict], infos: list[dict]) -> None:
     print("\n| core | artifact | accuracy (host) | passed (host) | top-1 = host | mean / max abs diff vs host | "
-          "XNNPACK partitions |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "XNNPACK partitions | predict top-1 = host | predict max abs diff |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         parts = "" if r["xnnpack_partitions"] is None else (
             f"{r['xnnpack_partitions']}{' (whole graph)' if r['one_partition'] else ''}")
         print(f"| {r['core']} | {r['artifact']} | {r['accuracy']:.4f} ({r['host_accuracy']:.4f}) | "
               f"{r['passed']} ({r['host_passed']}) | {r['top1_agreement_host']:.3f} | "
-              f"{r['mean_abs_diff_host']:.1e} / {r['max_abs_diff_host']:.1e} | {parts} |")
-    print("\n| core | verify's machine line | verify s | verify + probe s |")
-    print("| --- | --- | --- | --- |")
+              f"{r['mean_abs_diff_host']:.1e} / {r['max_abs_diff_host']:.1e} | {parts} | "
+              f"{_opt(r.get('predict_top1_host'), '.3f')} | {_opt(r.get('predict_max_diff_host'), '.1e')} |")
+    print("\n| core | verify's machine line | verify s | predict s | verify + probe + predict s |")
+    print("| --- | --- | --- | --- | --- |")
     for i in infos:
-        print(f"| {i['core']} | {i['cpu']} ({i['arch']}) | {i['verify_s']} | {i['total_s']} |")
+        print(f"| {i['core']} | {i['cpu']} ({i['arch']}) | {i['verify_s']} | {i.get('predict_s')} | {i['total_s']} |")
+
+
+def _opt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 if __name__ == "__main__":

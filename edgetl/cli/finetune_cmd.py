@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from edgetl.backbones import BACKBONES
 from edgetl.cli._common import handle_errors, out, print_json
 
 
@@ -61,7 +62,7 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Option(..., "--data", help="Folder with one sub-folder of images per class."),
         val_data: Optional[Path] = typer.Option(None, help="Separate labelled validation folder (instead of --val-split)."),
         val_split: Optional[float] = typer.Option(None, help="Stratified, seeded validation fraction (default 0.2)."),
-        backbone: Optional[str] = typer.Option(None, help="mobilenet_v3_small | mobilenet_v3_large | efficientnet_b0 | mobilenet_v2."),
+        backbone: Optional[str] = typer.Option(None, help=" | ".join(BACKBONES) + "."),
         weights: Optional[str] = typer.Option(None, help="imagenet (looks in --weights-dir / $EDGETL_WEIGHTS_DIR first) | none | PATH.h5."),
         weights_dir: Optional[Path] = typer.Option(None, help="Folder holding Keras's weight files by their own names."),
         image_size: Optional[int] = typer.Option(None, help="Square input size in pixels (default: the backbone's, 224)."),

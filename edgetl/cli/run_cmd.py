@@ -78,7 +78,6 @@ def precheck(recipe, ft, force: bool = False) -> None:
 
 
 def run_recipe(path: Path, overrides: list[str], reporter, as_json: bool = False, force: bool = False) -> int:
-    import yaml
 
     from edgetl.config import FinetuneConfig, load_recipe, parse_recipe
 

@@ -14,7 +14,7 @@ HELP = """Prove each exported artifact is as good as the model it came from, and
 
 TARGET is a bundle folder (what `edgetl export` wrote; it needs no TensorFlow: copy it to the device and run this there) or a run directory (on the host: its bundle is RUN/export/, the original float.keras and qat.h5 are run, and the run's whole validation split is used when its images are reachable).
 
-Three checks per artifact, every failure listed: FIDELITY against the model it was converted from (float.keras for fp32/fp16/dynamic/PTQ/ORT-static, qat.h5 for QAT int8; fp32 max |dp| <= --float-tolerance, fp16 <= --fp16-tolerance, int8 top-1 agreement >= --min-agreement and mean |dp| <= --max-mean-diff); ACCURACY non-inferiority against the original float model on the same labelled images (paired Newcombe interval of the drop: PASS when its upper end is <= --margin-pp, FAIL when its lower end is above it, INCONCLUSIVE when too few images to tell: pass --data DIR); LATENCY: each int8 artifact's p50 <= (--max-latency-ratio + --latency-noise) x the fp32 artifact of the same runtime, timed interleaved in one run, and optional budgets --max-p50-ms/--max-p99-ms. The Keras model's latency is shown as information.
+Three checks per artifact, every failure listed: FIDELITY against the model it was converted from (float.keras for fp32/fp16/dynamic/PTQ/ORT-static, qat.h5 for QAT int8; fp32 max |dp| <= --float-tolerance, fp16 <= --fp16-tolerance, int8 top-1 agreement >= --min-agreement and mean |dp| <= --max-mean-diff); ACCURACY non-inferiority against the original float model on the same labelled images (paired Newcombe interval of the drop: PASS when its upper end is <= --margin-pp, FAIL when its lower end is above it, INCONCLUSIVE when too few images to tell: pass --data DIR); LATENCY: each int8 artifact's p50 <= (--max-latency-ratio + --latency-noise) x the fp32 artifact of the same runtime, timed interleaved in one run at the (first) --threads count, and optional budgets --max-p50-ms/--max-p99-ms. The Keras model's latency is shown as information. With --runtime onnxruntime,openvino every ONNX artifact is checked in each runtime (one row each).
 
 Exit status: 0 PASS (every check passed), 1 FAIL (a check failed), 4 INCONCLUSIVE (nothing failed but a check could not decide, e.g. too few images), 2 bad input (missing or tampered bundle, bad flag), 3 internal error. Reports (report.json, report.md, latency.png, confusion.png, misclassified.png) go to BUNDLE/verify/ or --report DIR.
 """
@@ -35,7 +35,18 @@ def register(app: typer.Typer) -> None:
             help="Evaluate on this labelled folder (one sub-folder per class, names = the bundle labels) instead of "
             "the bundle sample; reference outputs then come from running the reference model.",
         ),
-        threads: int = typer.Option(1, "--threads", min=1, help="CPU threads per inference for every runtime."),
+        threads: str = typer.Option(
+            "1", "--threads", metavar="N[,M...]",
+            help="CPU threads per inference for every runtime. A comma list (e.g. 1,2 or 1,all; all = this machine's "
+            "cores) times every model at each count side by side in the same run; the FIRST is your deployment count: "
+            "the latency check uses it.",
+        ),
+        runtime: Optional[list[str]] = typer.Option(
+            None, "--runtime", metavar="NAME",
+            help="Run the ONNX artifacts in this runtime: onnxruntime (default) or openvino (Intel CPUs; pip install "
+            "'edgetl[openvino]'); repeat or comma-separate for both, side by side (OpenVINO rows are NAME@openvino: "
+            "static batch 1, f32 precision, no CPU pinning). TFLite files always run in LiteRT.",
+        ),
         runs: int = typer.Option(100, "--runs", min=1, help="Timed batch-1 inferences per model."),
         warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed inferences per model before timing."),
         margin_pp: float = typer.Option(
@@ -83,7 +94,10 @@ def register(app: typer.Typer) -> None:
             None, "--only", metavar="NAME", help="Verify only this artifact (repeat, or comma-separate, for several)."
         ),
     ) -> None:
-        from edgetl.verify import Thresholds, default_report_dir, verify
+        from edgetl.verify import Thresholds, default_report_dir, parse_runtimes, parse_threads, verify
+
+        thread_counts = parse_threads(threads)  # bad values: one line, exit 2, before anything is loaded
+        runtimes = parse_runtimes(runtime)
 
         thresholds = Thresholds(
             margin_pp=margin_pp, confidence=confidence, min_agreement=min_agreement, max_mean_diff=max_mean_diff,
@@ -101,7 +115,8 @@ def register(app: typer.Typer) -> None:
             result = verify(
                 target,
                 data=data,
-                threads=threads,
+                threads=thread_counts,
+                runtimes=runtimes,
                 runs=runs,
                 warmup=warmup,
                 thresholds=thresholds,

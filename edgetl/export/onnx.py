@@ -77,8 +77,13 @@ def build_ort_static_int8(ctx: BuildContext) -> bytes:
     The fp32 graph is first run through onnxruntime's ``quant_pre_process`` (shape inference + graph
     optimization), as onnxruntime recommends; if that fails the raw graph is quantized.
     """
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     CalibrationDataReader.register(_CalibrationReader)

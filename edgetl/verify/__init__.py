@@ -21,8 +21,10 @@ validation split is used when its images are reachable (else the bundle sample),
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
 import numpy as np
 
 from edgetl import __version__
@@ -44,8 +46,8 @@ from edgetl.verify.checks import (
     paired_accuracy,
     per_class,
 )
-from edgetl.verify.report import Report, ReferenceInfo, machine_info
-from edgetl.verify.runners import KerasRunner, Runner, make_runner, measure_latencies
+from edgetl.verify.report import ReferenceInfo, Report, machine_info
+from edgetl.verify.runners import DEFAULT_ENGINE, ENGINES, KerasRunner, Runner, make_runner, measure_latencies
 
 #: timed inferences per model per interleaved round
 LATENCY_BLOCK = 10
@@ -64,6 +66,8 @@ __all__ = [
     "Sample",
     "Thresholds",
     "load_bundle",
+    "parse_runtimes",
+    "parse_threads",
     "resolve_target",
     "default_report_dir",
     "verify",
@@ -173,11 +177,64 @@ def _baseline(bundle: Bundle, spec: ArtifactSpec) -> ArtifactSpec | None:
     return next((a for a in bundle.artifacts if a.format == spec.format and a.quantization == "fp32"), None)
 
 
+def parse_threads(value: int | str | Sequence[int | str]) -> tuple[int, ...]:
+    """``--threads``: one count or a comma list (``"1,2"``, ``"1,all"``; ``all`` = this machine's cores).
+
+    The first is the deployment count: the latency check and every verdict use it; the others are timed in the same
+    interleaved run and shown beside it (information). Duplicates are dropped, order kept."""
+    items = [value] if isinstance(value, (int, str)) else list(value)
+    parts = [p for item in items for p in (str(item).split(",") if isinstance(item, str) else [item])
+             if not (isinstance(p, str) and not p.strip())]
+    counts: list[int] = []
+    fix = "pass e.g. --threads 1 or --threads 1,all (the first is the deployment count the latency check uses)"
+    for part in parts:
+        if isinstance(part, str):
+            text = part.strip().lower()
+            if text == "all":
+                part = os.cpu_count() or 1
+            elif text.isdigit():
+                part = int(text)
+            else:
+                raise ConfigError(f"--threads: {part.strip()!r} is not a thread count", fix)
+        if not isinstance(part, int) or isinstance(part, bool) or part < 1:
+            raise ConfigError(f"--threads must be integers >= 1 (got {part!r})", fix)
+        counts.append(part)
+    if not counts:
+        raise ConfigError("--threads is empty", fix)
+    return tuple(dict.fromkeys(counts))
+
+
+def parse_runtimes(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``--runtime``: the ONNX runtimes to run every ONNX artifact in (``onnxruntime``, ``openvino``; comma list or
+    repeated; default onnxruntime). TFLite artifacts always run in LiteRT. OpenVINO needs ``edgetl[openvino]``."""
+    if value is None:
+        return (DEFAULT_ENGINE["onnx"],)
+    items = [value] if isinstance(value, str) else list(value)
+    names = [n.strip().lower() for item in items for n in str(item).split(",") if n.strip()]
+    onnx_engines = [e for e, f in ENGINES.items() if f == "onnx"]
+    unknown = [n for n in names if n not in onnx_engines]
+    if unknown or not names:
+        raise ConfigError(f"--runtime: unknown runtime {', '.join(unknown) or '(none)'}",
+                          f"use {' or '.join(onnx_engines)} (comma list for both; TFLite files always run in LiteRT)")
+    if "openvino" in names:
+        from edgetl.verify.openvino_runner import openvino_available
+
+        if not openvino_available():
+            raise ConfigError("--runtime openvino: OpenVINO is not installed", "pip install 'edgetl[openvino]'")
+    return tuple(dict.fromkeys(names))
+
+
+def _key(spec: ArtifactSpec, engine: str) -> str:
+    """A result row's name: the artifact's, plus ``@engine`` when it runs in a runtime other than its format's."""
+    return spec.name if engine == DEFAULT_ENGINE[spec.format] else f"{spec.name}@{engine}"
+
+
 def verify(
     target: str | Path,
     *,
     data: str | Path | None = None,
-    threads: int = 1,
+    threads: int | str | Sequence[int | str] = 1,
+    runtimes: str | Sequence[str] | None = None,
     runs: int = 100,
     warmup: int = 10,
     thresholds: Thresholds | None = None,
@@ -188,6 +245,9 @@ def verify(
 ) -> Report:
     """Verify every artifact of a bundle (or of a run directory's ``export/`` bundle) and return a :class:`Report`.
 
+    ``threads``: one count or several (:func:`parse_threads`): the first is the deployment count every check uses, the
+    others are timed beside it. ``runtimes``: the ONNX runtimes (:func:`parse_runtimes`); each ONNX artifact gets one
+    row per runtime (``NAME@openvino`` for OpenVINO's), fidelity-, accuracy- and latency-checked alike.
     ``artifacts`` limits the check to those names. ``bundle_sample`` evaluates a run directory on the bundle sample
     instead of its whole validation split. ``report_dir`` (optional) also writes report.json/report.md/plots.
     Raises BundleError/ModelFileError/RunDirError/DataError/ConfigError for bad input; failing checks do *not*
@@ -195,7 +255,10 @@ def verify(
     could not decide).
     """
     thresholds = thresholds or Thresholds()
-    for flag, value, low in (("--threads", threads, 1), ("--runs", runs, 1), ("--warmup", warmup, 0)):
+    thread_counts = parse_threads(threads)
+    threads = thread_counts[0]
+    engines = parse_runtimes(runtimes)
+    for flag, value, low in (("--runs", runs, 1), ("--warmup", warmup, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"{flag} must be an integer >= {low} (got {value!r})", f"pass e.g. {flag} {max(low, 1)}")
     say = progress or (lambda _msg: None)
@@ -207,20 +270,36 @@ def verify(
     n_classes = len(bundle.labels)
     warnings: list[str] = []
 
+    # One row per (artifact, runtime): TFLite in LiteRT, ONNX in each --runtime.
+    units: list[tuple[str, ArtifactSpec, str]] = [
+        (_key(spec, engine), spec, engine)
+        for spec in selected
+        for engine in (engines if spec.format == "onnx" else (DEFAULT_ENGINE[spec.format],))
+    ]
+    if engines != (DEFAULT_ENGINE["onnx"],) and not any(spec.format == "onnx" for spec in selected):
+        raise ConfigError(f"--runtime {','.join(engines)}: no ONNX artifact to run "
+                          f"({'the selection' if artifacts else 'the bundle'} has {', '.join(s.name for s in selected)})",
+                          "verify a bundle exported with --format onnx (or all), or drop --runtime")
     runners: dict[str, Runner] = {}
-    for spec in selected:
-        say(f"loading {spec.name}")
-        runners[spec.name] = make_runner(spec, bundle.input, bundle.labels, threads)
+    specs: dict[str, tuple[ArtifactSpec, str]] = {}
+    for key, spec, engine in units:
+        say(f"loading {key}")
+        runners[key] = make_runner(spec, bundle.input, bundle.labels, threads, engine=engine)
+        specs[key] = (spec, engine)
     baselines: dict[str, str] = {}
     extra: dict[str, Runner] = {}  # timed only (latency baselines not selected with --only)
-    for spec in selected:
+    for key, spec, engine in units:
         base = _baseline(bundle, spec)
         if spec.is_int8 and base is None:
-            warnings.append(f"{spec.name}: the bundle has no fp32 {spec.format} artifact: latency ratio not checked")
+            note = f"{spec.name}: the bundle has no fp32 {spec.format} artifact: latency ratio not checked"
+            if note not in warnings:
+                warnings.append(note)
         elif base is not None:
-            baselines[spec.name] = base.name
-            if base.name not in runners and base.name not in extra:
-                extra[base.name] = make_runner(base, bundle.input, bundle.labels, threads)
+            base_key = _key(base, engine)
+            baselines[key] = base_key
+            if base_key not in runners and base_key not in extra:
+                extra[base_key] = make_runner(base, bundle.input, bundle.labels, threads, engine=engine)
+                specs[base_key] = (base, engine)
 
     # The images: --data, else (host) the run's whole validation split, else the bundle sample.
     image_names: list[str] | None = None
@@ -278,6 +357,7 @@ def verify(
         ref_runner = runners.get(ref_spec.name) or extra.get(ref_spec.name)
         if ref_runner is None:
             ref_runner = extra[ref_spec.name] = make_runner(ref_spec, bundle.input, bundle.labels, threads)
+            specs[ref_spec.name] = (ref_spec, DEFAULT_ENGINE[ref_spec.format])
         say(f"running {ref_spec.name} (the float model's stand-in)")
         float_outputs = ref_runner.predict(images)
         ref_name, ref_kind = ref_spec.name, ref_spec.format
@@ -291,14 +371,14 @@ def verify(
     float_pred = np.argmax(float_outputs, axis=1)
 
     results: list[ArtifactResult] = []
-    for spec in selected:
-        say(f"running {spec.name} on {n} images")
-        outputs = runners[spec.name].predict(images)
+    for key, spec, engine in units:
+        say(f"running {key} on {n} images")
+        outputs = runners[key].predict(images)
         if spec.source in sources:
             fid = compare_outputs(outputs, sources[spec.source], labels)
             fidelity_note = None
         elif spec.source in bundle.sample.source_outputs:  # --data on a device, or no qat.h5 on the host
-            sample_out = runners[spec.name].predict(bundle.sample.images)
+            sample_out = runners[key].predict(bundle.sample.images)
             fid = compare_outputs(sample_out, bundle.sample.source_outputs[spec.source], bundle.sample.labels)
             fidelity_note = None
         else:
@@ -317,11 +397,11 @@ def verify(
         ]
         classes["misclassified_count"] = int(wrong.size)
         result = ArtifactResult(
-            name=spec.name,
+            name=key,
             file=spec.file,
             format=spec.format,
             quantization=spec.quantization,
-            runtime=runners[spec.name].runtime,
+            runtime=runners[key].runtime,
             accuracy=accuracy(outputs, labels),
             accuracy_drop_pp=paired.drop_pp,
             top1_agreement=fid.top1_agreement,
@@ -331,11 +411,13 @@ def verify(
             latency_ratio=None,
             size_bytes=spec.path.stat().st_size,
             source=spec.source,
-            latency_baseline=baselines.get(spec.name),
+            latency_baseline=baselines.get(key),
             paired=paired,
             per_class=classes,
-            is_reference=(keras_path is None and spec.name == bundle.reference),
+            is_reference=(keras_path is None and key == bundle.reference),
             predictions=outputs,
+            artifact=spec.name,
+            engine=engine,
         )
         if fidelity_note is not None:
             result.inconclusive.append(fidelity_note)
@@ -343,17 +425,29 @@ def verify(
             result.failures.append("fidelity: outputs contain NaN or Inf")
         results.append(result)
 
-    timed: dict[str, Runner] = {**runners, **extra}
+    # Every model at every thread count, timed in one interleaved run (the Keras original at the deployment count
+    # only: TensorFlow fixes its thread pools once per process).
+    timed: dict[tuple[str, int], Runner] = {(key, threads): r for key, r in {**runners, **extra}.items()}
+    for count in thread_counts[1:]:
+        for key in [*runners, *extra]:
+            spec, engine = specs[key]
+            say(f"loading {key} at {count} threads")
+            timed[(key, count)] = make_runner(spec, bundle.input, bundle.labels, count, engine=engine)
     if keras_runner is not None:
-        timed["\0keras"] = keras_runner
+        timed[("\0keras", threads)] = keras_runner
     say(f"timing {len(timed)} model(s): {warmup} warm-up + {runs} runs each, interleaved")
     times = measure_latencies(timed, images[0], warmup=warmup, runs=runs, block=LATENCY_BLOCK)
     stats = {name: LatencyStats.from_ms(t) for name, t in times.items()}
     for result in results:
-        result.latency = stats[result.name]
-        base = stats.get(result.latency_baseline) if result.latency_baseline else None
-        if base is not None and base.p50 > 0:
-            result.latency_ratio = paired_ratio(times[result.name], times[result.latency_baseline])
+        result.latency = stats[(result.name, threads)]
+        for count in thread_counts:
+            result.latency_by_threads[count] = stats[(result.name, count)]
+            base_t = stats.get((result.latency_baseline, count)) if result.latency_baseline else None
+            if base_t is not None and base_t.p50 > 0:
+                result.latency_ratio_by_threads[count] = paired_ratio(times[(result.name, count)],
+                                                                      times[(result.latency_baseline, count)])
+        base = stats.get((result.latency_baseline, threads)) if result.latency_baseline else None
+        result.latency_ratio = result.latency_ratio_by_threads.get(threads)
         failures, undecided = check(result, thresholds, base)
         result.failures = list(dict.fromkeys(result.failures + failures))
         result.inconclusive += undecided
@@ -366,10 +460,10 @@ def verify(
         bundle=str(bundle.root),
         run_id=bundle.run_id,
         labels=bundle.labels,
-        reference=ReferenceInfo(ref_name, ref_kind, ref_accuracy, stats.get("\0keras"), outputs_source),
+        reference=ReferenceInfo(ref_name, ref_kind, ref_accuracy, stats.get(("\0keras", threads)), outputs_source),
         artifacts=results,
         thresholds=thresholds,
-        machine=machine_info(threads),
+        machine=machine_info(threads, thread_counts),
         samples=n,
         data=data_desc,
         labels_true=labels,

@@ -33,6 +33,19 @@ from edgetl.verify.runners import (
 
 _TYPES = {"f32": "float32", "f16": "float16", "u8": "uint8", "i8": "int8"}
 
+#: OpenVINO's inference precision per artifact quantization: fp32 files are checked at fp32, and QDQ int8 files
+#: hold their float parts (the Q/DQ scales, softmax) at f32 as onnxruntime does; their int8 kernels come from the
+#: Q/DQ pairs, not from this hint. edgetl exports no fp16 ONNX file.
+PRECISION = {"fp32": "f32", "qat_int8": "f32", "ort_static_int8": "f32", "ptq_int8": "f32", "dynamic_int8": "f32"}
+
+
+def precision_hint(quantization: str | None) -> str:
+    """The ``INFERENCE_PRECISION_HINT`` for an artifact of this quantization (never OpenVINO's silent bf16)."""
+    if quantization not in PRECISION:
+        raise ConfigError(f"the OpenVINO runner has no precision for {quantization!r} artifacts",
+                          f"verify it with onnxruntime (drop --runtime openvino); supported: {', '.join(PRECISION)}")
+    return PRECISION[quantization]
+
 
 def _rt_metadata(model: Any) -> dict[str, str]:
     """The ONNX ``metadata_props`` as OpenVINO exposes them (``rt_info['framework']``), as plain strings."""
@@ -55,7 +68,8 @@ class OpenVinoRunner(Runner):
             raise ConfigError(
                 f"cannot run {self.path.name} with OpenVINO: openvino is not installed", "pip install 'edgetl[openvino]'"
             ) from None
-        self.runtime = f"openvino {_version('openvino')} (CPU, f32 precision)"
+        precision = precision_hint(self.quantization or "fp32")
+        self.runtime = f"openvino {_version('openvino')} (CPU, {precision} precision)"
         core = ov.Core()
         try:
             model = core.read_model(str(self.path))
@@ -78,17 +92,17 @@ class OpenVinoRunner(Runner):
             "NUM_STREAMS": 1,
             "PERFORMANCE_HINT": "LATENCY",
             "ENABLE_CPU_PINNING": False,
-            "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_PRECISION_HINT": precision,
         }
         try:
             compiled = core.compile_model(model, "CPU", self.config)
         except Exception as exc:
             raise ModelFileError(f"OpenVINO could not compile {self.path.name}: {_first_line(exc)}", _REEXPORT) from None
-        precision = compiled.get_property("INFERENCE_PRECISION_HINT")
-        self.execution_precision = precision.get_type_name() if hasattr(precision, "get_type_name") else str(precision)
-        if self.execution_precision != "f32":
+        got = compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.execution_precision = got.get_type_name() if hasattr(got, "get_type_name") else str(got)
+        if self.execution_precision != precision:
             raise ModelFileError(
-                f"OpenVINO compiled {self.path.name} at {self.execution_precision}, not the f32 it was asked for",
+                f"OpenVINO compiled {self.path.name} at {self.execution_precision}, not the {precision} it was asked for",
                 "update openvino (pip install -U 'edgetl[openvino]')",
             )
         self._request = compiled.create_infer_request()

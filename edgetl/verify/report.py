@@ -46,17 +46,20 @@ def _dist_version(dist: str) -> str | None:
         return None
 
 
-def machine_info(threads: int) -> dict[str, Any]:
-    """What this report's numbers were measured on (no TensorFlow import)."""
+def machine_info(threads: int, timed: tuple[int, ...] | list[int] | None = None) -> dict[str, Any]:
+    """What this report's numbers were measured on (no TensorFlow import). ``threads``: the deployment count the
+    checks use; ``timed``: every thread count timed (default just that one)."""
     return {
         "cpu": _cpu_model(),
         "arch": platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
+        "threads_timed": list(timed or [threads]),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "onnxruntime": _dist_version("onnxruntime"),
         "ai_edge_litert": _dist_version("ai-edge-litert"),
+        "openvino": _dist_version("openvino"),
         "os": platform.platform(),
         "hostname": platform.node(),
     }
@@ -182,11 +185,15 @@ def _fmt(value: float | None, spec: str) -> str:
     return format(value, spec)
 
 
-def _row(a: ArtifactResult) -> list[str]:
+def _row(a: ArtifactResult, threads: list[int] | None = None) -> list[str]:
+    """One table row; ``threads`` (the report's timed counts, deployment count first) adds the extra counts' columns."""
     ci = f" [{a.paired.ci_low_pp:+.1f},{a.paired.ci_high_pp:+.1f}]" if a.paired else ""
-    return [
+    kind = f"{a.format} {a.quantization} <- {a.source}"
+    if a.engine == "openvino":
+        kind = f"{a.format}/openvino {a.quantization} <- {a.source}"
+    cells = [
         a.name + (" (ref)" if a.is_reference else ""),
-        f"{a.format} {a.quantization} <- {a.source}",
+        kind,
         _fmt(a.accuracy, ".4f"),
         _fmt(a.accuracy_drop_pp, "+.2f") + ci,
         _fmt(a.top1_agreement, ".4f"),
@@ -194,15 +201,44 @@ def _row(a: ArtifactResult) -> list[str]:
         _fmt(a.latency.p50, ".3f"),
         _fmt(a.latency.p99, ".3f"),
         _fmt(a.latency_ratio, ".2f"),
-        f"{a.size_bytes / 1024:.1f}",
-        a.verdict,
     ]
+    for t in (threads or [])[1:]:
+        stats = a.latency_by_threads.get(t)
+        cells += [_fmt(stats.p50 if stats else None, ".3f"), _fmt(a.latency_ratio_by_threads.get(t), ".2f")]
+    return cells + [f"{a.size_bytes / 1024:.1f}", a.verdict]
 
 
 #: "agree"/"max Δp": vs the source model (fidelity); "drop pp [CI]": vs the float model (accuracy);
 #: "int8/fp32": p50 ratio to the same runtime's fp32 artifact (latency)
 HEADERS = ["artifact", "type", "acc", "drop pp [CI]", "agree", "max Δp", "p50 ms", "p99 ms", "int8/fp32", "KiB",
            "verdict"]
+
+
+def _threads(report: Report) -> list[int]:
+    timed = report.machine.get("threads_timed") or [report.machine.get("threads")]
+    return [int(t) for t in timed if t is not None]
+
+
+def headers(report: Report) -> list[str]:
+    """:data:`HEADERS`, with the latency columns per thread count when several were timed (``@1t`` = 1 thread; the
+    first is the deployment count the latency check used)."""
+    threads = _threads(report)
+    if len(threads) <= 1:
+        return list(HEADERS)
+    first = threads[0]
+    cols = HEADERS[:6] + [f"p50 ms @{first}t", f"p99 ms @{first}t", f"int8/fp32 @{first}t"]
+    for t in threads[1:]:
+        cols += [f"p50 ms @{t}t", f"int8/fp32 @{t}t"]
+    return cols + HEADERS[-2:]
+
+
+def _threads_line(report: Report) -> str:
+    threads = _threads(report)
+    first = threads[0] if threads else report.machine.get("threads")
+    line = f"threads {first} (the deployment count: the latency check uses it)"
+    if len(threads) > 1:
+        line += f"; also timed at {', '.join(map(str, threads[1:]))} in the same interleaved run (information)"
+    return line
 
 
 def to_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
@@ -217,15 +253,18 @@ def to_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
         f"- checks: fidelity vs the model each file was converted from (`<-`); accuracy: paired non-inferiority vs "
         f"the float model, margin {report.thresholds.margin_pp:g} pp, {report.thresholds.confidence:.0%} CI "
         f"(Newcombe); latency: int8 p50 / the same runtime's fp32 p50 <= {report.thresholds.latency_limit:g}",
-        f"- machine: {report.machine.get('cpu')} ({report.machine.get('arch')}), threads {report.machine.get('threads')}, "
+        f"- machine: {report.machine.get('cpu')} ({report.machine.get('arch')}), "
         f"python {report.machine.get('python')}, onnxruntime {report.machine.get('onnxruntime')}, "
-        f"ai_edge_litert {report.machine.get('ai_edge_litert')}, {report.machine.get('os')}",
+        f"ai_edge_litert {report.machine.get('ai_edge_litert')}"
+        + (f", openvino {report.machine.get('openvino')}" if any(a.engine == "openvino" for a in report.artifacts)
+           else "") + f", {report.machine.get('os')}",
+        f"- {_threads_line(report)}",
         f"- created: {report.created}",
         "",
-        "| " + " | ".join(HEADERS) + " |",
-        "|" + "|".join("---" for _ in HEADERS) + "|",
+        "| " + " | ".join(headers(report)) + " |",
+        "|" + "|".join("---" for _ in headers(report)) + "|",
     ]
-    lines += ["| " + " | ".join(_row(a)) + " |" for a in report.artifacts]
+    lines += ["| " + " | ".join(_row(a, _threads(report))) + " |" for a in report.artifacts]
     lines += ["", "## Thresholds", ""]
     lines += [f"- `{k}`: {'-' if v is None else format(v, 'g')}" for k, v in report.thresholds.to_dict().items()]
     lines += ["", "## Failures", ""]
@@ -371,9 +410,13 @@ def render(report: Report, console: Any) -> None:
                   pad_edge=False)
     # Narrow terminals (a device's serial console): keep the columns that decide the verdict.
     narrow = getattr(console, "width", 200) < 118
-    keep = [i for i, h in enumerate(HEADERS) if not (narrow and h in ("type", "p99 ms", "KiB", "agree", "max Δp"))]
+    cols = headers(report)
+    threads = _threads(report)
+    extra_ratios = {f"int8/fp32 @{t}t" for t in threads[1:]}  # narrow: the other counts keep their p50 only
+    keep = [i for i, h in enumerate(cols)
+            if not (narrow and (h in ("type", "KiB", "agree", "max Δp") or h.startswith("p99 ms") or h in extra_ratios))]
     for i in keep:
-        header = HEADERS[i]
+        header = cols[i]
         if header in ("artifact", "type"):
             table.add_column(header, justify="left", overflow="fold", min_width=8 if header == "type" else 15)
         else:
@@ -381,18 +424,19 @@ def render(report: Report, console: Any) -> None:
     if ref.kind == "keras":
         lat = ref.latency
         cells = [f"{ref.name} (original)", "keras fp32", f"{ref.accuracy:.4f}", "", "", "",
-                 _fmt(lat.p50 if lat else None, ".3f"), _fmt(lat.p99 if lat else None, ".3f"), "", "", "info"]
+                 _fmt(lat.p50 if lat else None, ".3f"), _fmt(lat.p99 if lat else None, ".3f"), ""]
+        cells += ["-", ""] * (len(threads) - 1) + ["", "info"]
         table.add_row(*[cells[i] for i in keep], style="dim")
     for a in report.artifacts:
-        cells = _row(a)
+        cells = _row(a, threads)
         cells[-1] = {PASS: "[bold green]PASS[/]", FAIL: "[bold red]FAIL[/]"}.get(a.verdict, "[bold yellow]INCONCLUSIVE[/]")
         table.add_row(*[cells[i] for i in keep])
     console.print(table)
     t = report.thresholds
     console.print(
         f"float model: {ref.name} ({ref.outputs_source}); accuracy: margin {t.margin_pp:g} pp at {t.confidence:.0%}; "
-        f"latency: int8/fp32 same runtime <= {t.latency_limit:g}; machine: {report.machine.get('cpu')}, "
-        f"threads={report.machine.get('threads')}",
+        f"latency: int8/fp32 same runtime <= {t.latency_limit:g}; machine: {report.machine.get('cpu')}; "
+        f"{_threads_line(report)}",
         highlight=False,
     )
     for warning in report.warnings:

@@ -411,10 +411,27 @@ class KerasRunner(Runner):
 
 RUNNERS: dict[str, type[Runner]] = {"onnx": OnnxRunner, "tflite": TfliteRunner, "keras": KerasRunner}
 
+#: The runtime each artifact format runs in by default, and the others ``edgetl verify --runtime`` can add.
+DEFAULT_ENGINE = {"onnx": "onnxruntime", "tflite": "litert", "keras": "tf_keras"}
+ENGINES = {"onnxruntime": "onnx", "openvino": "onnx", "litert": "tflite"}  # engine -> the format it reads
 
-def make_runner(spec: ArtifactSpec, contract: InputContract, labels: tuple[str, ...], threads: int = 1) -> Runner:
-    """Build the runner for one bundle artifact (checks the model against the bundle's claims)."""
-    cls = RUNNERS[spec.format]
+
+def make_runner(spec: ArtifactSpec, contract: InputContract, labels: tuple[str, ...], threads: int = 1,
+                engine: str | None = None) -> Runner:
+    """Build the runner for one bundle artifact (checks the model against the bundle's claims).
+
+    ``engine``: the runtime (default: the format's, :data:`DEFAULT_ENGINE`); ``"openvino"`` runs an ONNX file in
+    OpenVINO (:mod:`edgetl.verify.openvino_runner`, imported only then)."""
+    engine = engine or DEFAULT_ENGINE[spec.format]
+    if ENGINES.get(engine) != spec.format:
+        raise ConfigError(f"runtime {engine} cannot run {spec.format} artifacts ({spec.name})",
+                          f"use --runtime {' or '.join(e for e, f in ENGINES.items() if f == spec.format)}")
+    if engine == "openvino":
+        from edgetl.verify.openvino_runner import OpenVinoRunner
+
+        cls: type[Runner] = OpenVinoRunner
+    else:
+        cls = RUNNERS[spec.format]
     return cls(
         spec.name,
         spec.path,
