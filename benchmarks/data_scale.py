@@ -29,7 +29,7 @@ def make_images(root: Path, per_class: int, size: int = 224, seed: int = 0) -> N
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
-    for ci, name in enumerate(CLASSES):
+    for name in CLASSES:
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         have = len(list(folder.glob("*.jpg")))

@@ -75,7 +75,7 @@ def main() -> None:
     base2.trainable = False
     model2.compile(k.optimizers.Adam(cfg.head_lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
     t0 = time.perf_counter()
-    hist = model2.fit(train.images.astype(np.float32), train.labels, batch_size=cfg.batch_size, epochs=args.epochs,
+    model2.fit(train.images.astype(np.float32), train.labels, batch_size=cfg.batch_size, epochs=args.epochs,
                       validation_data=(val.images.astype(np.float32), val.labels), verbose=0,
                       callbacks=[k.callbacks.EarlyStopping("val_accuracy", patience=args.epochs + 1, mode="max",
                                                            restore_best_weights=True)])

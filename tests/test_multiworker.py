@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import REPO
 
 FAST = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--fine-tune-epochs", "0", "--no-qat",
@@ -33,6 +34,7 @@ def _env(ports, index, tmp):
             "TF_CPP_MIN_LOG_LEVEL": "3", "TF_USE_LEGACY_KERAS": "1", "TMPDIR": str(tmp), "EDGETL_WORKER_TIMEOUT": "240"}
 
 
+@pytest.mark.slow  # two TensorFlow processes training together: ~1.5 min idle, ~4.5 min on 2 loaded cores
 def test_two_workers_on_localhost_train_one_run(shapes_dir, tmp_path):
     ports = _free_ports(2)
     out = tmp_path / "out" / "run"
@@ -44,7 +46,7 @@ def test_two_workers_on_localhost_train_one_run(shapes_dir, tmp_path):
     finally:
         for p in procs:
             p.kill()
-    for p, (stdout, stderr) in zip(procs, results):
+    for p, (_stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "out")) == ["run"]  # one run directory, nothing partial beside it
     m = json.loads((out / "manifest.json").read_text())
