@@ -34,7 +34,7 @@ def _env(ports, index, tmp):
             "TF_CPP_MIN_LOG_LEVEL": "3", "TF_USE_LEGACY_KERAS": "1", "TMPDIR": str(tmp), "EDGETL_WORKER_TIMEOUT": "240"}
 
 
-@pytest.mark.slow  # two TensorFlow processes training together: ~1.5 min idle, ~4.5 min on 2 loaded cores
+@pytest.mark.slow  # two TensorFlow processes training together: ~4.5 min measured on 2 loaded cores
 def test_two_workers_on_localhost_train_one_run(shapes_dir, tmp_path):
     ports = _free_ports(2)
     out = tmp_path / "out" / "run"
