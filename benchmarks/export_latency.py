@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="thread counts, each timed in the same interleaved run (the first is the headline)")
     ap.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO columns")
+    ap.add_argument("--format", default="all", choices=["all", "tflite", "onnx"],
+                    help="artifact formats to export and time (tflite: LiteRT rows only, e.g. for EfficientNet-B7)")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     openvino = not args.no_openvino
@@ -105,7 +107,7 @@ def main() -> None:
                                  image_size=args.image_size, epochs=1, fine_tune_epochs=0, freeze="all",
                                  feature_views=0, qat=True, qat_epochs=1, calibration_images=32, out=str(run))
             finetune(cfg)
-        export_run(run, format="all", quantization=["fp32", "qat_int8"], samples=24, force=True)
+        export_run(run, format=args.format, quantization=["fp32", "qat_int8"], samples=24, force=True)
         runners, bundle = runners_for(run, args.threads, openvino)
         keyed = {"|".join(map(str, k)): r for k, r in runners.items()}
         times = measure_latencies(keyed, bundle.sample.images[0], warmup=args.warmup, runs=args.runs)

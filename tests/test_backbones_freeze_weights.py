@@ -20,10 +20,29 @@ def small():
     return b, model, base
 
 
+def narrow(b):
+    """EfficientNet-B7 with width 0.1 instead of 2.0: the same 800 layers and layer names (they depend on the depth
+    coefficient only), 0.4M instead of 64M weights (the real one takes ~1 min to build on 2 cores)."""
+    import dataclasses
+
+    from tf_keras.src.applications import efficientnet
+
+    from edgetl.backbones import Backbone
+
+    assert b.keras_class == "EfficientNetB7"
+
+    class Narrow(Backbone):
+        def build_base(self, image_size, weights):
+            return efficientnet.EfficientNet(0.1, 3.1, 600, 0.5, model_name="efficientnetb7", include_top=False,
+                                             weights=weights, input_shape=(image_size, image_size, 3))
+
+    return Narrow(**{f.name: getattr(b, f.name) for f in dataclasses.fields(Backbone)})
+
+
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_table_row_builds_with_its_freeze_points(name):
     b = BACKBONES[name]
-    model, base = build_classifier(b, 32, 4, NONE, 0.1)
+    model, base = build_classifier(narrow(b) if name == "efficientnet_b7" else b, 32, 4, NONE, 0.1)
     names = [layer.name for layer in base.layers]
     for point, layer in b.freeze_points.items():
         assert layer in names, f"{name}: freeze point {point}={layer} is not a layer"
@@ -32,6 +51,40 @@ def test_every_table_row_builds_with_its_freeze_points(name):
     out = model(np.full((1, 32, 32, 3), 127.0, np.float32)).numpy()
     assert out.shape == (1, 4) and abs(out.sum() - 1) < 1e-5
     assert get_base(model) is base
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet50"])
+def test_caffe_preprocessing_is_inside_the_model_and_stays_frozen(name):
+    """VGG16/ResNet50 get Keras's own caffe-style preprocess_input (RGB->BGR, minus the ImageNet mean, no scaling)
+    as a layer of the model, bit for bit; it never trains (whatever --freeze says) and the BatchNorm recalibration
+    of a random backbone sees the preprocessed images."""
+    from edgetl._tfenv import keras
+    from edgetl.finetune import base_inputs
+
+    k = keras()
+    b = get_backbone(name)
+    model, base = build_classifier(b, 32, 3, NONE, 0.1)
+    x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
+    keras_pre = getattr(k.applications, name).preprocess_input(x.copy())
+    np.testing.assert_array_equal(base_inputs(model, x), keras_pre)
+    pre = model.get_layer("input_preprocess")
+    apply_freeze(base, decide_freeze(b, base, "none", 50, "similar"))
+    assert pre.trainable is False and not pre.trainable_weights
+    if name == "vgg16":  # the other front layer: mobilenet_v2's input_rescale
+        v2, _ = build_classifier(get_backbone("mobilenet_v2"), 32, 3, NONE, 0.1)
+        np.testing.assert_allclose(base_inputs(v2, x), x / 127.5 - 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "vgg16", "efficientnet_b7"])
+def test_imagenet_weights_are_found_by_keras_file_name(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    monkeypatch.setenv("EDGETL_OFFLINE", "1")
+    b = get_backbone(name)
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    with pytest.raises(WeightsError, match=b.weight_files[1].replace(".", r"\.")):
+        resolve_weights(b, "imagenet", 224)
+    (tmp_path / b.weight_files[1]).write_bytes(b"")
+    assert resolve_weights(b, "imagenet", 224).path == (tmp_path / b.weight_files[1]).resolve()
 
 
 def _trainable(base):

@@ -18,8 +18,16 @@ from edgetl import quantize as q  # noqa: E402
 from edgetl.errors import ConfigError, ExportError, ModelFileError  # noqa: E402
 from edgetl.finetune import get_base  # noqa: E402
 
-#: backbones whose QAT path is exercised here (the lead's guard test compares it to the backbone table)
+#: backbones whose QAT path is exercised here by every ``case`` test (the guard test compares it to the table)
 QAT_TESTED_BACKBONES = ("mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "mobilenet_v2")
+#: the bigger rows, too slow for every ``case`` test: where their QAT path is tested instead
+QAT_TESTED_ELSEWHERE = {
+    "resnet50": "test_export.py::test_every_variant_exports_for_every_backbone (train, QAT, every variant, "
+                "1 XNNPACK partition, int8 agrees with QAT)",
+    "vgg16": "same, and test_caffe_preprocessing_folds_into_the_stem_conv here",
+    "efficientnet_b7": "test_efficientnet_b7_blocks_quantize_to_one_xnnpack_partition here (B7's stem and first two "
+                       "stages at B7 width/depth; the whole B7 is converted in benchmarks/export_latency.py)",
+}
 
 SIZE = 32
 NUM_CLASSES = 6
@@ -417,4 +425,87 @@ def test_every_backbone_in_the_table_has_a_qat_test():
     """Guard: adding a backbone row without QAT coverage fails here."""
     from edgetl.backbones import BACKBONES
 
-    assert sorted(QAT_TESTED_BACKBONES) == sorted(BACKBONES)
+    assert sorted(QAT_TESTED_BACKBONES + tuple(QAT_TESTED_ELSEWHERE)) == sorted(BACKBONES)
+
+
+@pytest.mark.parametrize("stem", q.STEMS)
+def test_caffe_preprocessing_folds_into_the_stem_conv(stem):
+    """VGG16/ResNet50's RGB->BGR + mean subtraction (a frozen 1x1 permutation conv in front of the base) is folded
+    into the stem conv exactly: outputs unchanged, no 1x1 conv left on the input, the first conv reads the 3 RGB
+    channels with its kernel's input channels reversed, a per-channel offset (-mean, reversed) in front of it."""
+    from edgetl.backbones import CAFFE_BGR_MEAN
+
+    model = build_classifier("vgg16")
+    flat = q.flatten_for_qat(model, stem=stem)
+    x = images(4)
+    assert np.abs(model(x, training=False).numpy() - flat(x, training=False).numpy()).max() <= 1e-5
+    convs = [layer for layer in flat.layers if type(layer).__name__ == "Conv2D"]
+    assert "input_preprocess" not in [layer.name for layer in convs]
+    first = convs[0]
+    assert first.name == "block1_conv1" and first.input_shape[-1] == 3
+    original = model.get_layer("vgg16").get_layer("block1_conv1").get_weights()[0]
+    np.testing.assert_array_equal(first.get_weights()[0], original[:, :, ::-1, :])
+    pre = flat.layers[1]
+    if stem == "float":  # fp32 in the int8 file: offset only
+        assert type(pre).__name__ == "ChannelAffine" and pre._edgetl_float
+        scale, offset = pre.get_weights()
+    else:  # quantized as a 1x1 depthwise conv
+        assert type(pre).__name__ == "DepthwiseConv2D"
+        scale, offset = pre.get_weights()[0].reshape(-1), pre.get_weights()[1]
+    np.testing.assert_array_equal(scale, np.ones(3, np.float32))
+    np.testing.assert_allclose(offset, -np.asarray(CAFFE_BGR_MEAN[::-1], np.float32), rtol=1e-7)
+
+
+def _efficientnet_b7_head(size=SIZE):
+    """A classifier on EfficientNet-B7's stem and first two stages (block1a-d, block2a-g) at B7's width and depth
+    coefficients (2.0, 3.1: the same layers, channel counts and names as in the table's EfficientNetB7, whose 813
+    layers take minutes to rewrite and convert on 2 cores), plus B7's top conv (1x1 to 2560 channels)."""
+    from tf_keras.src.applications import efficientnet
+
+    from edgetl.backbones import Backbone, get_backbone
+    from edgetl.finetune import build_classifier as edgetl_classifier
+    from edgetl.weights import WeightsChoice
+
+    row = get_backbone("efficientnet_b7")
+
+    class B7Head(Backbone):
+        def build_base(self, image_size, weights):
+            return efficientnet.EfficientNet(2.0, 3.1, 600, 0.5, model_name="efficientnetb7",
+                                             blocks_args=efficientnet.DEFAULT_BLOCKS_ARGS[:2], include_top=False,
+                                             weights=None, input_shape=(image_size, image_size, 3))
+
+    import dataclasses
+
+    K.utils.set_random_seed(0)
+    b = B7Head(**{f.name: getattr(row, f.name) for f in dataclasses.fields(Backbone)})
+    model, base = edgetl_classifier(b, size, NUM_CLASSES, WeightsChoice("none", None), 0.2)
+    from edgetl.finetune import recalibrate_batchnorm
+
+    recalibrate_batchnorm(base, images(16, seed=4))
+    return model, base, row
+
+
+def test_efficientnet_b7_blocks_quantize_to_one_xnnpack_partition():
+    from tensorflow_model_optimization.quantization.keras import QuantizeWrapper
+
+    from edgetl.tflite_fb import xnnpack_partitions
+
+    model, base, row = _efficientnet_b7_head()
+    names = [layer.name for layer in base.layers]
+    assert row.freeze_points["early"] in names  # block2g_add: the table's early point is in these stages
+    assert sum(type(layer).__name__ == "Add" for layer in base.layers) == 3 + 6  # block1b-d, block2b-g
+    flat = q.flatten_for_qat(model)
+    x = images(8, seed=5)
+    assert np.abs(model(x, training=False).numpy() - flat(x, training=False).numpy()).max() <= 1e-5
+    qat = q.quantize_for_training(model)
+    q.calibrate(qat, images(16, seed=2), batch_size=16)
+    stem, _ = stem_layers(flat)
+    weighted = [layer for layer in qat.layers if isinstance(layer, QuantizeWrapper)
+                and type(layer.layer).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense") and layer.layer.name not in stem]
+    n_linear = sum(type(layer).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense") for layer in flat.layers)
+    assert len(weighted) == n_linear - 1  # every conv/dense but the float stem conv quantizes its weights
+    assert all(w.quantize_config.get_weights_and_quantizers(w.layer) for w in weighted)
+    blob = q.qat_to_tflite_int8(qat)
+    assert xnnpack_partitions(blob) == (1, True)
+    p_int8, p_fq = _tflite_run(blob, x), qat(x, training=False).numpy()
+    assert np.abs(p_int8 - p_fq).mean() < 0.02 and np.abs(p_int8 - p_fq).max() < 0.15
