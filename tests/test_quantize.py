@@ -360,6 +360,7 @@ def test_save_load_roundtrip(tmp_path):
     assert sum(v.shape.num_elements() for v in loaded.trainable_weights) == sum(
         v.shape.num_elements() for v in qat.trainable_weights
     )
+    assert q._seven_bit(loaded)  # the 7-bit kernel grid (WEIGHT_LEVELS) survives save/load
     assert len(q.qat_to_tflite_int8(loaded)) > 0
 
 
