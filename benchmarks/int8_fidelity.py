@@ -62,7 +62,7 @@ def _accuracy(p: np.ndarray, labels: np.ndarray) -> float:
 
 
 def one_run(backbone: str, dataset: str, size: int, seed: int, epochs: int, qat_epochs: int, data_root: Path,
-            out: Path) -> dict:
+            out: Path, reuse: bool = False) -> dict:
     from edgetl import quantize
     from edgetl.config import FinetuneConfig
     from edgetl.data import load_images
@@ -81,8 +81,10 @@ def one_run(backbone: str, dataset: str, size: int, seed: int, epochs: int, qat_
         out=str(out / f"{backbone}-{dataset}-{size}-s{seed}"),
     )
     t0 = time.perf_counter()
-    result = finetune(cfg, RichReporter(), force=True)
-    run = read_run(result.path)
+    if reuse and (Path(cfg.out) / "manifest.json").is_file():
+        run = read_run(cfg.out)  # --reuse: measure an earlier run of the same cell again
+    else:
+        run = read_run(finetune(cfg, RichReporter(), force=True).run_dir)
     val = load_images(run.split_items("val", None), (size, size))
     images, labels = val.images.astype(np.float32), val.labels
     train_items = run.split_items("train", None)
@@ -94,6 +96,8 @@ def one_run(backbone: str, dataset: str, size: int, seed: int, epochs: int, qat_
     qat_model = quantize.load_qat_model(run.qat_model)
     p_float = float_model.predict(images, batch_size=32, verbose=0)
     p_qat = qat_model.predict(images, batch_size=32, verbose=0)
+    # the QAT model's own noise floor: the same model on every pixel + 0.01 (of 0..255)
+    p_qat_shift = qat_model.predict(images + np.float32(0.01), batch_size=32, verbose=0)
     p_qat_tfl = quantize.tflite_predict(quantize.qat_to_tflite_int8(qat_model), images)
     p_qat_onnx = _ort_predict(quantize.qat_to_onnx(qat_model), images)
     p_ptq_tfl = quantize.tflite_predict(quantize.ptq_to_tflite_int8(float_model, calib_images), images)
@@ -108,7 +112,8 @@ def one_run(backbone: str, dataset: str, size: int, seed: int, epochs: int, qat_
         "qat_tflite": _accuracy(p_qat_tfl, labels), "qat_onnx": _accuracy(p_qat_onnx, labels),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    for name, p, ref in (("qat_tflite", p_qat_tfl, p_qat), ("qat_onnx", p_qat_onnx, p_qat),
+    for name, p, ref in (("qat_shift", p_qat_shift, p_qat), ("qat_tflite", p_qat_tfl, p_qat),
+                         ("qat_onnx", p_qat_onnx, p_qat),
                          ("ptq_tflite", p_ptq_tfl, p_float), ("ptq_onnx", p_ptq_onnx, p_float)):
         row[f"{name}_agree"], row[f"{name}_mdp"] = _fidelity(p, ref)
     return row
@@ -119,10 +124,13 @@ def _median(rows: list[dict], key: str) -> float:
 
 
 def report(rows: list[dict]) -> bool:
-    cols = ("float", "qat", "ptq_tflite", "qat_tflite", "qat_tflite_agree", "qat_tflite_mdp", "ptq_onnx", "qat_onnx",
+    cols = ("float", "qat", "qat_shift_agree", "qat_shift_mdp", "ptq_tflite", "qat_tflite", "qat_tflite_agree",
+            "qat_tflite_mdp", "ptq_onnx", "qat_onnx",
             "qat_onnx_agree", "qat_onnx_mdp")
-    heads = ("float", "QAT fq", "PTQ tfl", "QAT tfl", "agree", "m|dp|", "PTQ ort", "QAT ort", "agree", "m|dp|")
-    print("\nper run (accuracy on the validation split; agree / m|dp| = QAT int8 file vs the QAT model)")
+    heads = ("float", "QAT fq", "shift ag", "shift dp", "PTQ tfl", "QAT tfl", "agree", "m|dp|", "PTQ ort", "QAT ort",
+             "agree", "m|dp|")
+    print("\nper run (accuracy on the validation split; agree / m|dp| = QAT int8 file vs the QAT model;"
+          " shift = the QAT model on pixels + 0.01 vs itself: its own noise floor)")
     print(f"{'run':<42}" + "".join(f"{h:>9}" for h in heads))
     for r in rows:
         name = f"{r['backbone']} {r['dataset']} {r['size']} s{r['seed']}"
@@ -160,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", default=os.environ.get("EDGETL_SHARED_DATA", "../shared/data"))
     ap.add_argument("--out", default=None, help="where the runs go (default: a temp folder)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--reuse", action="store_true", help="measure existing runs in --out again instead of retraining")
     args = ap.parse_args(argv)
     data_root = Path(args.data_root).resolve()
     out = Path(args.out or tempfile.mkdtemp(prefix="edgetl-fidelity-"))
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         for ds in args.datasets:
             for size in args.sizes:
                 for seed in args.seeds:
-                    rows.append(one_run(bb, ds, size, seed, args.epochs, args.qat_epochs, data_root, out))
+                    rows.append(one_run(bb, ds, size, seed, args.epochs, args.qat_epochs, data_root, out, args.reuse))
                     print(json.dumps(rows[-1]), flush=True)
                     if args.json:
                         Path(args.json).write_text(json.dumps(rows, indent=1))
