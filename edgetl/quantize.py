@@ -293,12 +293,12 @@ def _make_configs():
 
         def __call__(self, inputs, training, weights, **kwargs):
             flat = _TF.reshape(inputs, (-1, self._channels(inputs.shape)))
+            # always from the current kernel (also in inference): after the last optimizer step the stored range is
+            # one step old, and both exporters anchor the grid at the kernel's max (else they re-round it)
+            m = _TF.reduce_max(_TF.abs(flat), axis=0)
             if training:
-                m = _TF.reduce_max(_TF.abs(flat), axis=0)
                 weights["max_var"].assign(m)
                 weights["min_var"].assign(-m)
-            else:
-                m = weights["max_var"]
             n = float(self.levels)
             scale = _TF.where(m > 0, m / n, _TF.ones_like(m))
             q = _TF.clip_by_value(_TF.round(flat / scale), -n, n) * scale
