@@ -61,12 +61,22 @@ __all__ = [
     "float_to_tflite",
     "float_to_onnx",
     "INPUT_RANGE",
+    "WEIGHT_LEVELS",
 ]
 
 _UNSUPPORTED_FIX = "use a backbone from edgetl's table (edgetl finetune --help lists them) or export without int8"
 
 #: The value range of the model input (RGB pixels); the int8 input is quantized with exactly it.
 INPUT_RANGE = (0.0, 255.0)
+
+#: Symmetric weight grid per layer type: weights are int8 in -levels..levels. Conv2D (pointwise/regular) and Dense
+#: use **7-bit** weights (-63..63): onnxruntime's x86 u8 x s8 kernels on CPUs without VNNI (AVX2, AVX-512 without
+#: VNNI) add pairs of u8*s8 products in int16 with saturation (vpmaddubsw); 255*(|w0|+|w1|) > 32767 needs
+#: |w0|+|w1| > 128, which 7-bit weights can never reach, so every x86 and ARM core computes the same exact int32
+#: sums (measured: ORT_ENABLE_ALL moved from agreement 0.933 / mean |dp| 0.021 to the BASIC level 0.963 / 0.017 on
+#: an AVX2 EPYC; docs/qat.md). Depthwise convs keep 8 bits (onnxruntime's depthwise kernel does not saturate:
+#: measured). QAT trains on exactly this grid, and both exporters write it exactly (scale max|w|/63).
+WEIGHT_LEVELS = {"Conv2D": 63, "Dense": 63, "DepthwiseConv2D": 127}
 
 _K = keras()
 _TF = tf()
@@ -264,10 +274,14 @@ def _make_configs():
         shared MobileNetV3 weights have dead squeeze-excite units) gets the range [0, 0], from which the converter
         makes a weight scale of 4e-9 and an int32 bias that saturates (gate 0.47 instead of 6.0 on flowers)."""
 
-        def __init__(self, depthwise: bool = False):
+        def __init__(self, depthwise: bool = False, levels: int = 127, per_tensor: bool = False):
             self.depthwise = bool(depthwise)
+            self.levels = int(levels)  # 127: int8 -127..127; 63: 7-bit weights -63..63 (WEIGHT_LEVELS)
+            self.per_tensor = bool(per_tensor)
 
         def _channels(self, shape) -> int:
+            if self.per_tensor:
+                return 1
             return int(shape[2]) * int(shape[3]) if self.depthwise else int(shape[-1])
 
         def build(self, tensor_shape, name, layer):
@@ -279,31 +293,42 @@ def _make_configs():
 
         def __call__(self, inputs, training, weights, **kwargs):
             flat = _TF.reshape(inputs, (-1, self._channels(inputs.shape)))
+            # always from the current kernel (also in inference): after the last optimizer step the stored range is
+            # one step old, and both exporters anchor the grid at the kernel's max (else they re-round it)
+            m = _TF.reduce_max(_TF.abs(flat), axis=0)
             if training:
-                m = _TF.reduce_max(_TF.abs(flat), axis=0)
                 weights["max_var"].assign(m)
                 weights["min_var"].assign(-m)
-            else:
-                m = weights["max_var"]
-            scale = _TF.where(m > 0, m / 127.0, _TF.ones_like(m))
-            q = _TF.clip_by_value(_TF.round(flat / scale), -127.0, 127.0) * scale
+            n = float(self.levels)
+            scale = _TF.where(m > 0, m / n, _TF.ones_like(m))
+            q = _TF.clip_by_value(_TF.round(flat / scale), -n, n) * scale
             return _TF.reshape(flat + _TF.stop_gradient(q - flat), inputs.shape)
 
         def get_config(self):
-            return {"depthwise": self.depthwise}
+            return {"depthwise": self.depthwise, "levels": self.levels, "per_tensor": self.per_tensor}
 
         def __eq__(self, other):
-            return isinstance(other, ChannelWeightsQuantizer) and other.depthwise == self.depthwise
+            return isinstance(other, ChannelWeightsQuantizer) and other.get_config() == self.get_config()
 
         def __ne__(self, other):
             return not self.__eq__(other)
 
     class ChannelQuantizeConfig(registry.Default8BitQuantizeConfig):
-        """tfmot's Conv2D/DepthwiseConv2D config with :class:`ChannelWeightsQuantizer` for the kernel."""
+        """tfmot's Conv2D/DepthwiseConv2D/Dense config with :class:`ChannelWeightsQuantizer` for the kernel.
 
-        def __init__(self, weight_attrs, activation_attrs, quantize_output):
+        ``weight_levels`` 127 (int8) or 63 (7-bit, see :data:`WEIGHT_LEVELS`); QAT models saved before it existed
+        load as 127. ``per_tensor``: one scale for the whole kernel (Dense: the converter's FULLY_CONNECTED grid)."""
+
+        def __init__(self, weight_attrs, activation_attrs, quantize_output, weight_levels=127, per_tensor=False):
             super().__init__(weight_attrs, activation_attrs, quantize_output)
-            self.weight_quantizer = ChannelWeightsQuantizer(depthwise=list(weight_attrs) == ["depthwise_kernel"])
+            self.weight_levels = int(weight_levels)
+            self.per_tensor = bool(per_tensor)
+            self.weight_quantizer = ChannelWeightsQuantizer(
+                depthwise=list(weight_attrs) == ["depthwise_kernel"], levels=self.weight_levels, per_tensor=self.per_tensor
+            )
+
+        def get_config(self):
+            return {**super().get_config(), "weight_levels": self.weight_levels, "per_tensor": self.per_tensor}
 
     QuantizeWrapperV2 = tfmot.quantization.keras.QuantizeWrapperV2
 
@@ -333,9 +358,10 @@ def _make_configs():
         cls.__module__ = __name__
         _K.utils.register_keras_serializable(package="edgetl")(cls)
     _tfmot_cache["weight_configs"] = {
-        "Conv2D": lambda acts: ChannelQuantizeConfig(["kernel"], acts, False),
-        "DepthwiseConv2D": lambda acts: ChannelQuantizeConfig(["depthwise_kernel"], acts, False),
-        "Dense": lambda acts: registry.Default8BitQuantizeConfig(["kernel"], acts, False),
+        "Conv2D": lambda acts: ChannelQuantizeConfig(["kernel"], acts, False, WEIGHT_LEVELS["Conv2D"]),
+        "DepthwiseConv2D": lambda acts: ChannelQuantizeConfig(["depthwise_kernel"], acts, False,
+                                                              WEIGHT_LEVELS["DepthwiseConv2D"]),
+        "Dense": lambda acts: ChannelQuantizeConfig(["kernel"], acts, False, WEIGHT_LEVELS["Dense"], per_tensor=True),
     }
     _tfmot_cache["extra_objects"] = {
         "ChannelWeightsQuantizer": ChannelWeightsQuantizer,
@@ -1068,7 +1094,7 @@ def quantize_for_training(model, stem: str = "float") -> "keras.Model":
     out_cfg, noop_cfg, aff_cfg = _make_configs()
     weight_configs = _tfmot_cache["weight_configs"]
     flat = flatten_for_qat(model, stem=stem)
-    flags = {l.name: l.trainable for l in flat.layers}
+    flags = {layer.name: layer.trainable for layer in flat.layers}
 
     def annotate(layer):
         cls = type(layer).__name__
@@ -1123,7 +1149,7 @@ def quantize_for_training(model, stem: str = "float") -> "keras.Model":
 
 def _wrappers(model):
     tfmot = _tfmot()
-    return [l for l in model.layers if isinstance(l, tfmot.quantization.keras.QuantizeWrapper)]
+    return [layer for layer in model.layers if isinstance(layer, tfmot.quantization.keras.QuantizeWrapper)]
 
 
 def _init_weight_ranges(model):
@@ -1135,11 +1161,10 @@ def _init_weight_ranges(model):
 
 
 def _set_input_range(model):
-    tfmot = _tfmot()
-    for l in model.layers:
-        if isinstance(l, _QuantizeLayer()) and getattr(l, "quantizer", None):
-            l.quantizer_vars["min_var"].assign(INPUT_RANGE[0])
-            l.quantizer_vars["max_var"].assign(INPUT_RANGE[1])
+    for layer in model.layers:
+        if isinstance(layer, _QuantizeLayer()) and getattr(layer, "quantizer", None):
+            layer.quantizer_vars["min_var"].assign(INPUT_RANGE[0])
+            layer.quantizer_vars["max_var"].assign(INPUT_RANGE[1])
 
 
 def calibrate(qat_model, images: np.ndarray, batch_size: int = 32) -> None:
@@ -1317,7 +1342,16 @@ def qat_to_tflite_int8(qat_model, input_type: str = "uint8") -> bytes:
             flat = conv.convert()
     except Exception as e:  # converter errors are opaque; report them as export errors
         raise ExportError(f"int8 TFLite conversion failed: {e}".splitlines()[0], "check the QAT model") from e
-    return tflite_fb.finish_qat_int8(flat, input_type)
+    return tflite_fb.finish_qat_int8(flat, input_type, seven_bit=_seven_bit(qat_model))
+
+
+def _seven_bit(qat_model) -> bool:
+    """Whether ``qat_model`` trained 7-bit kernels (:data:`WEIGHT_LEVELS`; QAT models saved before have none)."""
+    for w in _wrappers(qat_model):
+        for _, quantizer, _ in getattr(w, "_weight_vars", []):
+            if getattr(quantizer, "levels", 127) == 63:
+                return True
+    return False
 
 
 def ptq_to_tflite_int8(
@@ -1378,12 +1412,13 @@ def qat_to_onnx(qat_model, opset: int = 13) -> bytes:
 def _quantize_weights(proto) -> int:
     """Store Conv/MatMul/Gemm weights as int8 with a DequantizeLinear in front.
 
-    tf2onnx constant-folds tfmot's weight fake-quant, so the file would hold float weights that
-    merely lie on the int8 grid (4x larger, and onnxruntime would have to re-derive scales). tfmot
-    quantizes weights symmetric narrow-range (per output channel for conv, per tensor for Dense),
-    i.e. scale = max|w| / 127 and zero point 0, which is exactly recomputed here from the already
-    rounded weights, so the int8 values reproduce the fake-quant model bit for bit. Only layers
-    that read a quantized activation are touched.
+    tf2onnx constant-folds the QAT weight quantizer, so the file would hold float weights that
+    merely lie on the QAT grid (4x larger, and onnxruntime would have to re-derive scales). QAT
+    quantizes weights symmetric (per output channel for conv, per tensor for Dense) on
+    ``scale = max|w| / levels`` with levels 63 (7-bit: Conv2D, Dense) or 127 (depthwise), see
+    :data:`WEIGHT_LEVELS`; the grid is recognised from the already rounded weights
+    (:func:`_weight_levels`) and re-expressed exactly, so the int8 values reproduce the fake-quant
+    model bit for bit. Only layers that read a quantized activation are touched.
     """
     from onnx import helper, numpy_helper
 
@@ -1413,21 +1448,22 @@ def _quantize_weights(proto) -> int:
         if name in done:
             n.input[1] = done[name]
             continue
-        w = numpy_helper.to_array(inits[name]).astype(np.float64)
-        if w.dtype.kind != "f" or w.size == 0:
+        raw = numpy_helper.to_array(inits[name])
+        if raw.dtype.kind != "f" or raw.size == 0:
             continue
+        w = raw.astype(np.float64)
         if n.op_type == "Conv":  # OIHW, per output channel
             m = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
-            scale = np.where(m > 0, m / 127.0, 1.0)
-            q = np.clip(np.round(w / scale.reshape(-1, *([1] * (w.ndim - 1)))), -127, 127).astype(np.int8)
-            zp = np.zeros(scale.shape, np.int8)
+            shape = (-1, *([1] * (w.ndim - 1)))
             attrs = {"axis": 0}
         else:  # per tensor
-            m = float(np.abs(w).max())
-            scale = np.array(m / 127.0 if m > 0 else 1.0)
-            q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
-            zp = np.array(0, np.int8)
+            m = np.array(float(np.abs(w).max()))
+            shape = ()
             attrs = {}
+        levels = _weight_levels(w, m, shape)
+        scale = np.where(m > 0, m / levels, 1.0)
+        q = np.clip(np.round(w / scale.reshape(shape)), -levels, levels).astype(np.int8)
+        zp = np.zeros(scale.shape, np.int8)
         base = f"{name}_edgetl_w"
         g.initializer.extend(
             [
@@ -1447,6 +1483,14 @@ def _quantize_weights(proto) -> int:
     del g.node[:]
     g.node.extend(nodes)
     return len(done)
+
+
+def _weight_levels(w: np.ndarray, m: np.ndarray, shape) -> int:
+    """63 when every weight lies on the 7-bit grid ``m*j/63`` of its channel (what QAT trained, WEIGHT_LEVELS), else
+    127. Exact either way: a weight off the 7-bit grid is never written with 63 levels."""
+    scale = np.where(m > 0, m / 63.0, 1.0).reshape(shape)
+    j = w / scale
+    return 63 if np.all(np.abs(j - np.round(j)) < 1e-3) else 127
 
 
 def _qdq_constants(proto) -> int:

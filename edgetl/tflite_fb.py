@@ -131,16 +131,66 @@ def _opcode(obj: Any, name: str) -> int:
     return len(obj.operatorCodes) - 1
 
 
-def finish_qat_int8(model: bytes, input_type: str) -> bytes:
+def finish_qat_int8(model: bytes, input_type: str, seven_bit: bool = False) -> bytes:
     """Post-process a QAT int8 flatbuffer the converter made with float32 input and output, in one read and write:
+    :func:`seven_bit_weights` (when the QAT model trained 7-bit CONV_2D/FULLY_CONNECTED weights),
     :func:`_float_softmax_output`, then :func:`_quantize_input` (unless ``input_type`` is ``"float32"``)."""
     if input_type != "float32" and input_type not in INPUT_TYPES:
         raise ExportError(f"unknown TFLite input type {input_type!r}", f"use float32 or {' or '.join(INPUT_TYPES)}")
     obj = read(model)
+    if seven_bit:
+        seven_bit_weights(obj)
     _float_softmax_output(obj)
     if input_type != "float32":
         _quantize_input(obj, input_type)
     return write(obj)
+
+
+def seven_bit_weights(obj: Any) -> int:
+    """Store 7-bit QAT weights of int8 ``CONV_2D`` / ``FULLY_CONNECTED`` ops exactly (-63..63, scale max|w|/63), in place.
+
+    The converter quantizes every kernel on its own 8-bit grid (scale max|w|/127), so weights QAT trained on the
+    7-bit grid ``m*j/63`` arrive as ``q = round(127*j/63)``: up to half an int8 step away from what QAT computed.
+    ``j = round(63*q/127)`` recovers them exactly (checked per tensor: ``round(127*j/63) == q`` everywhere, else
+    the tensor is left alone); the weight scale becomes ``scale*127/63`` and the int32 bias is re-expressed on the
+    new ``input_scale*weight_scale``. Returns the number of kernels rewritten.
+    """
+    schema = _schema()
+    graph = obj.subgraphs[0]
+    done: set[int] = set()
+    count = 0
+    for op in graph.operators:
+        if op_name(obj, op) not in ("CONV_2D", "FULLY_CONNECTED") or op.inputs is None or len(op.inputs) < 2:
+            continue
+        w_index = int(op.inputs[1])
+        wt = graph.tensors[w_index]
+        qw = wt.quantization
+        if wt.type != schema.TensorType.INT8 or qw is None or qw.scale is None or w_index in done:
+            continue
+        buf = obj.buffers[wt.buffer]
+        if buf.data is None:
+            continue
+        q = np.asarray(buf.data, dtype=np.uint8).view(np.int8).astype(np.int64)
+        scale = np.asarray(qw.scale, np.float64).reshape(-1)
+        j = np.round(q * 63 / 127)
+        if np.any(np.abs(j) > 63) or not np.array_equal(np.round(j * 127 / 63), q):
+            continue  # not on the 7-bit grid: leave it
+        new_scale = (scale * 127.0 / 63.0).astype(np.float32)
+        buf.data = j.astype(np.int8).view(np.uint8).reshape(-1)
+        qw.scale = new_scale
+        if len(op.inputs) > 2 and int(op.inputs[2]) >= 0:
+            bt = graph.tensors[int(op.inputs[2])]
+            in_scale = float(np.asarray(graph.tensors[int(op.inputs[0])].quantization.scale).reshape(-1)[0])
+            bbuf = obj.buffers[bt.buffer]
+            if bt.type == schema.TensorType.INT32 and bbuf.data is not None and bt.quantization is not None:
+                b = np.asarray(bbuf.data, dtype=np.uint8).view(np.int32).astype(np.float64)
+                old_bs = np.broadcast_to(np.asarray(bt.quantization.scale, np.float64).reshape(-1), b.shape)
+                new_bs = np.broadcast_to(np.float64(in_scale) * new_scale.astype(np.float64), b.shape).astype(np.float32)
+                bbuf.data = np.round(b * old_bs / new_bs.astype(np.float64)).astype(np.int32).view(np.uint8).reshape(-1)
+                bt.quantization.scale = new_bs.copy()
+        done.add(w_index)
+        count += 1
+    return count
 
 
 def _quantize_input(obj: Any, input_type: str) -> None:

@@ -368,6 +368,7 @@ def test_save_load_roundtrip(tmp_path):
     assert sum(v.shape.num_elements() for v in loaded.trainable_weights) == sum(
         v.shape.num_elements() for v in qat.trainable_weights
     )
+    assert q._seven_bit(loaded)  # the 7-bit kernel grid (WEIGHT_LEVELS) survives save/load
     assert len(q.qat_to_tflite_int8(loaded)) > 0
 
 
@@ -509,3 +510,85 @@ def test_efficientnet_b7_blocks_quantize_to_one_xnnpack_partition():
     assert xnnpack_partitions(blob) == (1, True)
     p_int8, p_fq = _tflite_run(blob, x), qat(x, training=False).numpy()
     assert np.abs(p_int8 - p_fq).mean() < 0.02 and np.abs(p_int8 - p_fq).max() < 0.15
+
+
+def _saturation_model():
+    """linear float stem conv -> 1x1 conv (kernel 0.5 and 0.5*101/127 alternating) -> output, calibrated on black and
+    white images: the stem output range is about [-40, 29], its zero point 148, and a white image gives uint8 255.
+
+    With 8-bit weights (int8 127 and 101 in each pair: 255 * 228 > 32767) onnxruntime's x86 int8 conv kernels
+    without VNNI (AVX2 EPYC, onnxruntime 1.32) saturate their int16 pair sums: ORT_ENABLE_ALL gave -7.8 where the
+    QDQ graph gives 207.5. 7-bit weights (63 and 50, WEIGHT_LEVELS) are exact."""
+    K.utils.set_random_seed(3)
+    inp = K.Input((8, 8, 3), name="image")
+    x = K.layers.Conv2D(16, 3, strides=2, padding="same", name="stem",
+                        kernel_initializer=K.initializers.Constant(0.01), bias_initializer=K.initializers.Constant(-40.0))(inp)
+    y = K.layers.Conv2D(4, 1, name="pointwise")(x)
+    model = K.Model(inp, y)
+    kernel = np.full((1, 1, 16, 4), 0.5, np.float32)
+    kernel[:, :, 1::2, :] = 0.5 * 101 / 127  # int8 127 and 101: 255 * 228 > 32767; not on the 7-bit grid
+    model.get_layer("pointwise").set_weights([kernel, np.zeros(4, np.float32)])
+    qat = q.quantize_for_training(model)
+    bright = np.full((4, 8, 8, 3), 255.0, np.float32)
+    q.calibrate(qat, np.concatenate([bright, np.zeros_like(bright)]), batch_size=8)
+    return qat, bright
+
+
+def test_pointwise_and_dense_weights_are_7_bit_in_qat_onnx_and_tflite(case):
+    """The QAT grid of Conv2D/Dense kernels is -63..63 and both files store exactly it (WEIGHT_LEVELS)."""
+    if case["name"] != "mobilenet_v3_small":
+        pytest.skip("weight encoding is backbone independent; checked once")
+    import onnx
+    from onnx import numpy_helper
+
+    from edgetl import tflite_fb
+
+    assert q.WEIGHT_LEVELS == {"Conv2D": 63, "Dense": 63, "DepthwiseConv2D": 127}
+    qat = case["qat"]
+    proto = onnx.load_from_string(q.qat_to_onnx(qat))
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    groups = {n.input[1]: next((a.i for a in n.attribute if a.name == "group"), 1)
+              for n in proto.graph.node if n.op_type == "Conv"}
+    seen = {"pointwise": 0, "depthwise": 0, "gemm": 0}
+    for n in proto.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8 \
+                and n.input[0].endswith("_edgetl_w_q"):
+            peak = int(np.abs(inits[n.input[0]]).max())
+            kind = "gemm" if n.output[0] not in groups else ("pointwise" if groups[n.output[0]] == 1 else "depthwise")
+            assert peak == (127 if kind == "depthwise" else 63), (kind, peak)
+            seen[kind] += 1
+    assert min(seen.values()) >= 1, seen
+    obj = tflite_fb.read(q.qat_to_tflite_int8(qat))
+    g = obj.subgraphs[0]
+    peaks = {}
+    for op in g.operators:
+        name = tflite_fb.op_name(obj, op)
+        t = g.tensors[int(op.inputs[1])] if name in ("CONV_2D", "FULLY_CONNECTED", "DEPTHWISE_CONV_2D") else None
+        if t is not None and t.quantization is not None and t.quantization.scale is not None \
+                and obj.buffers[t.buffer].data is not None:
+            peaks.setdefault(name, set()).add(int(np.abs(np.asarray(obj.buffers[t.buffer].data).view(np.int8)).max()))
+    assert peaks == {"CONV_2D": {63}, "FULLY_CONNECTED": {63}, "DEPTHWISE_CONV_2D": {127}}, peaks
+
+
+def test_int8_onnx_gives_the_qdq_graph_result_under_default_optimizations():
+    """onnxruntime's fused int8 kernels (ORT_ENABLE_ALL) compute what the QDQ graph (ORT_DISABLE_ALL) and the fake-quant
+    model compute, also where 8-bit weights would overflow int16 pair sums (x86 without VNNI), and the TFLite file
+    (XNNPACK) carries the same 7-bit kernel exactly."""
+    import onnxruntime as ort
+
+    qat, bright = _saturation_model()
+    blob = q.qat_to_onnx(qat)
+    outs = {}
+    for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        so.intra_op_num_threads = 1
+        sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+        outs[level] = sess.run(None, {sess.get_inputs()[0].name: bright[:1]})[0]
+    fq = qat(bright[:1], training=False).numpy()
+    tol = 0.01 * float(np.abs(fq).max())  # ~2.5 output steps; saturation is 50-100% off
+    assert float(np.abs(fq).max()) > 1.0
+    np.testing.assert_allclose(outs["ORT_DISABLE_ALL"], fq, atol=tol)
+    np.testing.assert_allclose(outs["ORT_ENABLE_ALL"], outs["ORT_DISABLE_ALL"], atol=tol)
+    p_tfl = q.tflite_predict(q.qat_to_tflite_int8(qat, input_type="float32"), bright[:1])
+    np.testing.assert_allclose(p_tfl.reshape(fq.shape), fq, atol=tol)

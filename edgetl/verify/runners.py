@@ -379,7 +379,7 @@ class KerasRunner(Runner):
 
         try:
             tensorflow = tf()
-            keras_mod = keras()
+            keras()  # both must import: the original model is a tf_keras model
         except ImportError:
             raise ConfigError(
                 "verifying a run directory runs the original Keras model and needs TensorFlow, which is not installed",
