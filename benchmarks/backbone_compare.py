@@ -27,6 +27,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from export_latency import subset  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from edgetl.backbones import BACKBONES, get_backbone  # noqa: E402
 from edgetl.config import FinetuneConfig  # noqa: E402
@@ -36,14 +37,6 @@ from edgetl.finetune import finetune  # noqa: E402
 from edgetl.verify import load_bundle  # noqa: E402
 from edgetl.verify.runners import make_runner, measure_latencies  # noqa: E402
 from edgetl.weights import resolve_weights  # noqa: E402
-
-
-def subset(src: Path, dst: Path, per_class: int) -> Path:
-    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
-        (dst / cls.name).mkdir(parents=True, exist_ok=True)
-        for img in sorted(cls.iterdir())[:per_class]:
-            (dst / cls.name / img.name).symlink_to(img.resolve())
-    return dst
 
 
 def weights_for(name: str, spec: str, size: int) -> str:

@@ -50,6 +50,10 @@ class Backbone:
 #: ImageNet channel means in BGR order (Keras's caffe-style preprocess_input for ResNet50 and VGG16)
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
+#: how ResNet50/VGG16 see their input (keras.applications.imagenet_utils "caffe" mode), for docs and manifests
+CAFFE_PREPROCESSING = ("caffe-style, in front of the base: RGB -> BGR, minus ImageNet mean (103.939, 116.779, 123.68), "
+                       "no scaling (one frozen 1x1 conv)")
+
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
@@ -108,8 +112,7 @@ BACKBONES: dict[str, Backbone] = {
             keras_class="ResNet50",
             default_size=224,
             min_size=32,
-            preprocessing="caffe-style, in front of the base: RGB -> BGR, minus ImageNet mean "
-                          "(103.939, 116.779, 123.68), no scaling (one frozen 1x1 conv)",
+            preprocessing=CAFFE_PREPROCESSING,
             weight_files=(
                 "resnet50_weights_tf_dim_ordering_tf_kernels.h5",
                 "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -122,8 +125,7 @@ BACKBONES: dict[str, Backbone] = {
             keras_class="VGG16",
             default_size=224,
             min_size=32,
-            preprocessing="caffe-style, in front of the base: RGB -> BGR, minus ImageNet mean "
-                          "(103.939, 116.779, 123.68), no scaling (one frozen 1x1 conv)",
+            preprocessing=CAFFE_PREPROCESSING,
             weight_files=(
                 "vgg16_weights_tf_dim_ordering_tf_kernels.h5",
                 "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
