@@ -250,7 +250,7 @@ def ft_decompression_bomb(e: Env):
 
 
 def ft_unknown_backbone(e: Env):
-    return ["finetune", "--data", e.shapes, "--out", e.tmp / "out", *FAST, "--backbone", "resnet50"], "unknown backbone"
+    return ["finetune", "--data", e.shapes, "--out", e.tmp / "out", *FAST, "--backbone", "resnet18"], "unknown backbone 'resnet18'"
 
 
 def ft_image_size_not_multiple(e: Env):
@@ -738,7 +738,7 @@ def run_wrong_type(e: Env):
 
 
 def run_unknown_backbone(e: Env):
-    return ["run", e.recipe(_recipe_text(e, "  backbone: vgg16\n"))], "unknown backbone 'vgg16'"
+    return ["run", e.recipe(_recipe_text(e, "  backbone: vgg19\n"))], "unknown backbone 'vgg19'"
 
 
 def run_unknown_export_format(e: Env):
