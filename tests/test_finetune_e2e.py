@@ -106,7 +106,7 @@ def test_recipe_runs_every_stage_on_real_photos(trash_subset, weights_dir, tmp_p
         "  epochs: 6\n  fine_tune_epochs: 1\n  freeze: late\n  qat_epochs: 2\n  calibration_images: 64\n"
         f"  out: {tmp_path / 'run'}\n"
         "export:\n  samples: 200\n"
-        "verify:\n  runs: 20\n  warmup: 3\n  margin_pp: 30\n  min_agreement: 0.66\n"
+        "verify:\n  runs: 20\n  warmup: 3\n"  # the DEFAULT thresholds
     )
     code, stdout, stderr = cli("run", recipe, "--json")
     summary = json.loads(stdout)
@@ -127,3 +127,8 @@ def test_recipe_runs_every_stage_on_real_photos(trash_subset, weights_dir, tmp_p
         assert arts[name]["size_bytes"] < 0.4 * arts[name.replace("qat_int8", "fp32")]["size_bytes"]
     assert summary["verify"]["passed"] == report["passed"]
     assert code == report["exit_code"] == {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 4}[report["verdict"]]
+    # honest artifacts, default thresholds: no fidelity or accuracy check fails (latency is left out: 20 timed runs
+    # of a 64 px model on a shared CI machine are noise), and 18 held-out images cannot show non-inferiority at a
+    # 2 pp margin, which the verdict must say rather than pass or fail on noise
+    assert not [f for f in report["failures"] if "latency" not in f], report["failures"]
+    assert any("accuracy: inconclusive: 18 images" in u for u in report["inconclusive"]), report["inconclusive"]
