@@ -17,14 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl._tfenv import tf as _tf
 from edgetl.data import load_image, load_images
 from edgetl.errors import DataError
-
-
-def _tf():
-    from edgetl._tfenv import tf
-
-    return tf()
 
 
 def shard_options(ds):
