@@ -386,8 +386,8 @@ def compare(core: str, host_report: dict, dev_report: dict, host_npz: Path, dev_
     dev_pass = {a["name"]: a["passed"] for a in dev_report["artifacts"]}
     host_acc, dev_acc = _accuracies(host_report), _accuracies(dev_report)
     rows, problems = [], []
-    if dev_report["passed"] != host_report["passed"]:
-        problems.append(f"verdict {dev_report['passed']} != host {host_report['passed']}")
+    if dev_report["verdict"] != host_report["verdict"]:
+        problems.append(f"verdict {dev_report['verdict']} != host {host_report['verdict']}")
     for name, quant in dev_probe["quantization"].items():
         h, d = host_out[name], dev_out[name]
         diff = np.abs(h.astype(np.float64) - d)
@@ -496,7 +496,7 @@ def main() -> int:
         host_predict = predict_all(lambda argv: edgetl_host(*argv), str(bundle), str(images),
                                    [a["name"] for a in host_report["artifacts"]], len(host_report["labels"]))
         t_host = time.monotonic() - t0
-        log(f"host: verdict {'PASS' if host_report['passed'] else 'FAIL'} ({t_host:.0f} s)")
+        log(f"host: verdict {host_report['verdict']} ({t_host:.0f} s)")
         t0 = time.monotonic()
         build_root()
         tool = installed(args.install, work)
