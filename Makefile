@@ -7,6 +7,9 @@ SHARED ?= ../shared
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 DEMO_WEIGHTS := $(SHARED)/weights/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5
 PYTEST_ARGS ?=
+# two pytest-xdist workers, a test file each at a time (module fixtures are built once); TEST_WORKERS=0: one process
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: install demo test test-slow test-all lint bench clean device-test-arm64
 
@@ -31,13 +34,13 @@ demo: install
 # make test: lint + every test not marked slow (the CI suite, ~20 min on 2 cores). make test-slow: the slow ones
 # (more backbones, real-photo end-to-end runs); make test-all: both.
 test: install lint
-	EDGETL_SHARED="$(abspath $(SHARED))" $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	EDGETL_SHARED="$(abspath $(SHARED))" $(BIN)/python -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 test-slow: install
-	EDGETL_SHARED="$(abspath $(SHARED))" $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+	EDGETL_SHARED="$(abspath $(SHARED))" $(BIN)/python -m pytest -m slow $(XDIST) $(PYTEST_ARGS)
 
 test-all: install lint
-	EDGETL_SHARED="$(abspath $(SHARED))" $(BIN)/python -m pytest $(PYTEST_ARGS)
+	EDGETL_SHARED="$(abspath $(SHARED))" $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check edgetl tests benchmarks devices

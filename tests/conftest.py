@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,12 +31,39 @@ def weights_dir(shared) -> Path:
     return shared / "weights"
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` once per test session, also across pytest-xdist workers (``make test`` runs two): the first
+    worker builds under a file lock in the folder all workers' temp folders share; the others wait, then reuse it.
+    A build that failed leaves no ``.complete`` marker, so the next one starts over in a fresh folder."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    with _locked(root / f".{name}.lock"):
+        done = root / name / ".complete"
+        if not done.is_file():
+            if (root / name).exists():
+                shutil.rmtree(root / name)
+            (root / name).mkdir()
+            build(root / name)
+            done.write_text("")
+    return root / name
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
     """3 classes x 16 generated images, 48 px: learnable, tiny."""
     from edgetl.demo import make_shapes
 
-    return make_shapes(tmp_path_factory.mktemp("shapes"), per_class=16, size=48, seed=1)
+    return built_once(tmp_path_factory, "shapes", lambda d: make_shapes(d, per_class=16, size=48, seed=1))
 
 
 @pytest.fixture(scope="session")
@@ -42,19 +72,20 @@ def cli_run(shapes_dir, tmp_path_factory) -> Path:
     real `edgetl export` CLI: the run directory, with its bundle in RUN/export/."""
     import subprocess
 
-    root = tmp_path_factory.mktemp("cli_run")
-    run = root / "run"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_USE_LEGACY_KERAS": "1"}
-    for args in (
-        ["finetune", "--data", str(shapes_dir), "--out", str(run), "--weights", "none", "--image-size", "32",
-         "--epochs", "2", "--fine-tune-epochs", "2", "--qat-epochs", "1",
-         "--batch-size", "8", "--seed", "0"],
-        ["export", str(run)],
-    ):
-        proc = subprocess.run([sys.executable, "-m", "edgetl", *args], cwd=root, env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, f"edgetl {args[0]}: {proc.stderr[-3000:]}"
-    return run
+    def build(root: Path) -> None:
+        run = root / "run"
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_USE_LEGACY_KERAS": "1"}
+        for args in (
+            ["finetune", "--data", str(shapes_dir), "--out", str(run), "--weights", "none", "--image-size", "32",
+             "--epochs", "2", "--fine-tune-epochs", "2", "--qat-epochs", "1",
+             "--batch-size", "8", "--seed", "0"],
+            ["export", str(run)],
+        ):
+            proc = subprocess.run([sys.executable, "-m", "edgetl", *args], cwd=root, env=env, capture_output=True,
+                                  text=True, timeout=600)
+            assert proc.returncode == 0, f"edgetl {args[0]}: {proc.stderr[-3000:]}"
+
+    return built_once(tmp_path_factory, "cli_run", build) / "run"
 
 
 @pytest.fixture

@@ -236,8 +236,32 @@ def test_outputs_match_the_keras_model(exported, run_dir):
             assert (got.argmax(1) == labels).mean() >= 0.6, (record["name"], got.argmax(1), labels)
 
 
+def test_cli_run_bundle_matches_its_source_models(cli_run):
+    """MobileNetV3-Small as `edgetl finetune` + `edgetl export` made it (defaults: fp32 + QAT int8, both formats):
+    float files match float.keras within 1e-4, the stored QAT outputs are what qat.h5 computes (loaded with the real
+    loader), the QAT int8 TFLite is one XNNPACK partition and agrees with the QAT model. (All variants of this
+    backbone: the mobilenet_v3_small row below, in `make test-slow`.)"""
+    from edgetl import quantize
+    from edgetl.export.context import load_float_model
+
+    bundle = cli_run / "export"
+    meta = verify_checksums(bundle)
+    assert {a["name"] for a in meta["artifacts"]} == {"tflite_fp32", "tflite_qat_int8", "onnx_fp32", "onnx_qat_int8"}
+    images = np.load(bundle / "sample/images.npy").astype(np.float32)
+    keras_out = np.asarray(load_float_model(cli_run / "float.keras")(images))
+    qat_out = np.asarray(quantize.load_qat_model(cli_run / "qat.h5")(images, training=False))
+    np.testing.assert_allclose(np.load(bundle / "sample/qat_outputs.npy"), qat_out, atol=1e-5)
+    for record in meta["artifacts"]:
+        got = run_artifact(bundle, record, images)
+        if record["quantization"] == "fp32":
+            assert float(np.abs(got - keras_out).max()) <= 1e-4, record["name"]
+        else:
+            assert np.mean(got.argmax(1) == qat_out.argmax(1)) >= 0.9, record["name"]
+    assert xnnpack_partitions((bundle / "model_qat_int8.tflite").read_bytes()) == (1, True)
+
+
 @pytest.mark.parametrize("backbone", [
-    "mobilenet_v3_small",
+    pytest.param("mobilenet_v3_small", marks=pytest.mark.slow),  # fp32 + QAT int8 of it: the cli_run test above
     pytest.param("mobilenet_v3_large", marks=pytest.mark.slow),
     pytest.param("efficientnet_b0", marks=pytest.mark.slow),
     pytest.param("resnet50", marks=pytest.mark.slow),
