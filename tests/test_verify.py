@@ -401,7 +401,7 @@ def test_artifact_metadata_contract_is_applied(factory, tmp_path):
 
 
 def _runner(**kw):
-    return Runner("x", Path("x"), InputContract(4, 4), 3, **kw)
+    return Runner("x", Path("x"), InputContract(height=4, width=4), 3, **kw)
 
 
 @settings(max_examples=50, deadline=None)
