@@ -195,18 +195,21 @@ class RunManifest(Doc):
     edgetl_version: str | None = None
     run_id: str | None = None
     backbone: str | None = None
-    image_size: Positive | tuple[Positive, Positive] | None = None
-    labels: Annotated[list[str], Field(min_length=2)] | None = None
+    image_size: tuple[Positive, Positive] | None = None  # [height, width]; a single number means square
+    labels: list[str] | None = None  # (else labels.txt)
     input: InputContract | None = None
     seed: Int | None = None
     phases: dict[str, dict[str, Any]] | None = None
     files: dict[str, str] | None = None  # file name -> sha256 ("" for a file that must not be checked)
 
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square(cls, value: Any) -> Any:
+        return [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+
     @property
     def size(self) -> tuple[int, int] | None:
         """(height, width) from ``image_size``, else from ``input``."""
-        if isinstance(self.image_size, int):
-            return self.image_size, self.image_size
         if self.image_size is None and self.input is not None:
             return self.input.height, self.input.width
         return self.image_size

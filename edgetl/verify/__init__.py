@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl import __version__
+from edgetl import schema
 from edgetl.errors import BundleError, ConfigError, RunDirError
 from edgetl.fsutil import sha256_file
-from edgetl.manifest import RUN_SCHEMA
+from edgetl.rundir import check_schema
 from edgetl.verify.bundle import SOURCE_FLOAT, SOURCE_QAT, ArtifactSpec, Bundle, InputContract, Sample, load_bundle
 from edgetl.verify.checks import (
     EXIT_CODES,
@@ -102,29 +102,23 @@ def _load_run(run_dir: Path, bundle: Bundle) -> Path:
         raise RunDirError(f"{run_dir}/manifest.json is unreadable ({str(exc).splitlines()[0]})", "re-run `edgetl finetune`") from None
     if not isinstance(manifest, dict):
         raise RunDirError(f"{run_dir}/manifest.json is not a JSON object", "re-run `edgetl finetune`")
-    schema = manifest.get("schema")
-    if schema != RUN_SCHEMA:
-        raise RunDirError(
-            f"{run_dir} has run schema {schema!r} (written by edgetl {manifest.get('edgetl_version', 'unknown')}), "
-            f"not {RUN_SCHEMA!r} (this is edgetl {__version__})",
-            f"use edgetl {manifest.get('edgetl_version', 'of that version')} to verify it, or re-run `edgetl finetune`"
-        )
+    check_schema(manifest, run_dir / "manifest.json")
+    doc = schema.parse(schema.RunManifest, manifest, f"{run_dir}/manifest.json",
+                       lambda message: RunDirError(message, "re-run `edgetl finetune`"))
     model = run_dir / "float.keras"
     if not model.is_file():
         raise RunDirError(f"run directory {run_dir} has no float.keras", "re-run `edgetl finetune`")
-    files = manifest.get("files") or {}
-    if isinstance(files, dict) and "float.keras" in files and sha256_file(model) != str(files["float.keras"]).lower():
+    files = doc.files or {}
+    if "float.keras" in files and sha256_file(model) != files["float.keras"].lower():
         raise RunDirError(f"{run_dir}/float.keras does not match its checksum in manifest.json", "re-run `edgetl finetune`")
-    labels = manifest.get("labels")
-    if isinstance(labels, list) and tuple(labels) != bundle.labels:
+    if doc.labels is not None and tuple(doc.labels) != bundle.labels:
         raise RunDirError(
-            f"the bundle in {run_dir}/export has labels {list(bundle.labels)} but the run has {labels}",
+            f"the bundle in {run_dir}/export has labels {list(bundle.labels)} but the run has {doc.labels}",
             f"re-run `edgetl export {run_dir}`",
         )
-    run_id = manifest.get("run_id")
-    if run_id and bundle.run_id and run_id != bundle.run_id:
+    if doc.run_id and bundle.run_id and doc.run_id != bundle.run_id:
         raise RunDirError(
-            f"the bundle in {run_dir}/export was exported from run {bundle.run_id!r}, not this run ({run_id!r})",
+            f"the bundle in {run_dir}/export was exported from run {bundle.run_id!r}, not this run ({doc.run_id!r})",
             f"re-run `edgetl export {run_dir}`",
         )
     return model
