@@ -6,7 +6,6 @@ See docs/formats.md ("Run directory"). :func:`read_run` checks what export needs
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,12 +48,7 @@ class RunInfo:
 
     @property
     def backbone(self) -> str | None:
-        value = self.manifest.get("backbone")
-        return None if value is None else str(value)
-
-    @property
-    def edgetl_version(self) -> str | None:
-        return self.manifest.get("edgetl_version")
+        return self.manifest.get("backbone")  # a string or None (edgetl.schema.RunManifest)
 
     @property
     def has_qat(self) -> bool:
@@ -114,13 +108,8 @@ class RunInfo:
         return (self.path / p).resolve()
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunDirError(f"cannot read {what} {path}: {exc}", _FINETUNE_FIX) from None
-    except RecursionError:
-        raise RunDirError(f"cannot read {what} {path}: it is nested too deeply", _FINETUNE_FIX) from None
+def _error(message: str) -> RunDirError:
+    return RunDirError(message, _FINETUNE_FIX)
 
 
 def check_schema(manifest: dict[str, Any], path: Path) -> None:
@@ -157,11 +146,9 @@ def read_run(path: str | Path, verify_checksums: bool = True) -> RunInfo:
     if missing:
         partial = " (finetune may have been interrupted)" if any(root.iterdir()) else ""
         raise RunDirError(f"run directory {root} is missing {' and '.join(missing)}{partial}", _FINETUNE_FIX)
-    manifest = _read_json(root / MANIFEST, "run manifest")
-    if not isinstance(manifest, dict):
-        raise RunDirError(f"{root / MANIFEST} is not a JSON object", _FINETUNE_FIX)
+    manifest = schema.read_json(root / MANIFEST, _error)
     check_schema(manifest, root / MANIFEST)
-    doc = schema.parse(schema.RunManifest, manifest, str(root / MANIFEST), lambda m: RunDirError(m, _FINETUNE_FIX))
+    doc = schema.parse(schema.RunManifest, manifest, str(root / MANIFEST), _error)
 
     labels_file = root / LABELS
     file_labels = None
@@ -200,11 +187,7 @@ def read_run(path: str | Path, verify_checksums: bool = True) -> RunInfo:
                     "restore the file or re-run `edgetl finetune`",
                 )
 
-    splits = None
-    if (root / SPLITS).is_file():
-        splits = _read_json(root / SPLITS, "splits file")
-        if not isinstance(splits, dict):
-            raise RunDirError(f"{root / SPLITS} is not a JSON object", _FINETUNE_FIX)
+    splits = schema.read_json(root / SPLITS, _error) if (root / SPLITS).is_file() else None
 
     return RunInfo(
         path=root,

@@ -9,7 +9,9 @@ edgetl.verify.bundle). The formats and quantizations are defined here, once; exp
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
@@ -60,10 +62,10 @@ Sha256 = Annotated[str, AfterValidator(_sha256)]
 class Doc(BaseModel):
     """Unknown keys are ignored (a later edgetl may add some); :meth:`dump` writes what was set, in field order."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
     def dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_unset=True)
+        return self.model_dump(mode="json", exclude_unset=True, by_alias=True)
 
 
 class InputContract(Doc):
@@ -162,8 +164,6 @@ class Bundle(Doc):
     notes: list[str] | None = None
     files: Annotated[dict[str, Sha256], Field(min_length=1)]  # relpath -> sha256 of every file but bundle.json
 
-    model_config = ConfigDict(populate_by_name=True)
-
     @model_validator(mode="after")
     def _consistent(self) -> Bundle:
         if len(set(self.labels)) != len(self.labels):
@@ -181,15 +181,12 @@ class Bundle(Doc):
                                  "it must be a float32 (fp32) artifact")
         return self
 
-    def dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_unset=True, by_alias=True)
-
 
 class RunManifest(Doc):
     """``manifest.json`` of a run directory. The fields export and verify read are typed; finetune's other records
     (weights, freeze, config, versions, data, metrics...) are kept as written."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow")
 
     schema_: str = Field(alias="schema")
     edgetl_version: str | None = None
@@ -214,15 +211,12 @@ class RunManifest(Doc):
             return self.input.height, self.input.width
         return self.image_size
 
-    def dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_unset=True, by_alias=True)
-
 
 class Report(Doc):
     """``report.json`` of ``edgetl verify``. The per-artifact and reference records are ArtifactResult.to_dict and
     ReferenceInfo.to_dict (edgetl.verify)."""
 
-    schema_: Literal["edgetl.verify/2"] = Field(REPORT_SCHEMA, alias="schema")
+    schema_: Literal["edgetl.verify/2"] = Field(alias="schema")
     verdict: Literal["PASS", "FAIL", "INCONCLUSIVE"]
     exit_code: Literal[0, 1, 4]
     passed: bool
@@ -242,11 +236,6 @@ class Report(Doc):
     machine: dict[str, Any]
     warnings: list[str]
 
-    model_config = ConfigDict(populate_by_name=True)
-
-    def dump(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
-
 
 M = TypeVar("M", bound=Doc)
 
@@ -259,6 +248,19 @@ def _where(loc: tuple[Any, ...]) -> str:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_json(path: Path, error: Callable[[str], EdgetlError]) -> dict[str, Any]:
+    """The JSON object in ``path``; anything else (unreadable, not JSON, not an object) is ``error(one line)``."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    except RecursionError:
+        raise error(f"{path} is nested too deeply to be an edgetl file") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path} is not a JSON object")
+    return raw
 
 
 def parse(model: type[M], raw: Any, what: str, error: Callable[[str], EdgetlError]) -> M:

@@ -7,7 +7,6 @@ partial copy), a path that escapes the bundle, or sample arrays of the wrong dty
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,15 +85,13 @@ def _confine(root: Path, relpath: str, what: str) -> Path:
 
 
 def _parse_schema(value: Any) -> None:
-    if not isinstance(value, str) or "/" not in value:
-        raise _err(f"bundle.json has no valid `schema` (got {value!r}); it is not an edgetl bundle")
-    name, _, version = value.rpartition("/")
+    name, _, version = value.rpartition("/") if isinstance(value, str) else ("", "", "")
     if name != SCHEMA_NAME:
-        raise _err(f"bundle.json has schema {value!r}, not {schema.BUNDLE_SCHEMA!r}; it is not an edgetl bundle")
+        raise _err(f"bundle.json has schema {value!r:.80}, not {schema.BUNDLE_SCHEMA!r}; it is not an edgetl bundle")
     try:
         number = int(version)
     except ValueError:
-        raise _err(f"bundle.json has an unreadable schema version {value!r}") from None
+        raise _err(f"bundle.json has an unreadable schema version {value!r:.80}") from None
     if number > SCHEMA_VERSION:
         raise BundleError(
             f"bundle schema {value!r} is newer than this edgetl understands ({schema.BUNDLE_SCHEMA!r})",
@@ -280,14 +277,7 @@ def _load_bundle(path: Path) -> Bundle:
     manifest = path / "bundle.json"
     if not manifest.is_file():
         raise BundleError(f"{path} has no bundle.json; it is not an edgetl bundle", "pass the folder `edgetl export` wrote")
-    try:
-        raw = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _err(f"bundle.json in {path} is not valid JSON ({str(exc).splitlines()[0]})") from None
-    except RecursionError:
-        raise _err(f"bundle.json in {path} is nested too deeply to be an edgetl bundle") from None
-    if not isinstance(raw, dict):
-        raise _err(f"bundle.json in {path} is not a JSON object")
+    raw = schema.read_json(manifest, _err)
     _parse_schema(raw.get("schema"))
     doc = schema.parse(schema.Bundle, raw, "bundle.json", _err)
     root = path.resolve()

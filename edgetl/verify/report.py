@@ -127,6 +127,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """``report.json`` (:class:`edgetl.schema.Report`)."""
         return schema.Report(
+            schema=schema.REPORT_SCHEMA,
             verdict=self.verdict,
             exit_code=self.exit_code,
             passed=self.passed,
