@@ -245,16 +245,11 @@ def _where(loc: tuple[Any, ...]) -> str:
     return "".join(parts).lstrip(".").replace("schema_", "schema")
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def read_json(path: Path, error: Callable[[str], EdgetlError]) -> dict[str, Any]:
     """The JSON object in ``path``; anything else (unreadable, not JSON, not an object) is ``error(one line)``."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # (JSONDecodeError, UnicodeDecodeError, an integer of 5,000 digits)
         raise error(f"{path} is not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     except RecursionError:
         raise error(f"{path} is nested too deeply to be an edgetl file") from None
@@ -273,5 +268,5 @@ def parse(model: type[M], raw: Any, what: str, error: Callable[[str], EdgetlErro
         if first["type"] == "missing":
             raise error(f"{what}: `{where}` is missing") from None
         if first["type"] != "value_error":  # pydantic's "Input should be ...", "List should have ..."
-            message = f"{message.split(' ', 1)[1]} (got {_short(first['input'])})"
+            message = f"{message.split(' ', 1)[1]} (got {first['input']!r:.60})"
         raise error(f"{what}: `{where}` {message}" if where else f"{what}: {message}") from None

@@ -127,24 +127,11 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """``report.json`` (:class:`edgetl.schema.Report`)."""
         return schema.Report(
-            schema=schema.REPORT_SCHEMA,
-            verdict=self.verdict,
-            exit_code=self.exit_code,
-            passed=self.passed,
-            created=self.created,
-            target=self.target,
-            bundle=self.bundle,
-            run_id=self.run_id,
-            data=self.data,
-            samples=self.samples,
-            labels=list(self.labels),
-            reference=self.reference.to_dict(),
-            artifacts=[a.to_dict() for a in self.artifacts],
-            failures=self.failures,
-            inconclusive=self.undecided,
-            reference_per_class=self.reference_per_class,
-            thresholds=self.thresholds.to_dict(),
-            machine=self.machine,
+            schema=schema.REPORT_SCHEMA, verdict=self.verdict, exit_code=self.exit_code, passed=self.passed,
+            created=self.created, target=self.target, bundle=self.bundle, run_id=self.run_id, data=self.data,
+            samples=self.samples, labels=list(self.labels), reference=self.reference.to_dict(),
+            artifacts=[a.to_dict() for a in self.artifacts], failures=self.failures, inconclusive=self.undecided,
+            reference_per_class=self.reference_per_class, thresholds=self.thresholds.to_dict(), machine=self.machine,
             warnings=list(self.warnings),
         ).dump()
 
