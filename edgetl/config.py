@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgetl.errors import ConfigError
+from edgetl.schema import Format
 
 
 class _Strict(BaseModel):
@@ -65,7 +66,7 @@ class FinetuneConfig(_Strict):
 
 
 class ExportConfig(_Strict):
-    format: Literal["tflite", "onnx", "all"] = "all"
+    format: Literal[Format, "all"] = "all"
     quantization: list[str] = Field(default_factory=lambda: ["default"])
     samples: int = Field(200, ge=1, le=100000)
     out: Optional[str] = None

@@ -37,6 +37,7 @@ from edgetl.errors import ConfigError, DataError, RunDirError, WeightsError
 from edgetl.fsutil import atomic_write_json, atomic_write_text, check_target, clean_stale, sha256_file, swap_dir
 from edgetl.manifest import RUN_FOLDER, RUN_SCHEMA, config_hash, new_run_id, now_iso, package_versions
 from edgetl.progress import NullReporter, Reporter
+from edgetl.schema import RunManifest
 from edgetl.weights import WeightsChoice, keras_download_path, resolve_weights, weights_record
 
 PHASES = ("head", "fine_tune", "qat")
@@ -915,7 +916,7 @@ def _run_phases(cfg, reporter, backbone, image_size, weights, run_dir, folder, t
     # checked again (nothing foreign may have appeared in the target while training), while progress.json still
     # lets a rerun resume
     check_target(run_dir, RUN_FOLDER, force)
-    atomic_write_json(work / "manifest.json", manifest)
+    atomic_write_json(work / "manifest.json", RunManifest.model_validate(manifest).dump())
     (work / "progress.json").unlink(missing_ok=True)
     swap_dir(work, run_dir)
     return RunResult(run_dir, manifest)

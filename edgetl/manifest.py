@@ -9,8 +9,7 @@ import platform
 import uuid
 from importlib import metadata
 
-RUN_SCHEMA = "edgetl.run/1"
-BUNDLE_SCHEMA = "edgetl.bundle/1"
+from edgetl.schema import BUNDLE_SCHEMA, RUN_SCHEMA  # noqa: F401 (the schema names live in edgetl.schema)
 
 _PACKAGES = ("edgetl", "tensorflow", "tensorflow-cpu", "tf-keras", "tensorflow-model-optimization", "tf2onnx", "onnx",
              "onnxruntime", "ai-edge-litert", "numpy", "pillow", "typer", "rich", "pydantic")

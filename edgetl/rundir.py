@@ -6,15 +6,14 @@ See docs/formats.md ("Run directory"). :func:`read_run` checks what export needs
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgetl import __version__
+from edgetl import __version__, schema
 from edgetl.errors import RunDirError
-from edgetl.manifest import RUN_SCHEMA
+from edgetl.schema import RUN_SCHEMA
 
 #: The run-manifest schema this edgetl reads: ``edgetl.run/<major>``.
 RUN_SCHEMA_PREFIX = "edgetl.run/"
@@ -41,6 +40,7 @@ class RunInfo:
     image_size: tuple[int, int]  # (height, width)
     splits: dict[str, Any] | None
     notes: tuple[str, ...] = field(default=())
+    contract: schema.InputContract | None = None  # the manifest's `input`, if it has one
 
     @property
     def run_id(self) -> str:
@@ -48,12 +48,7 @@ class RunInfo:
 
     @property
     def backbone(self) -> str | None:
-        value = self.manifest.get("backbone")
-        return None if value is None else str(value)
-
-    @property
-    def edgetl_version(self) -> str | None:
-        return self.manifest.get("edgetl_version")
+        return self.manifest.get("backbone")  # a string or None (edgetl.schema.RunManifest)
 
     @property
     def has_qat(self) -> bool:
@@ -63,19 +58,10 @@ class RunInfo:
     def input_contract(self) -> dict[str, Any]:
         """The model input contract (docs/formats.md), from the manifest or derived from ``image_size``."""
         height, width = self.image_size
-        contract = {
-            "layout": "NHWC",
-            "height": height,
-            "width": width,
-            "channels": 3,
-            "color": "RGB",
-            "dtype": "float32",
-            "range": [0, 255],
-        }
-        given = self.manifest.get("input")
-        if isinstance(given, dict):
-            contract.update({k: v for k, v in given.items() if k in contract})
-        return contract
+        given = self.contract.dump() if self.contract else {}
+        given.pop("preprocessing", None)
+        return {"layout": "NHWC", "height": height, "width": width, "channels": 3, "color": "RGB",
+                "dtype": "float32", "range": [0, 255], **given}
 
     def split_items(self, split: str, data_root: str | Path | None = None) -> list[tuple[Path, int]]:
         """Resolve ``splits.json[split]`` to absolute (path, label) items.
@@ -122,33 +108,28 @@ class RunInfo:
         return (self.path / p).resolve()
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunDirError(f"cannot read {what} {path}: {exc}", _FINETUNE_FIX) from None
-    except RecursionError:
-        raise RunDirError(f"cannot read {what} {path}: it is nested too deeply", _FINETUNE_FIX) from None
+def _error(message: str) -> RunDirError:
+    return RunDirError(message, _FINETUNE_FIX)
 
 
 def check_schema(manifest: dict[str, Any], path: Path) -> None:
     """Refuse a manifest whose schema major version differs from :data:`RUN_SCHEMA_MAJOR`."""
-    schema = manifest.get("schema")
+    value = manifest.get("schema")
     made_by = manifest.get("edgetl_version") or "an unknown edgetl version"
-    if not isinstance(schema, str) or not schema.startswith(RUN_SCHEMA_PREFIX):
+    if not isinstance(value, str) or not value.startswith(RUN_SCHEMA_PREFIX):
         by = f", written by edgetl {manifest['edgetl_version']}" if manifest.get("edgetl_version") else ""
         raise RunDirError(
-            f"{path} is not an edgetl run manifest (schema {schema!r}{by}; edgetl {__version__} reads {RUN_SCHEMA!r})",
+            f"{path} is not an edgetl run manifest (schema {value!r}{by}; edgetl {__version__} reads {RUN_SCHEMA!r})",
             "pass the run folder written by `edgetl finetune`",
         )
-    version = schema[len(RUN_SCHEMA_PREFIX) :]
+    version = value[len(RUN_SCHEMA_PREFIX) :]
     try:
         major = int(version.split(".")[0])
     except ValueError:
-        raise RunDirError(f"{path} has an unreadable schema {schema!r}", _FINETUNE_FIX) from None
+        raise RunDirError(f"{path} has an unreadable schema {value!r}", _FINETUNE_FIX) from None
     if major != RUN_SCHEMA_MAJOR:
         raise RunDirError(
-            f"this run was made by edgetl {made_by} (schema {schema}); edgetl {__version__} reads {RUN_SCHEMA}",
+            f"this run was made by edgetl {made_by} (schema {value}); edgetl {__version__} reads {RUN_SCHEMA}",
             f"export it with edgetl {made_by}, or re-run `edgetl finetune` with edgetl {__version__}",
         )
 
@@ -165,12 +146,10 @@ def read_run(path: str | Path, verify_checksums: bool = True) -> RunInfo:
     if missing:
         partial = " (finetune may have been interrupted)" if any(root.iterdir()) else ""
         raise RunDirError(f"run directory {root} is missing {' and '.join(missing)}{partial}", _FINETUNE_FIX)
-    manifest = _read_json(root / MANIFEST, "run manifest")
-    if not isinstance(manifest, dict):
-        raise RunDirError(f"{root / MANIFEST} is not a JSON object", _FINETUNE_FIX)
+    manifest = schema.read_json(root / MANIFEST, _error)
     check_schema(manifest, root / MANIFEST)
+    doc = schema.parse(schema.RunManifest, manifest, str(root / MANIFEST), _error)
 
-    labels = manifest.get("labels")
     labels_file = root / LABELS
     file_labels = None
     if labels_file.is_file():
@@ -178,43 +157,29 @@ def read_run(path: str | Path, verify_checksums: bool = True) -> RunInfo:
             file_labels = [ln.strip() for ln in labels_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
         except (OSError, UnicodeDecodeError) as exc:
             raise RunDirError(f"cannot read {labels_file}: {exc}", _FINETUNE_FIX) from None
-    if not labels:
-        labels = file_labels
-    if not labels or not isinstance(labels, list) or len(labels) < 2:
+    labels = doc.labels or file_labels
+    if not labels or len(labels) < 2:
         raise RunDirError(f"{root / MANIFEST} lists no class labels", _FINETUNE_FIX)
-    labels = [str(x) for x in labels]
     if file_labels is not None and file_labels != labels:
         raise RunDirError(
             f"{labels_file} does not match the labels in {root / MANIFEST}",
             "restore labels.txt (one class per line, in manifest order) or re-run `edgetl finetune`",
         )
-
-    size = manifest.get("image_size")
-    if size is None and isinstance(manifest.get("input"), dict):
-        size = [manifest["input"].get("height"), manifest["input"].get("width")]
-    try:
-        if isinstance(size, int):
-            size = [size, size]
-        height, width = int(size[0]), int(size[1])
-        if height <= 0 or width <= 0:
-            raise ValueError
-    except (TypeError, ValueError, IndexError):
-        raise RunDirError(f"{root / MANIFEST} has no valid image_size [h, w] (got {size!r})", _FINETUNE_FIX) from None
+    if doc.size is None:
+        raise RunDirError(f"{root / MANIFEST} has no image_size [h, w]", _FINETUNE_FIX)
 
     notes: list[str] = []
     qat_path: Path | None = root / QAT_MODEL
     if not os.path.exists(qat_path):
-        qat_status = (manifest.get("phases") or {}).get("qat", {})
-        if isinstance(qat_status, dict) and qat_status.get("status") == "done":
+        if (doc.phases or {}).get("qat", {}).get("status") == "done":
             notes.append(f"manifest says QAT ran but {QAT_MODEL} is missing; QAT variants are unavailable")
         qat_path = None
 
     if verify_checksums:
         from edgetl.fsutil import sha256_file
 
-        files = manifest.get("files") or {}
         for name in (FLOAT_MODEL, QAT_MODEL):
-            expected = files.get(name) if isinstance(files, dict) else None
+            expected = (doc.files or {}).get(name)
             target = root / name
             if expected and target.is_file() and sha256_file(target) != expected:
                 raise RunDirError(
@@ -222,11 +187,7 @@ def read_run(path: str | Path, verify_checksums: bool = True) -> RunInfo:
                     "restore the file or re-run `edgetl finetune`",
                 )
 
-    splits = None
-    if (root / SPLITS).is_file():
-        splits = _read_json(root / SPLITS, "splits file")
-        if not isinstance(splits, dict):
-            raise RunDirError(f"{root / SPLITS} is not a JSON object", _FINETUNE_FIX)
+    splits = schema.read_json(root / SPLITS, _error) if (root / SPLITS).is_file() else None
 
     return RunInfo(
         path=root,
@@ -234,7 +195,8 @@ def read_run(path: str | Path, verify_checksums: bool = True) -> RunInfo:
         float_model=root / FLOAT_MODEL,
         qat_model=qat_path,
         labels=tuple(labels),
-        image_size=(height, width),
+        image_size=doc.size,
         splits=splits,
         notes=tuple(notes),
+        contract=doc.input,
     )

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from edgetl import schema
+
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -49,19 +51,12 @@ class ArtifactBlob:
     output_quant: list[float] | None = None
     source: str | None = None  # bundle.json "source" (None: not written; verify infers it from the quantization)
 
-    def entry(self) -> dict[str, Any]:
-        extra = {"source": self.source} if self.source else {}
-        return {**extra,
-            "name": self.name,
-            "file": self.file,
-            "format": self.format,
-            "quantization": self.quantization,
-            "input_dtype": self.input_dtype,
-            "input_quant": self.input_quant,
-            "output_dtype": self.output_dtype,
-            "output_quant": self.output_quant,
-            "size_bytes": len(self.data),
-        }
+    def entry(self) -> schema.ArtifactRecord:
+        return schema.ArtifactRecord(
+            name=self.name, file=self.file, format=self.format, quantization=self.quantization,
+            input_dtype=self.input_dtype, input_quant=self.input_quant, output_dtype=self.output_dtype,
+            output_quant=self.output_quant, size_bytes=len(self.data), **({"source": self.source} if self.source else {}),
+        )
 
     def renamed(self, name: str) -> ArtifactBlob:
         return replace(self, name=name, file=f"{name}.{self.format}")
@@ -301,22 +296,16 @@ class TinyClassifier:
         for rel, data in blobs.items():
             if not rel.startswith("sample/"):
                 (dest / rel).write_bytes(data)
-        manifest: dict[str, Any] = {
-            "schema": "edgetl.bundle/1",
-            "edgetl_version": "0.1.0",
-            "run_id": RUN_ID,
-            "backbone": "tiny",
-            "labels": list(LABELS),
-            "input": dict(CONTRACT),
-            "reference": reference,
-            "artifacts": [a.entry() for a in artifacts],
-            "sample": {"images": "sample/images.npy", "labels": "sample/labels.npy",
-                       "reference_outputs": "sample/reference_outputs.npy",
-                       **({"source_outputs": {"float.keras": "sample/reference_outputs.npy",
-                                              "qat.h5": "sample/qat_outputs.npy"}} if qat_outputs is not None else {}),
-                       "count": int(len(self.sample_images if images is None else images))},
-            "files": {rel: _sha(data) for rel, data in sorted(blobs.items())},
-        }
+        outputs = {"float.keras": "sample/reference_outputs.npy", "qat.h5": "sample/qat_outputs.npy"}
+        manifest = schema.Bundle(
+            schema=schema.BUNDLE_SCHEMA, edgetl_version="0.1.0", run_id=RUN_ID, backbone="tiny", labels=list(LABELS),
+            input=CONTRACT, reference=reference, artifacts=[a.entry() for a in artifacts],
+            sample=schema.SampleRecord(
+                images="sample/images.npy", labels="sample/labels.npy", reference_outputs="sample/reference_outputs.npy",
+                **({"source_outputs": outputs} if qat_outputs is not None else {}),
+                count=int(len(self.sample_images if images is None else images))),
+            files={rel: _sha(data) for rel, data in sorted(blobs.items())},
+        ).dump()
         manifest.update(overrides or {})
         (dest / "bundle.json").write_text(json.dumps(manifest, indent=2))
         return dest
@@ -327,17 +316,12 @@ class TinyClassifier:
         dest.mkdir(parents=True, exist_ok=True)
         (model or self.model).save(dest / "float.keras")
         (dest / "labels.txt").write_text("\n".join(LABELS) + "\n")
-        manifest = {
-            "schema": "edgetl.run/1",
-            "edgetl_version": "0.1.0",
-            "run_id": RUN_ID,
-            "backbone": "tiny",
-            "image_size": [SIZE, SIZE],
-            "labels": list(LABELS),
-            "input": dict(CONTRACT),
-            "files": {name: _sha((dest / name).read_bytes()) for name in ("float.keras", "labels.txt")},
-            "completed_phases": ["head"],
-        }
+        manifest = schema.RunManifest(
+            schema=schema.RUN_SCHEMA, edgetl_version="0.1.0", run_id=RUN_ID, backbone="tiny", image_size=[SIZE, SIZE],
+            labels=list(LABELS), input=CONTRACT,
+            files={name: _sha((dest / name).read_bytes()) for name in ("float.keras", "labels.txt")},
+            completed_phases=["head"],
+        ).dump()
         (dest / "manifest.json").write_text(json.dumps(manifest, indent=2))
         self.write_bundle(dest / "export", artifacts)
         return dest

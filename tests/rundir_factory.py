@@ -68,7 +68,7 @@ def make_run_dir(
     backbone: str | None = None,
 ) -> Path:
     """Write a complete run directory under ``tmp/name`` (images under ``tmp/data``) and return its path."""
-    from edgetl import __version__
+    from edgetl import __version__, schema
     from edgetl.data import load_images, scan_folder, stratified_split
     from edgetl.fsutil import sha256_file
 
@@ -120,21 +120,21 @@ def make_run_dir(
         "val_root": None,
     }
     (run / "splits.json").write_text(json.dumps(splits))
-    manifest: dict[str, Any] = {
-        "schema": "edgetl.run/1",
-        "edgetl_version": __version__,
-        "run_id": f"test-{name}",
-        "created": "2025-01-01T00:00:00+00:00",
-        "backbone": backbone or "tiny-test",
-        "image_size": [size, size],
-        "labels": labels,
-        "input": {"layout": "NHWC", "height": size, "width": size, "channels": 3, "color": "RGB",
-                  "dtype": "float32", "range": [0, 255]},
-        "seed": seed,
-        "phases": {"head": {"status": "done"}, "fine_tune": {"status": "skipped"}, "qat": {"status": qat_status}},
-        "metrics": {},
-        "files": files,
-        "completed_phases": ["head"] + (["qat"] if qat_status == "done" else []),
-    }
+    manifest = schema.RunManifest(
+        schema=schema.RUN_SCHEMA,
+        edgetl_version=__version__,
+        run_id=f"test-{name}",
+        created="2025-01-01T00:00:00+00:00",
+        backbone=backbone or "tiny-test",
+        image_size=[size, size],
+        labels=labels,
+        input={"layout": "NHWC", "height": size, "width": size, "channels": 3, "color": "RGB", "dtype": "float32",
+               "range": [0, 255]},
+        seed=seed,
+        phases={"head": {"status": "done"}, "fine_tune": {"status": "skipped"}, "qat": {"status": qat_status}},
+        metrics={},
+        files=files,
+        completed_phases=["head"] + (["qat"] if qat_status == "done" else []),
+    ).dump()
     (run / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return run

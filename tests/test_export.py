@@ -161,6 +161,9 @@ def test_read_run_errors(tmp_path, run_dir):
     (newer / "manifest.json").write_text(json.dumps({**manifest, "schema": "something/1"}))
     with pytest.raises(RunDirError, match="not an edgetl run manifest"):
         read_run(newer)
+    (newer / "manifest.json").write_text(json.dumps({**manifest, "schema": "edgetl.run/1", "labels": [1, 2, 3]}))
+    with pytest.raises(RunDirError, match=r"manifest.json: `labels\[0\]` should be a valid string \(got 1\)"):
+        read_run(newer)  # edgetl.schema.RunManifest
     info = read_run(run_dir)
     assert info.labels == ("blue", "green", "red") and info.image_size == (32, 32) and info.has_qat
 

@@ -280,6 +280,22 @@ def test_incompatible_schema(bundle_copy, schema, match):
         load_bundle(bundle_copy)
 
 
+@pytest.mark.parametrize(
+    ("edit", "expect"),
+    [(lambda m: m["artifacts"][0].update(quantization="int4"), "`artifacts[0].quantization` should be 'fp32', 'fp16'"),
+     (lambda m: m["artifacts"][2].update(input_quant=None), "`artifacts[2]` artifact 'model_ptq_int8_tflite' has a uint8"),
+     (lambda m: m["input"].update(range=[0, True]), "`input.range[1]` should be a valid number (got True)"),
+     (lambda m: m["sample"].pop("labels"), "`sample.labels` is missing"),
+     (lambda m: m["files"].update({"labels.txt": "abc"}), "`files.labels.txt` is not a sha256 hex digest")],
+)
+def test_schema_error_names_the_field(bundle_copy, edit, expect):
+    """bundle.json is read with edgetl.schema.Bundle: the first problem, as one line naming the field."""
+    edit_bundle_json(bundle_copy, edit)
+    with pytest.raises(BundleError) as info:
+        load_bundle(bundle_copy)
+    assert info.value.message.startswith("bundle.json: ") and expect in info.value.message, info.value.message
+
+
 def test_pickled_sample_is_refused(bundle_copy):
     np.save(bundle_copy / "sample" / "labels.npy", np.array([{"a": 1}] * 60, dtype=object), allow_pickle=True)
     rehash(bundle_copy)
@@ -401,7 +417,7 @@ def test_artifact_metadata_contract_is_applied(factory, tmp_path):
 
 
 def _runner(**kw):
-    return Runner("x", Path("x"), InputContract(4, 4), 3, **kw)
+    return Runner("x", Path("x"), InputContract(height=4, width=4), 3, **kw)
 
 
 @settings(max_examples=50, deadline=None)

@@ -31,8 +31,8 @@ from edgetl.export.model_card import model_card
 from edgetl.fsutil import PID_FILE, atomic_dir, atomic_write_json, check_target, sha256_file
 from edgetl.manifest import BUNDLE_FOLDER, BUNDLE_SCHEMA
 from edgetl.rundir import RunInfo, read_run
+from edgetl.schema import FORMATS, QUANTIZATIONS, ArtifactRecord, Bundle, Format, Quantization
 
-FORMATS = ("tflite", "onnx")
 DEFAULT_SAMPLES = 200
 DEFAULT_CALIBRATION = 150
 _WORK_DIR = ".edgetl-work"
@@ -42,8 +42,8 @@ _WORK_DIR = ".edgetl-work"
 class Variant:
     """One row of the export table."""
 
-    format: str  # tflite / onnx
-    quantization: str  # fp32 / fp16 / dynamic_int8 / ptq_int8 / qat_int8 / ort_static_int8
+    format: Format
+    quantization: Quantization
     builder: Callable[[BuildContext], bytes]
     needs_qat: bool
     default: str | None  # "always", "qat" (default when the run has QAT), "no_qat" (default without QAT), None
@@ -80,8 +80,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("onnx", "ort_static_int8", onnx_export.build_ort_static_int8, False, "no_qat", True,
             "onnxruntime static int8 (QDQ, per-channel), calibrated on training images; a comparison"),
 )
-
-QUANTIZATIONS: tuple[str, ...] = tuple(dict.fromkeys(v.quantization for v in VARIANTS))
+assert {v.quantization for v in VARIANTS} == set(QUANTIZATIONS), "edgetl.schema.QUANTIZATIONS and VARIANTS disagree"
 
 
 def variant(fmt: str, quantization: str) -> Variant:
@@ -462,16 +461,13 @@ def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, 
                     output_quant=io["output_quant"], sha256=digest, seconds=round(time.time() - t0, 2),
                 )
             )
-            records.append(
-                {
-                    "name": v.name, "file": v.file, "format": v.format, "quantization": v.quantization,
-                    "input_name": io["input_name"], "input_shape": io["input_shape"],
-                    "input_dtype": io["input_dtype"], "input_quant": io["input_quant"],
-                    "output_name": io["output_name"], "output_dtype": io["output_dtype"],
-                    "output_quant": io["output_quant"], "size_bytes": len(data), "sha256": digest,
-                    "source": meta["source"], **({"opset": io["opset"]} if "opset" in io else {}),
-                }
-            )
+            records.append(ArtifactRecord(
+                name=v.name, file=v.file, format=v.format, quantization=v.quantization,
+                input_name=io["input_name"], input_shape=io["input_shape"], input_dtype=io["input_dtype"],
+                input_quant=io["input_quant"], output_name=io["output_name"], output_dtype=io["output_dtype"],
+                output_quant=io["output_quant"], size_bytes=len(data), sha256=digest, source=meta["source"],
+                **({"opset": io["opset"]} if "opset" in io else {}),
+            ).dump())
 
         tick("bundle.json")
         reference = _reference(chosen)
@@ -507,7 +503,7 @@ def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, 
             for p in sorted(tmp.rglob("*"))
             if p.is_file() and p.name not in ("bundle.json", PID_FILE)
         }
-        atomic_write_json(tmp / "bundle.json", bundle)
+        atomic_write_json(tmp / "bundle.json", Bundle.model_validate(bundle).dump())
         os.chmod(tmp / "bundle.json", 0o666 & ~_umask())
         if progress is not None:
             progress("done", total, total)

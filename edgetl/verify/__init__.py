@@ -20,17 +20,14 @@ validation split is used when its images are reachable (else the bundle sample),
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from edgetl import __version__
 from edgetl.errors import BundleError, ConfigError, RunDirError
-from edgetl.fsutil import sha256_file
-from edgetl.manifest import RUN_SCHEMA
+from edgetl.rundir import read_run
 from edgetl.verify.bundle import SOURCE_FLOAT, SOURCE_QAT, ArtifactSpec, Bundle, InputContract, Sample, load_bundle
 from edgetl.verify.checks import (
     EXIT_CODES,
@@ -96,38 +93,20 @@ def resolve_target(target: str | Path) -> tuple[Path, Path | None]:
 
 
 def _load_run(run_dir: Path, bundle: Bundle) -> Path:
-    try:
-        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunDirError(f"{run_dir}/manifest.json is unreadable ({str(exc).splitlines()[0]})", "re-run `edgetl finetune`") from None
-    if not isinstance(manifest, dict):
-        raise RunDirError(f"{run_dir}/manifest.json is not a JSON object", "re-run `edgetl finetune`")
-    schema = manifest.get("schema")
-    if schema != RUN_SCHEMA:
+    """The run's float.keras, once the run directory (edgetl.rundir) and the bundle exported from it agree."""
+    run = read_run(run_dir)
+    if run.labels != bundle.labels:
         raise RunDirError(
-            f"{run_dir} has run schema {schema!r} (written by edgetl {manifest.get('edgetl_version', 'unknown')}), "
-            f"not {RUN_SCHEMA!r} (this is edgetl {__version__})",
-            f"use edgetl {manifest.get('edgetl_version', 'of that version')} to verify it, or re-run `edgetl finetune`"
-        )
-    model = run_dir / "float.keras"
-    if not model.is_file():
-        raise RunDirError(f"run directory {run_dir} has no float.keras", "re-run `edgetl finetune`")
-    files = manifest.get("files") or {}
-    if isinstance(files, dict) and "float.keras" in files and sha256_file(model) != str(files["float.keras"]).lower():
-        raise RunDirError(f"{run_dir}/float.keras does not match its checksum in manifest.json", "re-run `edgetl finetune`")
-    labels = manifest.get("labels")
-    if isinstance(labels, list) and tuple(labels) != bundle.labels:
-        raise RunDirError(
-            f"the bundle in {run_dir}/export has labels {list(bundle.labels)} but the run has {labels}",
+            f"the bundle in {run_dir}/export has labels {list(bundle.labels)} but the run has {list(run.labels)}",
             f"re-run `edgetl export {run_dir}`",
         )
-    run_id = manifest.get("run_id")
+    run_id = run.manifest.get("run_id")
     if run_id and bundle.run_id and run_id != bundle.run_id:
         raise RunDirError(
             f"the bundle in {run_dir}/export was exported from run {bundle.run_id!r}, not this run ({run_id!r})",
             f"re-run `edgetl export {run_dir}`",
         )
-    return model
+    return run.float_model
 
 
 def _select(bundle: Bundle, only: Sequence[str] | None) -> list[ArtifactSpec]:

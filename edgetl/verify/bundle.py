@@ -7,57 +7,27 @@ partial copy), a path that escapes the bundle, or sample arrays of the wrong dty
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgetl import schema
 from edgetl.errors import BundleError
 from edgetl.fsutil import confined, sha256_file
+from edgetl.schema import SOURCE_FLOAT, SOURCE_QAT, InputContract  # noqa: F401 (edgetl.verify imports them here)
 
-SCHEMA_NAME = "edgetl.bundle"
-SCHEMA_VERSION = 1
-SCHEMA = f"{SCHEMA_NAME}/{SCHEMA_VERSION}"
-
-FORMATS = ("tflite", "onnx")
-QUANTIZATIONS = ("fp32", "fp16", "dynamic_int8", "ptq_int8", "qat_int8", "ort_static_int8")
-#: Quantizations whose outputs must match the reference to ``float_tolerance``/``fp16_tolerance``.
-FLOAT_QUANTIZATIONS = ("fp32", "fp16")
-IO_DTYPES = ("float32", "float16", "uint8", "int8")
-QUANTIZED_DTYPES = ("uint8", "int8")
-
-SOURCE_FLOAT, SOURCE_QAT = "float.keras", "qat.h5"
-SOURCES = (SOURCE_FLOAT, SOURCE_QAT)
+SCHEMA_NAME, _, _VERSION = schema.BUNDLE_SCHEMA.rpartition("/")
+SCHEMA_VERSION = int(_VERSION)
 
 _FIX = "re-export the bundle with `edgetl export RUN` (and copy the whole folder)"
 
 
-@dataclass(frozen=True)
-class ArtifactSpec:
-    """One artifact as ``bundle.json`` describes it (the *claim*; runners check it against the model)."""
+class ArtifactSpec(schema.ArtifactRecord):
+    """An artifact record of ``bundle.json`` and its file's resolved path inside the bundle."""
 
-    name: str
-    file: str
     path: Path
-    format: str
-    quantization: str
-    input_dtype: str
-    input_quant: tuple[float, int] | None
-    output_dtype: str
-    output_quant: tuple[float, int] | None
-    size_bytes: int | None
-    source: str = "float.keras"  # the model it was converted from: float.keras, or qat.h5 for QAT variants
-
-    @property
-    def is_float(self) -> bool:
-        return self.quantization in FLOAT_QUANTIZATIONS
-
-    @property
-    def is_int8(self) -> bool:
-        return "int8" in self.quantization
 
 
 @dataclass(frozen=True)
@@ -71,28 +41,6 @@ class Sample:
     @property
     def count(self) -> int:
         return int(self.images.shape[0])
-
-
-@dataclass(frozen=True)
-class InputContract:
-    height: int
-    width: int
-    channels: int = 3
-    layout: str = "NHWC"
-    color: str = "RGB"
-    dtype: str = "float32"
-    range: tuple[float, float] = (0.0, 255.0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "layout": self.layout,
-            "height": self.height,
-            "width": self.width,
-            "channels": self.channels,
-            "color": self.color,
-            "dtype": self.dtype,
-            "range": list(self.range),
-        }
 
 
 @dataclass(frozen=True)
@@ -124,9 +72,7 @@ def _err(message: str, fix: str = _FIX) -> BundleError:
     return BundleError(message, fix)
 
 
-def _confine(root: Path, relpath: Any, what: str) -> Path:
-    if not isinstance(relpath, str):
-        raise _err(f"bundle.json: {what} path {relpath!r} is not a string")
+def _confine(root: Path, relpath: str, what: str) -> Path:
     try:
         return confined(root, relpath)
     except OSError:
@@ -139,121 +85,20 @@ def _confine(root: Path, relpath: Any, what: str) -> Path:
 
 
 def _parse_schema(value: Any) -> None:
-    if not isinstance(value, str) or "/" not in value:
-        raise _err(f"bundle.json has no valid `schema` (got {value!r}); it is not an edgetl bundle")
-    name, _, version = value.rpartition("/")
+    name, _, version = value.rpartition("/") if isinstance(value, str) else ("", "", "")
     if name != SCHEMA_NAME:
-        raise _err(f"bundle.json has schema {value!r}, not {SCHEMA!r}; it is not an edgetl bundle")
+        raise _err(f"bundle.json has schema {value!r:.80}, not {schema.BUNDLE_SCHEMA!r}; it is not an edgetl bundle")
     try:
         number = int(version)
     except ValueError:
-        raise _err(f"bundle.json has an unreadable schema version {value!r}") from None
+        raise _err(f"bundle.json has an unreadable schema version {value!r:.80}") from None
     if number > SCHEMA_VERSION:
         raise BundleError(
-            f"bundle schema {value!r} is newer than this edgetl understands ({SCHEMA!r})",
+            f"bundle schema {value!r} is newer than this edgetl understands ({schema.BUNDLE_SCHEMA!r})",
             "upgrade edgetl on this device (pip install -U 'edgetl[device]') or re-export with the same version",
         )
     if number < SCHEMA_VERSION:
-        raise _err(f"bundle schema {value!r} is older than {SCHEMA!r} and no longer supported")
-
-
-def _quant(value: Any, where: str) -> tuple[float, int] | None:
-    if value is None:
-        return None
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 2
-        or not isinstance(value[0], (int, float))
-        or isinstance(value[0], bool)
-        or not isinstance(value[1], (int, float))
-        or isinstance(value[1], bool)
-    ):
-        raise _err(f"bundle.json: {where} must be [scale, zero_point] or null (got {value!r})")
-    try:
-        scale, zero_point = float(value[0]), float(value[1])
-    except OverflowError:
-        raise _err(f"bundle.json: {where} has an out-of-range scale/zero_point") from None
-    if not math.isfinite(scale) or scale <= 0 or not math.isfinite(zero_point) or int(zero_point) != zero_point:
-        raise _err(f"bundle.json: {where} has an invalid scale/zero_point {list(value)!r}")
-    return scale, int(zero_point)
-
-
-def _parse_contract(raw: Any) -> InputContract:
-    if not isinstance(raw, dict):
-        raise _err("bundle.json: `input` (the model input contract) is missing or not an object")
-    try:
-        height, width = int(raw["height"]), int(raw["width"])
-    except (KeyError, TypeError, ValueError, OverflowError):
-        raise _err("bundle.json: `input` needs integer `height` and `width`") from None
-    try:
-        channels = int(raw.get("channels", 3))
-    except (TypeError, ValueError, OverflowError):
-        raise _err("bundle.json: `input.channels` must be an integer") from None
-    layout = str(raw.get("layout", "NHWC"))
-    color = str(raw.get("color", "RGB"))
-    dtype = str(raw.get("dtype", "float32"))
-    value_range = raw.get("range", [0, 255])
-    if height <= 0 or width <= 0:
-        raise _err(f"bundle.json: input size {height}x{width} is invalid")
-    if layout != "NHWC" or channels != 3 or color != "RGB":
-        raise _err(
-            f"bundle.json: input contract {layout}/{channels}ch/{color} is not supported (edgetl uses NHWC, 3, RGB)"
-        )
-    if dtype not in ("float32",):
-        raise _err(f"bundle.json: input contract dtype {dtype!r} is not supported (edgetl models take float32)")
-    if (
-        not isinstance(value_range, (list, tuple))
-        or len(value_range) != 2
-        or not all(isinstance(v, (int, float)) for v in value_range)
-        or not value_range[0] < value_range[1]
-    ):
-        raise _err(f"bundle.json: input contract range {value_range!r} must be [low, high]")
-    return InputContract(height, width, channels, layout, color, dtype, (float(value_range[0]), float(value_range[1])))
-
-
-def _parse_artifact(root: Path, raw: Any, index: int) -> ArtifactSpec:
-    if not isinstance(raw, dict):
-        raise _err(f"bundle.json: artifacts[{index}] is not an object")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        raise _err(f"bundle.json: artifacts[{index}] has no `name`")
-    where = f"artifact {name!r}"
-    path = _confine(root, raw.get("file"), where)
-    fmt = raw.get("format")
-    if fmt not in FORMATS:
-        raise _err(f"bundle.json: {where} has format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    quant = raw.get("quantization")
-    if quant not in QUANTIZATIONS:
-        raise _err(f"bundle.json: {where} has quantization {quant!r}; expected one of {', '.join(QUANTIZATIONS)}")
-    in_dtype = raw.get("input_dtype", "float32")
-    out_dtype = raw.get("output_dtype", "float32")
-    for key, dtype in (("input_dtype", in_dtype), ("output_dtype", out_dtype)):
-        if dtype not in IO_DTYPES:
-            raise _err(f"bundle.json: {where} has {key} {dtype!r}; expected one of {', '.join(IO_DTYPES)}")
-    in_quant = _quant(raw.get("input_quant"), f"{where} input_quant")
-    out_quant = _quant(raw.get("output_quant"), f"{where} output_quant")
-    for dtype, q, key in ((in_dtype, in_quant, "input"), (out_dtype, out_quant, "output")):
-        if dtype in QUANTIZED_DTYPES and q is None:
-            raise _err(f"bundle.json: {where} has {dtype} {key} but no {key}_quant [scale, zero_point]")
-        if dtype not in QUANTIZED_DTYPES and q is not None:
-            raise _err(f"bundle.json: {where} has {key}_quant but a {dtype} {key}")
-    size = raw.get("size_bytes")
-    source = raw.get("source", SOURCE_QAT if quant == "qat_int8" else SOURCE_FLOAT)
-    if source not in SOURCES:
-        raise _err(f"bundle.json: {where} has source {source!r}; expected one of {', '.join(SOURCES)}")
-    return ArtifactSpec(
-        name=name,
-        file=str(raw["file"]),
-        path=path,
-        format=fmt,
-        quantization=quant,
-        input_dtype=in_dtype,
-        input_quant=in_quant,
-        output_dtype=out_dtype,
-        output_quant=out_quant,
-        size_bytes=int(size) if isinstance(size, int) else None,
-        source=source,
-    )
+        raise _err(f"bundle schema {value!r} is older than {schema.BUNDLE_SCHEMA!r} and no longer supported")
 
 
 def _load_npy(path: Path, relpath: str) -> np.ndarray:
@@ -283,22 +128,10 @@ def _load_npy(path: Path, relpath: str) -> np.ndarray:
         raise _err(f"bundle file {relpath} is not a plain .npy array ({reason[:160]})") from None
 
 
-def _load_sample(root: Path, raw: Any, contract: InputContract, n_classes: int) -> tuple[Sample, dict[str, str]]:
-    if not isinstance(raw, dict):
-        raise _err("bundle.json: `sample` is missing or not an object")
-    rel = {}
-    for key in ("images", "labels", "reference_outputs"):
-        if key not in raw:
-            raise _err(f"bundle.json: sample.{key} is missing")
-        rel[key] = raw[key]
-    extra = raw.get("source_outputs") or {}
-    if not isinstance(extra, dict):
-        raise _err("bundle.json: sample.source_outputs must map a source model name to a .npy file")
-    for source, value in extra.items():
-        if source not in SOURCES:
-            raise _err(f"bundle.json: sample.source_outputs names {source!r}; expected one of {', '.join(SOURCES)}")
-        if source != SOURCE_FLOAT:
-            rel[f"source:{source}"] = value
+def _load_sample(root: Path, raw: schema.SampleRecord, contract: InputContract,
+                 n_classes: int) -> tuple[Sample, dict[str, str]]:
+    rel = {"images": raw.images, "labels": raw.labels, "reference_outputs": raw.reference_outputs}
+    rel.update({f"source:{k}": v for k, v in (raw.source_outputs or {}).items() if k != SOURCE_FLOAT})
     paths = {key: _confine(root, value, f"sample.{key}") for key, value in rel.items()}
     for key, path in paths.items():
         if not path.is_file():
@@ -330,9 +163,8 @@ def _load_sample(root: Path, raw: Any, contract: InputContract, n_classes: int) 
         if out.shape != (n, n_classes) or not np.issubdtype(out.dtype, np.floating) or not np.all(np.isfinite(out)):
             raise _err(f"bundle file {rel[key]} holds {out.dtype} {out.shape}; expected finite float32 ({n}, {n_classes})")
         sources[key.split(":", 1)[1]] = out.astype(np.float32)
-    count = raw.get("count", n)
-    if count != n:
-        raise _err(f"bundle.json: sample.count is {count} but {rel['images']} holds {n} images")
+    if raw.count is not None and raw.count != n:
+        raise _err(f"bundle.json: sample.count is {raw.count} but {rel['images']} holds {n} images")
     sample = Sample(images=images, labels=labels.astype(np.int64), reference_outputs=sources[SOURCE_FLOAT],
                     source_outputs=sources)
     return sample, {str(v): k for k, v in rel.items()}
@@ -408,18 +240,13 @@ def onnx_uses_external_data(path: Path) -> bool:
         return False
 
 
-def _check_files(root: Path, files: Any) -> dict[str, str]:
-    if not isinstance(files, dict) or not files:
-        raise _err("bundle.json: `files` (relpath -> sha256 for every file) is missing or empty")
+def _check_files(root: Path, files: dict[str, str]) -> dict[str, str]:
     checked = {}
     for relpath, digest in files.items():
         path = _confine(root, relpath, "files")
-        if not isinstance(digest, str) or len(digest) != 64:
-            raise _err(f"bundle.json: files[{relpath!r}] is not a sha256 hex digest")
         if not path.is_file():
             raise _err(f"bundle file {relpath} is missing (listed in bundle.json)")
-        actual = sha256_file(path)
-        if actual != digest.lower():
+        if sha256_file(path) != digest.lower():
             raise BundleError(
                 f"bundle file {relpath} does not match its checksum in bundle.json (modified, truncated or corrupt)",
                 "copy the bundle again from the export machine, or re-export it",
@@ -450,37 +277,16 @@ def _load_bundle(path: Path) -> Bundle:
     manifest = path / "bundle.json"
     if not manifest.is_file():
         raise BundleError(f"{path} has no bundle.json; it is not an edgetl bundle", "pass the folder `edgetl export` wrote")
-    try:
-        raw = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _err(f"bundle.json in {path} is not valid JSON ({str(exc).splitlines()[0]})") from None
-    except RecursionError:
-        raise _err(f"bundle.json in {path} is nested too deeply to be an edgetl bundle") from None
-    if not isinstance(raw, dict):
-        raise _err(f"bundle.json in {path} is not a JSON object")
+    raw = schema.read_json(manifest, _err)
     _parse_schema(raw.get("schema"))
+    doc = schema.parse(schema.Bundle, raw, "bundle.json", _err)
     root = path.resolve()
-
-    labels = raw.get("labels")
-    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
-        raise _err("bundle.json: `labels` must be a list of at least 2 class names")
-    if len(set(labels)) != len(labels):
-        raise _err("bundle.json: `labels` has duplicate class names")
-    contract = _parse_contract(raw.get("input"))
-
-    arts_raw = raw.get("artifacts")
-    if not isinstance(arts_raw, list) or not arts_raw:
-        raise _err("bundle.json: `artifacts` is missing or empty")
-    artifacts = tuple(_parse_artifact(root, a, i) for i, a in enumerate(arts_raw))
-    names = [a.name for a in artifacts]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise _err(f"bundle.json: duplicate artifact name(s) {', '.join(dupes)}")
-
-    files = _check_files(root, raw.get("files"))
+    artifacts = tuple(ArtifactSpec(**a.model_dump(), path=_confine(root, a.file, f"artifact {a.name!r}"))
+                      for a in doc.artifacts)
+    files = _check_files(root, doc.files)
     listed = {str(confined(root, rel)) for rel in files}
 
-    sample, sample_paths = _load_sample(root, raw.get("sample"), contract, len(labels))
+    sample, sample_paths = _load_sample(root, doc.sample, doc.input, len(doc.labels))
     for spec in artifacts:
         if not spec.path.is_file():
             raise _err(f"bundle file {spec.file} (artifact {spec.name!r}) is missing")
@@ -499,29 +305,18 @@ def _load_bundle(path: Path) -> Bundle:
     labels_txt = root / "labels.txt"
     if labels_txt.is_file() and "labels.txt" in files:
         lines = [line.strip() for line in labels_txt.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if lines != labels:
+        if lines != doc.labels:
             raise _err("bundle file labels.txt does not match bundle.json `labels`")
-
-    reference = raw.get("reference")
-    if reference is not None:
-        if reference not in names:
-            raise _err(f"bundle.json: reference {reference!r} is not one of the artifacts ({', '.join(names)})")
-        ref = artifacts[names.index(reference)]
-        if ref.quantization != "fp32":  # the float32 ONNX artifact, or tflite fp32 when no ONNX was exported
-            raise _err(
-                f"bundle.json: reference {reference!r} is a {ref.quantization} {ref.format} artifact; "
-                "it must be a float32 (fp32) artifact"
-            )
 
     return Bundle(
         root=root,
-        schema=str(raw["schema"]),
-        edgetl_version=raw.get("edgetl_version"),
-        run_id=raw.get("run_id"),
-        backbone=raw.get("backbone"),
-        labels=tuple(labels),
-        input=contract,
-        reference=reference,
+        schema=doc.schema_,
+        edgetl_version=doc.edgetl_version,
+        run_id=doc.run_id,
+        backbone=doc.backbone,
+        labels=tuple(doc.labels),
+        input=doc.input,
+        reference=doc.reference,
         artifacts=artifacts,
         sample=sample,
         files=files,

@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from edgetl import schema
 from edgetl.errors import ConfigError
 from edgetl.fsutil import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, check_target
 from edgetl.manifest import REPORT_FOLDER
 from edgetl.verify.checks import EXIT_CODES, FAIL, INCONCLUSIVE, PASS, ArtifactResult, LatencyStats, Thresholds
 
-REPORT_SCHEMA = "edgetl.verify/2"
 LATENCY_PLOT = "latency.png"
 CONFUSION_PLOT = "confusion.png"
 MISCLASSIFIED_PLOT = "misclassified.png"
@@ -125,27 +125,15 @@ class Report:
         return [f"{a.name}: {f}" for a in self.artifacts for f in a.inconclusive]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": REPORT_SCHEMA,
-            "verdict": self.verdict,
-            "exit_code": self.exit_code,
-            "passed": self.passed,
-            "created": self.created,
-            "target": self.target,
-            "bundle": self.bundle,
-            "run_id": self.run_id,
-            "data": self.data,
-            "samples": self.samples,
-            "labels": list(self.labels),
-            "reference": self.reference.to_dict(),
-            "artifacts": [a.to_dict() for a in self.artifacts],
-            "failures": self.failures,
-            "inconclusive": self.undecided,
-            "reference_per_class": self.reference_per_class,
-            "thresholds": self.thresholds.to_dict(),
-            "machine": self.machine,
-            "warnings": list(self.warnings),
-        }
+        """``report.json`` (:class:`edgetl.schema.Report`)."""
+        return schema.Report(
+            schema=schema.REPORT_SCHEMA, verdict=self.verdict, exit_code=self.exit_code, passed=self.passed,
+            created=self.created, target=self.target, bundle=self.bundle, run_id=self.run_id, data=self.data,
+            samples=self.samples, labels=list(self.labels), reference=self.reference.to_dict(),
+            artifacts=[a.to_dict() for a in self.artifacts], failures=self.failures, inconclusive=self.undecided,
+            reference_per_class=self.reference_per_class, thresholds=self.thresholds.to_dict(), machine=self.machine,
+            warnings=list(self.warnings),
+        ).dump()
 
     # -- files ----------------------------------------------------------------------------------------
     def write(self, directory: str | Path) -> Path:

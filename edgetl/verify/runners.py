@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import struct
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -146,7 +145,7 @@ class Runner:
         if contract.get("color") in ("RGB", "BGR"):
             changes["color"] = contract["color"]
         if changes:
-            self.contract = replace(self.contract, **changes)
+            self.contract = self.contract.model_copy(update=changes)
 
     # -- execution ------------------------------------------------------------------------------------
     def _invoke(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
