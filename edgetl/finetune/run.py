@@ -16,7 +16,15 @@ from edgetl.data import ImageFolder, scan_folder, stratified_split
 from edgetl.finetune.curves import plot_curves
 from edgetl.finetune.phases import RunContext, Trained, run_phases
 from edgetl.finetune.resume import _read_state
-from edgetl.fsutil import atomic_write_json, atomic_write_text, check_target, clean_stale, sha256_file, swap_dir
+from edgetl.fsutil import (
+    atomic_write_json,
+    atomic_write_text,
+    check_target,
+    clean_stale,
+    commit_dir,
+    resume_dir,
+    sha256_file,
+)
 from edgetl.manifest import RUN_FOLDER, RUN_SCHEMA, config_hash, new_run_id, now_iso, package_versions
 from edgetl.progress import NullReporter, Reporter
 from edgetl.weights import keras_download_path, resolve_weights, weights_record
@@ -98,7 +106,7 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None, force: bool 
         from edgetl.distribute import select_strategy
 
         strategy = select_strategy(role)  # before the work folder: a cluster that never forms leaves nothing
-        work = target.with_name(f".{target.name}.partial")
+        work = resume_dir(target)
         state = _read_state(work, chash)
         fresh = state is None
         if state is None:
@@ -157,12 +165,10 @@ def _write_run(ctx: RunContext, trained: Trained) -> RunResult:
     atomic_write_json(work / "splits.json", splits)
     plot_curves(trained.phases, work / "curves.png")
     manifest = _manifest(ctx, trained, skipped_images=len(splits["skipped"]))
-    # checked again (nothing foreign may have appeared in the target while training), while progress.json still
-    # lets a rerun resume
-    check_target(ctx.run_dir, RUN_FOLDER, ctx.force)
     atomic_write_json(work / "manifest.json", manifest)
-    (work / "progress.json").unlink(missing_ok=True)
-    swap_dir(work, ctx.run_dir)
+    # the target checked again (nothing foreign may have appeared in it while training) while progress.json still
+    # lets a rerun resume; then progress.json goes and the work folder is swapped in
+    commit_dir(work, ctx.run_dir, RUN_FOLDER, ctx.force, scratch=("progress.json",))
     return RunResult(ctx.run_dir, manifest)
 
 
