@@ -87,8 +87,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 # --- folders edgetl writes as a whole (runs, bundles, verify reports) ---------------------------------------------
 #
 # One scheme for every output folder: it is built in a fresh hidden temp folder beside the target
-# (``.NAME.<random>.partial``, holding a pid file while it is being written) and swapped in by two renames
-# (:func:`swap_dir`: the old folder goes to ``.NAME.old<pid>`` first, then is deleted). An existing folder is only
+# (``.NAME.<random>.partial``, holding a pid file while it is being written: :func:`atomic_dir`), or, for a writer
+# that resumes (finetune), in the fixed ``.NAME.partial`` (:func:`resume_dir`), and swapped in by :func:`commit_dir`:
+# the target checked again, then two renames (:func:`swap_dir`: the old folder goes to ``.NAME.old<pid>`` first,
+# then is deleted). An existing folder is only
 # ever replaced when :func:`check_target` can prove it is edgetl's own: its marker file (``manifest.json``,
 # ``bundle.json``, ``report.json``) carries edgetl's schema and every entry in it is one edgetl wrote (listed in the
 # marker's ``files``, a known name, or one of edgetl's own partial-file names). Replacing an earlier run or bundle
@@ -272,7 +274,7 @@ def clean_stale(path: str | Path, kind: FolderKind) -> None:
         rest = entry.name[len(prefix):]
         if entry.is_symlink() or not entry.is_dir():
             continue
-        if rest.endswith(".partial") and rest != "partial":  # atomic_dir's temp folder (not finetune's resume one)
+        if rest.endswith(".partial") and rest != "partial":  # atomic_dir's temp folder (not a resume_dir)
             try:
                 pid = int((entry / PID_FILE).read_text().strip())
             except (OSError, ValueError):
@@ -305,6 +307,26 @@ def swap_dir(tmp: str | Path, path: str | Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def resume_dir(path: str | Path) -> Path:
+    """The work folder of a writer that resumes (finetune): ``.NAME.partial`` beside ``path``, a fixed name so that a
+    rerun finds it. Unlike :func:`atomic_dir`'s temp folder it outlives a failed or killed writer (the writer decides
+    when to delete it) and :func:`clean_stale` leaves it alone; it is swapped in with :func:`commit_dir`."""
+    path = Path(os.path.abspath(path))
+    return path.with_name(f".{path.name}.partial")
+
+
+def commit_dir(tmp: str | Path, path: str | Path, kind: FolderKind | None, force: bool, flag: str = "--out",
+               scratch: tuple[str, ...] = ()) -> None:
+    """Swap the finished folder ``tmp`` in at ``path``: with ``kind``, the target is checked again first
+    (:func:`check_target`: nothing foreign may have appeared in it while ``tmp`` was built; on failure ``tmp`` is left
+    as it was); then ``tmp``'s in-progress files ``scratch`` are removed and :func:`swap_dir` puts it in place."""
+    if kind is not None:
+        check_target(path, kind, force, flag)
+    for name in scratch:
+        (Path(tmp) / name).unlink(missing_ok=True)
+    swap_dir(tmp, path)
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
@@ -329,10 +351,7 @@ def atomic_dir(path: str | Path, kind: FolderKind | None = None, force: bool = F
         os.chmod(tmp, 0o777 & ~_umask())
         (tmp / PID_FILE).write_text(str(os.getpid()))
         yield tmp
-        (tmp / PID_FILE).unlink(missing_ok=True)
-        if kind is not None:
-            check_target(path, kind, force, flag)
-        swap_dir(tmp, path)
+        commit_dir(tmp, path, kind, force, flag, scratch=(PID_FILE,))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -169,7 +169,7 @@ def test_progress_after_early_stopping_ends_at_what_ran_and_says_so():
 
     from edgetl._tfenv import keras
     from edgetl.config import FinetuneConfig
-    from edgetl.finetune import _early_stopping, _EpochProgress
+    from edgetl.finetune.training import _early_stopping, _EpochProgress
     from edgetl.progress import RichReporter
 
     k = keras()
