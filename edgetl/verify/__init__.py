@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -232,10 +233,13 @@ def verify(
     Raises BundleError/ModelFileError/RunDirError/DataError/ConfigError for bad input; failing checks do *not*
     raise: they are listed in ``report.failures`` and ``report.verdict`` is FAIL (INCONCLUSIVE when a check
     could not decide).
+
+    The stages, in order: open a runner per (artifact, runtime) and its latency baseline (:func:`_open`), pick the
+    images (:func:`_pick_images`), get the source models' outputs on them (:func:`_sources`), check each artifact's
+    outputs (:func:`_check_outputs`), then time everything interleaved and check latency (:func:`_time_and_judge`).
     """
     thresholds = thresholds or Thresholds()
     thread_counts = parse_threads(threads)
-    threads = thread_counts[0]
     engines = parse_runtimes(runtimes)
     for flag, value, low in (("--runs", runs, 1), ("--warmup", warmup, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -246,120 +250,185 @@ def verify(
     bundle = load_bundle(bundle_dir)
     selected = _select(bundle, artifacts)
     keras_path = _load_run(run_dir, bundle) if run_dir is not None else None
-    n_classes = len(bundle.labels)
-    warnings: list[str] = []
+    plan = _open(bundle, selected, engines, thread_counts[0], limited=artifacts is not None, say=say)
+    images = _pick_images(bundle, run_dir if keras_path is not None else None, data, bundle_sample, plan.warnings, say)
+    ref = _sources(plan, images, run_dir, keras_path, selected, data, thresholds, say)
+    results = _check_outputs(plan, images, ref, thresholds, is_host=keras_path is not None, say=say)
+    stats = _time_and_judge(plan, results, ref, thread_counts, images.images[0], warmup, runs, thresholds, say)
 
-    # One row per (artifact, runtime): TFLite in LiteRT, ONNX in each --runtime.
-    units: list[tuple[str, ArtifactSpec, str]] = [
+    threads_used = thread_counts[0]
+    float_pred = np.argmax(ref.float_outputs, axis=1)
+    report = Report(
+        target=str(target),
+        bundle=str(bundle.root),
+        run_id=bundle.run_id,
+        labels=bundle.labels,
+        reference=ReferenceInfo(ref.name, ref.kind, accuracy(ref.float_outputs, images.labels),
+                                stats.get((KERAS_KEY, threads_used)), ref.outputs_source),
+        artifacts=results,
+        thresholds=thresholds,
+        machine=machine_info(threads_used, thread_counts),
+        samples=int(images.images.shape[0]),
+        data=images.desc,
+        labels_true=images.labels,
+        warnings=plan.warnings,
+        reference_per_class=per_class(images.labels, float_pred, bundle.labels),
+        images=images.images,
+        image_names=images.names,
+    )
+    if report_dir is not None:
+        report.write(report_dir)
+    return report
+
+
+#: the timing table's key for the original Keras model (not an artifact name)
+KERAS_KEY = "\0keras"
+
+
+@dataclass
+class _Plan:
+    """What verify runs: a runner per (artifact, runtime) row, keyed ``NAME`` or ``NAME@engine``, and the rows'
+    latency baselines (the same runtime's fp32 file; timed even when not selected)."""
+
+    bundle: Bundle
+    threads: int
+    units: list[tuple[str, ArtifactSpec, str]]
+    runners: dict[str, Runner]
+    specs: dict[str, tuple[ArtifactSpec, str]]
+    baselines: dict[str, str]
+    extra: dict[str, Runner]  # timed only
+    warnings: list[str] = field(default_factory=list)
+
+
+def _open(bundle: Bundle, selected: list[ArtifactSpec], engines: tuple[str, ...], threads: int, *, limited: bool,
+          say: Callable[[str], None]) -> _Plan:
+    units = [
         (_key(spec, engine), spec, engine)
         for spec in selected
         for engine in (engines if spec.format == "onnx" else (DEFAULT_ENGINE[spec.format],))
     ]
     if engines != (DEFAULT_ENGINE["onnx"],) and not any(spec.format == "onnx" for spec in selected):
         raise ConfigError(f"--runtime {','.join(engines)}: no ONNX artifact to run "
-                          f"({'the selection' if artifacts else 'the bundle'} has {', '.join(s.name for s in selected)})",
+                          f"({'the selection' if limited else 'the bundle'} has {', '.join(s.name for s in selected)})",
                           "verify a bundle exported with --format onnx (or all), or drop --runtime")
-    runners: dict[str, Runner] = {}
-    specs: dict[str, tuple[ArtifactSpec, str]] = {}
+    plan = _Plan(bundle, threads, units, {}, {}, {}, {})
     for key, spec, engine in units:
         say(f"loading {key}")
-        runners[key] = make_runner(spec, bundle.input, bundle.labels, threads, engine=engine)
-        specs[key] = (spec, engine)
-    baselines: dict[str, str] = {}
-    extra: dict[str, Runner] = {}  # timed only (latency baselines not selected with --only)
+        plan.runners[key] = make_runner(spec, bundle.input, bundle.labels, threads, engine=engine)
+        plan.specs[key] = (spec, engine)
     for key, spec, engine in units:
         base = _baseline(bundle, spec)
         if spec.is_int8 and base is None:
             note = f"{spec.name}: the bundle has no fp32 {spec.format} artifact: latency ratio not checked"
-            if note not in warnings:
-                warnings.append(note)
+            if note not in plan.warnings:
+                plan.warnings.append(note)
         elif base is not None:
             base_key = _key(base, engine)
-            baselines[key] = base_key
-            if base_key not in runners and base_key not in extra:
-                extra[base_key] = make_runner(base, bundle.input, bundle.labels, threads, engine=engine)
-                specs[base_key] = (base, engine)
+            plan.baselines[key] = base_key
+            if base_key not in plan.runners and base_key not in plan.extra:
+                plan.extra[base_key] = make_runner(base, bundle.input, bundle.labels, threads, engine=engine)
+                plan.specs[base_key] = (base, engine)
+    return plan
 
-    # The images: --data, else (host) the run's whole validation split, else the bundle sample.
-    image_names: list[str] | None = None
+
+@dataclass
+class _Images:
+    images: np.ndarray
+    labels: np.ndarray
+    names: list[str] | None
+    desc: str
+
+    @property
+    def on_sample(self) -> bool:
+        return self.desc == "bundle sample"
+
+
+def _pick_images(bundle: Bundle, run_dir: Path | None, data: str | Path | None, bundle_sample: bool,
+                 warnings: list[str], say: Callable[[str], None]) -> _Images:
+    """--data, else (host: ``run_dir`` given) the run's whole validation split, else the bundle sample."""
     if data is not None:
         say(f"loading images from {data}")
-        images, labels, image_names = _load_data(data, bundle)
-        data_desc = str(data)
-    else:
-        split = None
-        if keras_path is not None and not bundle_sample:
-            say("loading the run's validation split")
-            split = _load_val_split(run_dir, bundle)  # type: ignore[arg-type]
-            if split is None:
-                warnings.append("the run's validation images are not reachable: verified on the bundle sample")
+        return _Images(*_load_data(data, bundle), str(data))
+    if run_dir is not None and not bundle_sample:
+        say("loading the run's validation split")
+        split = _load_val_split(run_dir, bundle)
         if split is not None:
-            images, labels, image_names = split
-            data_desc = "the run's validation split"
-        else:
-            images, labels = bundle.sample.images, bundle.sample.labels
-            data_desc = "bundle sample"
-    on_sample = data_desc == "bundle sample"
-    n = int(images.shape[0])
+            return _Images(*split, "the run's validation split")
+        warnings.append("the run's validation images are not reachable: verified on the bundle sample")
+    return _Images(bundle.sample.images, bundle.sample.labels, None, "bundle sample")
 
-    # The original float model's outputs on those images, and every source model's.
+
+@dataclass
+class _Reference:
+    """The original float model's outputs on the images (or its stand-in's) and every source model's."""
+
+    name: str
+    kind: str
+    outputs_source: str
+    float_outputs: np.ndarray
+    sources: dict[str, np.ndarray]
     keras_runner: Runner | None = None
-    sources: dict[str, np.ndarray] = {}
-    if keras_path is not None:
+
+
+def _sources(plan: _Plan, images: _Images, run_dir: Path | None, keras_path: Path | None,
+             selected: list[ArtifactSpec], data: str | Path | None, thresholds: Thresholds,
+             say: Callable[[str], None]) -> _Reference:
+    bundle = plan.bundle
+    if keras_path is not None:  # the host: run float.keras (and qat.h5)
         say("loading the original Keras model")
-        keras_runner = KerasRunner("float.keras", keras_path, bundle.input, n_classes, threads=threads)
+        keras_runner = KerasRunner("float.keras", keras_path, bundle.input, len(bundle.labels), threads=plan.threads)
         say("running the original Keras model")
-        float_outputs = keras_runner.predict(images)
-        ref_name, ref_kind, outputs_source = "float.keras", "keras", f"float.keras on {data_desc}"
-        sources[SOURCE_FLOAT] = float_outputs
-        if on_sample:
+        float_outputs = keras_runner.predict(images.images)
+        ref = _Reference("float.keras", "keras", f"float.keras on {images.desc}", float_outputs,
+                         {SOURCE_FLOAT: float_outputs}, keras_runner)
+        if images.on_sample:
             stale = float(np.max(np.abs(float_outputs - bundle.sample.reference_outputs)))
             if stale > thresholds.float_tolerance:
-                warnings.append(
+                plan.warnings.append(
                     f"bundle sample/reference_outputs.npy differs from float.keras by up to {stale:.3g}: "
                     f"the bundle may be stale (re-run `edgetl export {run_dir}`)"
                 )
         if any(s.source == SOURCE_QAT for s in selected):
-            qat_path = run_dir / "qat.h5"  # type: ignore[operator]
-            if qat_path.is_file():
+            if (run_dir / "qat.h5").is_file():  # type: ignore[operator]
                 say("running the QAT model")
-                sources[SOURCE_QAT] = _qat_outputs(run_dir, images)  # type: ignore[arg-type]
+                ref.sources[SOURCE_QAT] = _qat_outputs(run_dir, images.images)  # type: ignore[arg-type]
             else:
-                warnings.append("the run has no qat.h5: QAT artifacts' fidelity is checked on the bundle sample")
-    elif data is not None:
+                plan.warnings.append("the run has no qat.h5: QAT artifacts' fidelity is checked on the bundle sample")
+        return ref
+    if data is not None:  # a device with --data: the fp32 reference artifact stands in for the float model
         ref_spec = bundle.reference_artifact or next((a for a in bundle.artifacts if a.quantization == "fp32"), None)
         if ref_spec is None:
             raise ConfigError(
                 "--data needs a float32 artifact to stand in for the float model, and this bundle has none",
                 "verify on the bundle sample (drop --data), or verify the run directory on the host",
             )
-        ref_runner = runners.get(ref_spec.name) or extra.get(ref_spec.name)
+        ref_runner = plan.runners.get(ref_spec.name) or plan.extra.get(ref_spec.name)
         if ref_runner is None:
-            ref_runner = extra[ref_spec.name] = make_runner(ref_spec, bundle.input, bundle.labels, threads)
-            specs[ref_spec.name] = (ref_spec, DEFAULT_ENGINE[ref_spec.format])
+            ref_runner = plan.extra[ref_spec.name] = make_runner(ref_spec, bundle.input, bundle.labels, plan.threads)
+            plan.specs[ref_spec.name] = (ref_spec, DEFAULT_ENGINE[ref_spec.format])
         say(f"running {ref_spec.name} (the float model's stand-in)")
-        float_outputs = ref_runner.predict(images)
-        ref_name, ref_kind = ref_spec.name, ref_spec.format
-        outputs_source = f"{ref_spec.name} on --data (fp32, checked against float.keras on the bundle sample)"
-    else:
-        float_outputs = bundle.sample.reference_outputs
-        ref_name, ref_kind = "reference_outputs.npy", "bundle"
-        outputs_source = "sample/reference_outputs.npy (the original Keras model)"
-        sources = dict(bundle.sample.source_outputs)
-    ref_accuracy = accuracy(float_outputs, labels)
-    float_pred = np.argmax(float_outputs, axis=1)
+        return _Reference(ref_spec.name, ref_spec.format,
+                          f"{ref_spec.name} on --data (fp32, checked against float.keras on the bundle sample)",
+                          ref_runner.predict(images.images), {})
+    return _Reference("reference_outputs.npy", "bundle", "sample/reference_outputs.npy (the original Keras model)",
+                      bundle.sample.reference_outputs, dict(bundle.sample.source_outputs))
 
+
+def _check_outputs(plan: _Plan, images: _Images, ref: _Reference, thresholds: Thresholds, *, is_host: bool,
+                   say: Callable[[str], None]) -> list[ArtifactResult]:
+    """Each row's outputs on the images: fidelity against its source model, accuracy against the float model."""
+    bundle, labels = plan.bundle, images.labels
+    float_pred = np.argmax(ref.float_outputs, axis=1)
     results: list[ArtifactResult] = []
-    for key, spec, engine in units:
-        say(f"running {key} on {n} images")
-        outputs = runners[key].predict(images)
-        if spec.source in sources:
-            fid = compare_outputs(outputs, sources[spec.source], labels)
-            fidelity_note = None
+    for key, spec, engine in plan.units:
+        say(f"running {key} on {images.images.shape[0]} images")
+        outputs = plan.runners[key].predict(images.images)
+        fidelity_note = None
+        if spec.source in ref.sources:
+            fid = compare_outputs(outputs, ref.sources[spec.source], labels)
         elif spec.source in bundle.sample.source_outputs:  # --data on a device, or no qat.h5 on the host
-            sample_out = runners[key].predict(bundle.sample.images)
+            sample_out = plan.runners[key].predict(bundle.sample.images)
             fid = compare_outputs(sample_out, bundle.sample.source_outputs[spec.source], bundle.sample.labels)
-            fidelity_note = None
         else:
             fid = compare_outputs(outputs, outputs, labels)
             fidelity_note = (f"fidelity: not checked: the bundle carries no {spec.source} outputs "
@@ -369,7 +438,7 @@ def verify(
         classes = per_class(labels, pred, bundle.labels)
         wrong = np.flatnonzero(pred != labels)
         classes["misclassified"] = [
-            {"image": image_names[i] if image_names else f"{data_desc} #{i}", "index": int(i),
+            {"image": images.names[i] if images.names else f"{images.desc} #{i}", "index": int(i),
              "true": bundle.labels[int(labels[i])], "predicted": bundle.labels[int(pred[i])],
              "probability": float(outputs[i, pred[i]])}
             for i in wrong[:MAX_MISCLASSIFIED]
@@ -380,7 +449,7 @@ def verify(
             file=spec.file,
             format=spec.format,
             quantization=spec.quantization,
-            runtime=runners[key].runtime,
+            runtime=plan.runners[key].runtime,
             accuracy=accuracy(outputs, labels),
             accuracy_drop_pp=paired.drop_pp,
             top1_agreement=fid.top1_agreement,
@@ -390,10 +459,10 @@ def verify(
             latency_ratio=None,
             size_bytes=spec.path.stat().st_size,
             source=spec.source,
-            latency_baseline=baselines.get(key),
+            latency_baseline=plan.baselines.get(key),
             paired=paired,
             per_class=classes,
-            is_reference=(keras_path is None and key == bundle.reference),
+            is_reference=(not is_host and key == bundle.reference),
             predictions=outputs,
             artifact=spec.name,
             engine=engine,
@@ -403,19 +472,25 @@ def verify(
         if not bool(np.all(np.isfinite(outputs))):
             result.failures.append("fidelity: outputs contain NaN or Inf")
         results.append(result)
+    return results
 
-    # Every model at every thread count, timed in one interleaved run (the Keras original at the deployment count
-    # only: TensorFlow fixes its thread pools once per process).
-    timed: dict[tuple[str, int], Runner] = {(key, threads): r for key, r in {**runners, **extra}.items()}
+
+def _time_and_judge(plan: _Plan, results: list[ArtifactResult], ref: _Reference, thread_counts: tuple[int, ...],
+                    image: np.ndarray, warmup: int, runs: int, thresholds: Thresholds,
+                    say: Callable[[str], None]) -> dict:
+    """Every model at every thread count, timed in one interleaved run (the Keras original at the deployment count
+    only: TensorFlow fixes its thread pools once per process); then every check of each row. Returns the stats."""
+    threads = plan.threads
+    timed: dict[tuple[str, int], Runner] = {(key, threads): r for key, r in {**plan.runners, **plan.extra}.items()}
     for count in thread_counts[1:]:
-        for key in [*runners, *extra]:
-            spec, engine = specs[key]
+        for key in [*plan.runners, *plan.extra]:
+            spec, engine = plan.specs[key]
             say(f"loading {key} at {count} threads")
-            timed[(key, count)] = make_runner(spec, bundle.input, bundle.labels, count, engine=engine)
-    if keras_runner is not None:
-        timed[("\0keras", threads)] = keras_runner
+            timed[(key, count)] = make_runner(spec, plan.bundle.input, plan.bundle.labels, count, engine=engine)
+    if ref.keras_runner is not None:
+        timed[(KERAS_KEY, threads)] = ref.keras_runner
     say(f"timing {len(timed)} model(s): {warmup} warm-up + {runs} runs each, interleaved")
-    times = measure_latencies(timed, images[0], warmup=warmup, runs=runs, block=LATENCY_BLOCK)
+    times = measure_latencies(timed, image, warmup=warmup, runs=runs, block=LATENCY_BLOCK)
     stats = {name: LatencyStats.from_ms(t) for name, t in times.items()}
     for result in results:
         result.latency = stats[(result.name, threads)]
@@ -430,30 +505,9 @@ def verify(
         failures, undecided = check(result, thresholds, base)
         result.failures = list(dict.fromkeys(result.failures + failures))
         result.inconclusive += undecided
-
     for runner in list(timed.values()):
         runner.close()
-
-    report = Report(
-        target=str(target),
-        bundle=str(bundle.root),
-        run_id=bundle.run_id,
-        labels=bundle.labels,
-        reference=ReferenceInfo(ref_name, ref_kind, ref_accuracy, stats.get(("\0keras", threads)), outputs_source),
-        artifacts=results,
-        thresholds=thresholds,
-        machine=machine_info(threads, thread_counts),
-        samples=n,
-        data=data_desc,
-        labels_true=labels,
-        warnings=warnings,
-        reference_per_class=per_class(labels, float_pred, bundle.labels),
-        images=images,
-        image_names=image_names,
-    )
-    if report_dir is not None:
-        report.write(report_dir)
-    return report
+    return stats
 
 
 def paired_ratio(times: np.ndarray, baseline: np.ndarray, block: int = LATENCY_BLOCK) -> float:
