@@ -5,7 +5,7 @@
 2. fine_tune (optional): the backbone above the freeze boundary is unfrozen and trained end to end at a 10-100x
    lower ``fine_tune_lr``. BatchNormalization layers stay in inference mode (the base is called with
    ``training=False``), frozen or not.
-3. qat (default on): quantization-aware training from the best float weights (edgetl.quantize).
+3. qat (default on): quantization-aware training from the best float weights (edgetl.qat).
 
 Images are never all in memory: every phase streams them from their files (edgetl.stream: tf.data over file
 indices, parallel decode + resize with the same decoder as export and verify), the head phase's cached features go to
@@ -427,7 +427,7 @@ def tflite_accuracy(content: bytes, images, labels: np.ndarray | None = None, im
                     chunk: int = 256) -> float:
     """Accuracy of a .tflite flatbuffer, run with LiteRT exactly as a device would (batch 1). ``images``: an array
     (with ``labels``) or an :class:`ImageList` decoded ``chunk`` images at a time."""
-    from edgetl.quantize import tflite_predict
+    from edgetl.predict import tflite_predict
 
     threads = os.cpu_count() or 1
     if not isinstance(images, ImageList):
@@ -925,7 +925,8 @@ def qat_phase(cfg, model, train: ImageList, val: ImageList, work: Path, reporter
     """Phase 3: rewrite + annotate, calibrate ranges on training images, train at a low lr, measure int8 files.
 
     The calibration images are drawn by index and only those are decoded; accuracies stream the validation files."""
-    from edgetl import quantize
+    from edgetl import qat
+    from edgetl.convert.tflite import ptq_to_tflite_int8, qat_to_tflite_int8
     from edgetl.stream import load_at
 
     t0 = time.perf_counter()
@@ -934,16 +935,16 @@ def qat_phase(cfg, model, train: ImageList, val: ImageList, work: Path, reporter
     calib_idx = rng.permutation(len(train))[: cfg.calibration_images]
     calib = load_at(train.items, np.sort(calib_idx), size).astype(np.float32)
     with reporter.task("QAT: rewrite, annotate, calibrate", None):
-        qat_model = quantize.quantize_for_training(model)
-        quantize.calibrate(qat_model, calib, batch_size=cfg.batch_size)
+        qat_model = qat.quantize_for_training(model)
+        qat.calibrate(qat_model, calib, batch_size=cfg.batch_size)
     calibrated_acc = stream_accuracy(qat_model, val, size[0], cfg.batch_size)
     rec = fit_phase("qat", cfg, qat_model, train, val, cfg.qat_lr, cfg.qat_epochs, reporter, cfg.seed + 2,
                     logdir=work / "logs" / "qat")
     fake_acc = stream_accuracy(qat_model, val, size[0], cfg.batch_size)
-    quantize.save_qat_model(qat_model, work / "qat.h5")
+    qat.save_qat_model(qat_model, work / "qat.h5")
     with reporter.task("QAT: converting int8 TFLite (QAT and PTQ) to measure them", None):
-        qat_int8 = tflite_accuracy(quantize.qat_to_tflite_int8(qat_model), val, image_size=size[0])
-        ptq_int8 = tflite_accuracy(quantize.ptq_to_tflite_int8(model, calib), val, image_size=size[0])
+        qat_int8 = tflite_accuracy(qat_to_tflite_int8(qat_model), val, image_size=size[0])
+        ptq_int8 = tflite_accuracy(ptq_to_tflite_int8(model, calib), val, image_size=size[0])
     rec.update({
         "calibrated_val_accuracy": calibrated_acc,
         "val_accuracy": fake_acc,
