@@ -63,12 +63,15 @@ def _accuracy(p: np.ndarray, labels: np.ndarray) -> float:
 
 def one_run(backbone: str, dataset: str, size: int, seed: int, epochs: int, qat_epochs: int, data_root: Path,
             out: Path, reuse: bool = False) -> dict:
-    from edgetl import quantize
+    from edgetl import qat
     from edgetl.config import FinetuneConfig
+    from edgetl.convert.onnx import qat_to_onnx
+    from edgetl.convert.tflite import ptq_to_tflite_int8, qat_to_tflite_int8
     from edgetl.data import load_images
     from edgetl.export import onnx as onnx_export
     from edgetl.export.context import BuildContext, load_float_model
     from edgetl.finetune import finetune
+    from edgetl.predict import tflite_predict
     from edgetl.progress import RichReporter
     from edgetl.rundir import read_run
 
@@ -93,14 +96,14 @@ def one_run(backbone: str, dataset: str, size: int, seed: int, epochs: int, qat_
     calib_images = calib.images.astype(np.float32)
 
     float_model = load_float_model(run.float_model)
-    qat_model = quantize.load_qat_model(run.qat_model)
+    qat_model = qat.load_qat_model(run.qat_model)
     p_float = float_model.predict(images, batch_size=32, verbose=0)
     p_qat = qat_model.predict(images, batch_size=32, verbose=0)
     # the QAT model's own noise floor: the same model on every pixel + 0.01 (of 0..255)
     p_qat_shift = qat_model.predict(images + np.float32(0.01), batch_size=32, verbose=0)
-    p_qat_tfl = quantize.tflite_predict(quantize.qat_to_tflite_int8(qat_model), images)
-    p_qat_onnx = _ort_predict(quantize.qat_to_onnx(qat_model), images)
-    p_ptq_tfl = quantize.tflite_predict(quantize.ptq_to_tflite_int8(float_model, calib_images), images)
+    p_qat_tfl = tflite_predict(qat_to_tflite_int8(qat_model), images)
+    p_qat_onnx = _ort_predict(qat_to_onnx(qat_model), images)
+    p_ptq_tfl = tflite_predict(ptq_to_tflite_int8(float_model, calib_images), images)
     work = out / "_ort_static"
     work.mkdir(exist_ok=True)
     ctx = BuildContext(run=run, workdir=work, calibration_loader=lambda: calib.images)

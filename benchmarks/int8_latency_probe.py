@@ -43,7 +43,10 @@ from edgetl._tfenv import keras, tf  # noqa: E402
 
 K = keras()
 TF = tf()
-from edgetl import quantize as q  # noqa: E402
+from edgetl import qat as q  # noqa: E402
+from edgetl.convert.onnx import float_to_onnx, qat_to_onnx  # noqa: E402
+from edgetl.convert.tflite import float_to_tflite, ptq_to_tflite_int8, qat_to_tflite_int8  # noqa: E402
+from edgetl.predict import tflite_predict  # noqa: E402
 from edgetl.tflite_fb import xnnpack_partitions  # noqa: E402
 
 BACKBONES = {
@@ -210,19 +213,19 @@ def main(argv=None):
     calib = (train_x if a.train else test_x)[: a.calib]
     x = test_x[:1]
 
-    variants = {"fp32": q.float_to_tflite(model)}
+    variants = {"fp32": float_to_tflite(model)}
     if not a.skip_stock:
-        variants["int8 ptq stock"] = q.ptq_to_tflite_int8(model, calib, rewrite=False)
-    variants["int8 ptq rewrite"] = q.ptq_to_tflite_int8(model, calib)
+        variants["int8 ptq stock"] = ptq_to_tflite_int8(model, calib, rewrite=False)
+    variants["int8 ptq rewrite"] = ptq_to_tflite_int8(model, calib)
     qat = q.quantize_for_training(model)
     q.calibrate(qat, calib)
-    variants["int8 qat"] = q.qat_to_tflite_int8(qat)
-    variants["int8 qat, int8 in"] = q.qat_to_tflite_int8(qat, input_type="int8")
-    variants["int8 qat, f32 in"] = q.qat_to_tflite_int8(qat, input_type="float32")
+    variants["int8 qat"] = qat_to_tflite_int8(qat)
+    variants["int8 qat, int8 in"] = qat_to_tflite_int8(qat, input_type="int8")
+    variants["int8 qat, f32 in"] = qat_to_tflite_int8(qat, input_type="float32")
     for stem in ("space_to_depth", "int8"):  # the earlier, all-int8 stems (docs/qat.md)
         other = q.quantize_for_training(model, stem=stem)
         q.calibrate(other, calib)
-        variants[f"int8 qat, {stem} stem"] = q.qat_to_tflite_int8(other)
+        variants[f"int8 qat, {stem} stem"] = qat_to_tflite_int8(other)
 
     print(f"\n== LiteRT, {a.backbone} {a.size}px, batch 1, 1 thread, {a.runs} runs")
     fp = None
@@ -238,7 +241,7 @@ def main(argv=None):
 
     if not a.skip_onnx:
         print(f"\n== onnxruntime, {a.backbone} {a.size}px, batch 1, 1 thread, {a.runs} runs")
-        onx = {"fp32": q.float_to_onnx(model), "int8 qat qdq": q.qat_to_onnx(qat)}
+        onx = {"fp32": float_to_onnx(model), "int8 qat qdq": qat_to_onnx(qat)}
         fp = None
         for k, blob in onx.items():
             ops, (p50, p90) = ort_findings_and_time(blob, x, a.runs)
@@ -250,10 +253,10 @@ def main(argv=None):
     tx = np.round(test_x)
     p_float = model.predict(tx, batch_size=16, verbose=0)
     p_fq = qat.predict(tx, batch_size=16, verbose=0)
-    p_int8 = q.tflite_predict(variants["int8 qat"], tx)
-    p_ptq = q.tflite_predict(variants["int8 ptq rewrite"], tx)
+    p_int8 = tflite_predict(variants["int8 qat"], tx)
+    p_ptq = tflite_predict(variants["int8 ptq rewrite"], tx)
     rows = [("float keras", p_float), ("fake-quant keras", p_fq), ("int8 qat tflite", p_int8),
-            ("  same, no XNNPACK", q.tflite_predict(variants["int8 qat"], tx, xnnpack=False)), ("int8 ptq tflite", p_ptq)]
+            ("  same, no XNNPACK", tflite_predict(variants["int8 qat"], tx, xnnpack=False)), ("int8 ptq tflite", p_ptq)]
     if not a.skip_onnx:
         sess = ort_session(onx["int8 qat qdq"])
         name = sess.get_inputs()[0].name

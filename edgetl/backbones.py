@@ -32,7 +32,7 @@ class Backbone:
     #: caffe-style preprocessing put in front of the base (``tf_keras.applications.imagenet_utils`` mode "caffe"):
     #: RGB -> BGR and minus these per-channel means (B, G, R), no scaling. Built as one frozen 1x1 Conv2D
     #: (a channel permutation kernel, bias -mean): one fp32 CONV_2D in the float files, and for QAT the permutation
-    #: folds exactly into the stem conv's kernel (edgetl.quantize), leaving one per-channel ADD in the float stem.
+    #: folds exactly into the stem conv's kernel (edgetl.qat.passes), leaving one per-channel ADD in the float stem.
     input_bgr_mean: tuple[float, float, float] | None = None
     #: input size must be a multiple of this
     size_multiple: int = 1

@@ -26,7 +26,7 @@ KERAS_CLASSES = frozenset({
     "Constant", "GlorotNormal", "GlorotUniform", "HeNormal", "HeUniform", "Ones", "RandomNormal", "RandomUniform",
     "TruncatedNormal", "VarianceScaling", "Zeros", "L1", "L2", "L1L2", "MaxNorm", "NonNeg", "UnitNorm",
 })
-#: Classes of the QAT model (tfmot wrappers/quantizers and edgetl.quantize's layers and configs).
+#: Classes of the QAT model (tfmot wrappers/quantizers and edgetl.qat's layers and configs).
 QAT_CLASSES = frozenset({
     "QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer", "QuantizeAwareActivation",
     "Default8BitQuantizeConfig", "Default8BitConvQuantizeConfig", "MovingAverageQuantizer", "LastValueQuantizer",
@@ -45,7 +45,9 @@ MODULES = frozenset({
     "tf_keras.src.layers.core.tf_op_layer",
 })
 QAT_MODULES = frozenset({
-    "edgetl.quantize",
+    "edgetl.qat.layers",
+    "edgetl.qat.configs",
+    "edgetl.quantize",  # where the layers and configs lived before edgetl.qat (QAT models written then)
     "tensorflow_model_optimization.python.core.quantization.keras.quantize_aware_activation",
     "tensorflow_model_optimization.python.core.quantization.keras.quantize_wrapper",
     "tensorflow_model_optimization.python.core.quantization.keras.quantize_layer",

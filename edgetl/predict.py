@@ -289,4 +289,32 @@ def predict(model: str | Path, images: str | Path, top_k: int = 3, artifact: str
             "predictions": results}
 
 
-__all__ = ["predict", "load", "resolve", "image_paths", "Predictor", "Contract", "BUNDLE_PREFERENCE"]
+def tflite_predict(content: bytes, images: np.ndarray, threads: int = 1, xnnpack: bool = True) -> np.ndarray:
+    """Run a .tflite flatbuffer with LiteRT at batch 1, as a device would; returns float32 outputs (N, C).
+
+    The bare runtime helper (no metadata, labels or contract checks: that is :class:`TflitePredictor`), used to
+    measure int8 accuracy in finetune and in the tests and benchmarks.
+
+    Inputs are 0..255 pixels; a quantized input tensor gets ``round(x / scale + zero_point)`` from the model's own
+    quantization parameters (so uint8, int8 and float32 inputs are all fed correctly).
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    kind = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    it = Interpreter(model_content=content, num_threads=threads, experimental_op_resolver_type=kind)
+    it.allocate_tensors()
+    d, o = it.get_input_details()[0], it.get_output_details()[0]
+    out = []
+    for img in np.asarray(images, dtype=np.float32):
+        x = img[None]
+        if d["dtype"] != np.float32:
+            scale, zero = d["quantization"]
+            info = np.iinfo(d["dtype"])
+            x = np.clip(np.round(x / scale + zero), info.min, info.max)
+        it.set_tensor(d["index"], x.astype(d["dtype"]))
+        it.invoke()
+        out.append(it.get_tensor(o["index"])[0].astype(np.float32))
+    return np.stack(out)
+
+
+__all__ = ["predict", "load", "resolve", "image_paths", "Predictor", "Contract", "BUNDLE_PREFERENCE", "tflite_predict"]

@@ -2,7 +2,7 @@
 
 ``make_run_dir(tmp_path)`` writes colored-noise PNGs in class folders, a small tf_keras classifier with
 Rescaling inside (briefly trained so its outputs are not uniform), ``float.keras``, ``labels.txt``,
-``splits.json``, ``manifest.json`` and, with ``qat=True`` and ``edgetl.quantize`` importable, ``qat.h5``.
+``splits.json``, ``manifest.json`` and, with ``qat=True`` and ``edgetl.qat`` importable, ``qat.h5``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-#: In-memory QAT models by run dir (str), so tests can stand in for ``quantize.load_qat_model`` if needed.
+#: In-memory QAT models by run dir (str), so tests can stand in for ``qat.load_qat_model`` if needed.
 QAT_MODELS: dict[str, Any] = {}
 
 CLASS_COLORS = {"red": (200, 40, 40), "green": (40, 190, 60), "blue": (50, 60, 210)}
@@ -100,14 +100,14 @@ def make_run_dir(
     qat_status = "skipped"
     if qat:
         try:
-            from edgetl import quantize
+            from edgetl import qat as qat_lib
         except ModuleNotFoundError:
-            quantize = None
-        if quantize is not None:
-            qmodel = quantize.quantize_for_training(model)
-            if hasattr(quantize, "calibrate"):
-                quantize.calibrate(qmodel, x.images.astype(np.float32))
-            quantize.save_qat_model(qmodel, run / "qat.h5")
+            qat_lib = None
+        if qat_lib is not None:
+            qmodel = qat_lib.quantize_for_training(model)
+            if hasattr(qat_lib, "calibrate"):
+                qat_lib.calibrate(qmodel, x.images.astype(np.float32))
+            qat_lib.save_qat_model(qmodel, run / "qat.h5")
             QAT_MODELS[str(run.resolve())] = qmodel
             files["qat.h5"] = sha256_file(run / "qat.h5")
             qat_status = "done"

@@ -1006,7 +1006,7 @@ def test_lambda_in_float_keras_is_refused_by_verify(base_run, tmp_path, cli, h5)
 
 
 def test_lambda_in_qat_model_is_refused_by_export(base_run, tmp_path):
-    """The QAT model is HDF5 (quantize.save_qat_model), whose loader ignores safe mode: export must still refuse."""
+    """The QAT model is HDF5 (qat.save_qat_model), whose loader ignores safe mode: export must still refuse."""
     from edgetl.errors import ModelFileError
     from edgetl.export import export_run
 

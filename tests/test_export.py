@@ -82,11 +82,11 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def qat_loader(run_dir):
-    """The run's qat.h5 reloads with quantize.load_qat_model (no fallback: export must go through the real loader)."""
-    from edgetl import quantize
+    """The run's qat.h5 reloads with qat.load_qat_model (no fallback: export must go through the real loader)."""
+    from edgetl import qat
 
     assert (run_dir / "qat.h5").is_file(), "rundir_factory made no QAT model"
-    quantize.load_qat_model(run_dir / "qat.h5")
+    qat.load_qat_model(run_dir / "qat.h5")
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ def test_every_variant_exports_with_a_verifiable_bundle(exported, run_dir):
         "tflite_qat_int8": "qat.h5", "onnx_qat_int8": "qat.h5"}
     qat = np.load(bundle / "sample/qat_outputs.npy", allow_pickle=False)
     assert qat.dtype == np.float32 and qat.shape == ref.shape and "sample/qat_outputs.npy" in meta["files"]
-    from edgetl.quantize import load_qat_model
+    from edgetl.qat import load_qat_model
 
     live = np.asarray(load_qat_model(run_dir / "qat.h5")(images.astype(np.float32), training=False))
     np.testing.assert_allclose(qat, live, atol=1e-5)
@@ -244,7 +244,7 @@ def test_cli_run_bundle_matches_its_source_models(cli_run):
     float files match float.keras within 1e-4, the stored QAT outputs are what qat.h5 computes (loaded with the real
     loader), the QAT int8 TFLite is one XNNPACK partition and agrees with the QAT model. (All variants of this
     backbone: the mobilenet_v3_small row below, in `make test-slow`.)"""
-    from edgetl import quantize
+    from edgetl import qat
     from edgetl.export.context import load_float_model
 
     bundle = cli_run / "export"
@@ -252,7 +252,7 @@ def test_cli_run_bundle_matches_its_source_models(cli_run):
     assert {a["name"] for a in meta["artifacts"]} == {"tflite_fp32", "tflite_qat_int8", "onnx_fp32", "onnx_qat_int8"}
     images = np.load(bundle / "sample/images.npy").astype(np.float32)
     keras_out = np.asarray(load_float_model(cli_run / "float.keras")(images))
-    qat_out = np.asarray(quantize.load_qat_model(cli_run / "qat.h5")(images, training=False))
+    qat_out = np.asarray(qat.load_qat_model(cli_run / "qat.h5")(images, training=False))
     np.testing.assert_allclose(np.load(bundle / "sample/qat_outputs.npy"), qat_out, atol=1e-5)
     for record in meta["artifacts"]:
         got = run_artifact(bundle, record, images)
@@ -339,7 +339,7 @@ def test_tflite_writer_shares_quantization_vectors_and_aligns_buffers(exported):
     plain = bytes(builder.Output())
     assert len(blob) < len(plain)
     x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
-    from edgetl.quantize import tflite_predict
+    from edgetl.predict import tflite_predict
 
     np.testing.assert_array_equal(tflite_predict(blob, x), tflite_predict(plain, x))
     for name in ("tflite_fp32", "tflite_qat_int8"):

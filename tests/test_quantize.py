@@ -1,4 +1,4 @@
-"""QAT on the stock tf_keras.applications backbones (edgetl.quantize).
+"""QAT on the stock tf_keras.applications backbones (edgetl.qat, converted by edgetl.convert).
 
 Small (32 px) random-weight models so the whole file runs in a few minutes on 2 cores. Every
 check runs the real tfmot / TFLite converter / LiteRT / tf2onnx / onnxruntime code paths.
@@ -14,9 +14,12 @@ from edgetl._tfenv import keras, tf
 K = keras()
 TF = tf()
 
-from edgetl import quantize as q  # noqa: E402
+from edgetl import qat as q  # noqa: E402
+from edgetl.convert.onnx import float_to_onnx, qat_to_onnx  # noqa: E402
+from edgetl.convert.tflite import float_to_tflite, ptq_to_tflite_int8, qat_to_tflite_int8  # noqa: E402
 from edgetl.errors import ConfigError, ExportError, ModelFileError  # noqa: E402
 from edgetl.finetune import get_base  # noqa: E402
+from edgetl.predict import tflite_predict  # noqa: E402
 
 #: backbones whose QAT path is exercised here by every ``case`` test (the guard test compares it to the table)
 QAT_TESTED_BACKBONES = ("mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "mobilenet_v2")
@@ -77,23 +80,23 @@ def case(request):
 
 
 def _tflite_run(blob, x):
-    return q.tflite_predict(blob, x, threads=1)
+    return tflite_predict(blob, x, threads=1)
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def stem_layers(flat):
-    """Names of the layers flatten_for_qat marked as the float stem, and of its output layer(s)."""
-    stem = [layer.name for layer in flat.layers if getattr(layer, "_edgetl_float", False)]
-    outs = [layer.name for layer in flat.layers if getattr(layer, "_edgetl_stem_out", False)]
+def stem_layers(flat, plan):
+    """Names of the layers flatten marked as the float stem, and of its output layer(s), in layer order."""
+    stem = [layer.name for layer in flat.layers if plan.of(layer).float_]
+    outs = [layer.name for layer in flat.layers if plan.of(layer).stem_out]
     return stem, outs
 
 
 @pytest.mark.parametrize("stem", q.STEMS)
 def test_flatten_preserves_outputs_and_flags(case, stem):
     model = case["model"]
-    flat = q.flatten_for_qat(model, stem=stem)
+    flat, plan = q.flatten(model, stem=stem)
     x = images(6)
     diff = np.abs(model(x, training=False).numpy() - flat(x, training=False).numpy()).max()
     assert diff <= 1e-5, diff
@@ -101,7 +104,7 @@ def test_flatten_preserves_outputs_and_flags(case, stem):
     assert "TFOpLambda" not in kinds and "BatchNormalization" not in kinds
     assert not any(isinstance(layer, K.Model) for layer in flat.layers)
     assert ("SpaceToDepth" in kinds) == (stem == "space_to_depth" and case["name"].startswith("mobilenet"))
-    names, outs = stem_layers(flat)
+    names, outs = stem_layers(flat, plan)
     if stem == "float":
         # the stem is a prefix of the graph: preprocessing, exactly one Conv2D (the 3-channel stem conv), its
         # activation; its last layer is the single producer of the first quantized tensor
@@ -135,7 +138,7 @@ def test_qat_model_is_close_to_float_and_only_the_stem_and_softmax_are_float(cas
     from tensorflow_model_optimization.quantization.keras import QuantizeWrapper
 
     qat = case["qat"]
-    stem, outs = stem_layers(q.flatten_for_qat(case["model"]))
+    stem, outs = stem_layers(*q.flatten(case["model"]))
     unwrapped = [layer.name for layer in qat.layers[1:] if not isinstance(layer, QuantizeWrapper)]
     assert set(unwrapped) <= set(stem) | {"predictions_act"} and "predictions_act" in unwrapped
     wrapped = {layer.layer.name: layer for layer in qat.layers if isinstance(layer, QuantizeWrapper)}
@@ -155,7 +158,7 @@ def test_every_conv_weight_is_fake_quantized(case):
     the file); edgetl's FusedReLU keeps it away. Every conv/dense outside the float stem quantizes its weights."""
     from tensorflow_model_optimization.quantization.keras import QuantizeWrapper
 
-    stem, _ = stem_layers(q.flatten_for_qat(case["model"]))
+    stem, _ = stem_layers(*q.flatten(case["model"]))
     for layer in case["qat"].layers:
         if isinstance(layer, QuantizeWrapper) and type(layer.layer).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense"):
             if layer.layer.name in stem:
@@ -181,7 +184,7 @@ def test_all_zero_channel_with_large_bias_survives_int8():
     qat = q.quantize_for_training(model)
     x_img = images(4, seed=3)[:, :16, :16]
     q.calibrate(qat, x_img)
-    p_int8 = _tflite_run(q.qat_to_tflite_int8(qat), x_img)
+    p_int8 = _tflite_run(qat_to_tflite_int8(qat), x_img)
     p_fq = qat(x_img, training=False).numpy()
     assert (p_fq[:, 0] > 0.99).all()  # logits 12 vs -12
     assert np.abs(p_int8 - p_fq).max() < 0.01, p_int8
@@ -214,7 +217,7 @@ def test_int8_stem_pins_the_input_range():
     inp = [layer for layer in qat.layers if type(layer).__name__ == "QuantizeLayer"][0]
     assert float(inp.quantizer_vars["min_var"].numpy()) == 0.0
     assert float(inp.quantizer_vars["max_var"].numpy()) == 255.0
-    blob = q.qat_to_tflite_int8(qat)
+    blob = qat_to_tflite_int8(qat)
     x = images(4, seed=3)
     assert np.abs(_tflite_run(blob, x) - qat(x, training=False).numpy()).max() < 0.15
 
@@ -223,7 +226,7 @@ def test_int8_tflite_is_fully_quantized_and_matches_fake_quant(case):
     from ai_edge_litert import schema_py_generated as schema
 
     qat = case["qat"]
-    blob = q.qat_to_tflite_int8(qat)
+    blob = qat_to_tflite_int8(qat)
     m = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(blob, 0))
     g = m.subgraphs[0]
     types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
@@ -261,7 +264,7 @@ def test_int8_tflite_is_fully_quantized_and_matches_fake_quant(case):
     p_fq = qat(x, training=False).numpy()
     assert np.abs(p_int8 - p_fq).mean() < 0.02
     assert np.abs(p_int8 - p_fq).max() < 0.15
-    assert len(blob) < 0.45 * len(q.float_to_tflite(case["model"]))
+    assert len(blob) < 0.45 * len(float_to_tflite(case["model"]))
 
 
 def test_int8_input_variants_agree(case):
@@ -273,7 +276,7 @@ def test_int8_input_variants_agree(case):
     x = images(4, seed=12).astype(np.uint8)
     outs = {}
     for kind in ("uint8", "int8", "float32"):
-        it = Interpreter(model_content=q.qat_to_tflite_int8(qat, input_type=kind), num_threads=1)
+        it = Interpreter(model_content=qat_to_tflite_int8(qat, input_type=kind), num_threads=1)
         it.allocate_tensors()
         d, o = it.get_input_details()[0], it.get_output_details()[0]
         assert d["dtype"] == np.dtype(kind)
@@ -291,7 +294,7 @@ def test_int8_input_variants_agree(case):
     np.testing.assert_allclose(outs["int8"], outs["uint8"], atol=1e-6)
     np.testing.assert_allclose(outs["float32"], outs["uint8"], atol=1e-6)
     with pytest.raises(ConfigError):
-        q.qat_to_tflite_int8(qat, input_type="int4")
+        qat_to_tflite_int8(qat, input_type="int4")
 
 
 def test_qdq_onnx_runs_in_onnxruntime(case):
@@ -299,7 +302,7 @@ def test_qdq_onnx_runs_in_onnxruntime(case):
     import onnxruntime as ort
 
     qat = case["qat"]
-    blob = q.qat_to_onnx(qat, opset=13)
+    blob = qat_to_onnx(qat, opset=13)
     proto = onnx.load_from_string(blob)
     ops = {n.op_type for n in proto.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -368,8 +371,8 @@ def test_save_load_roundtrip(tmp_path):
     assert sum(v.shape.num_elements() for v in loaded.trainable_weights) == sum(
         v.shape.num_elements() for v in qat.trainable_weights
     )
-    assert q._seven_bit(loaded)  # the 7-bit kernel grid (WEIGHT_LEVELS) survives save/load
-    assert len(q.qat_to_tflite_int8(loaded)) > 0
+    assert q.seven_bit(loaded)  # the 7-bit kernel grid (WEIGHT_LEVELS) survives save/load
+    assert len(qat_to_tflite_int8(loaded)) > 0
 
 
 def test_load_garbage_raises_model_file_error(tmp_path):
@@ -393,10 +396,10 @@ def test_unsupported_graph_raises_export_error():
 def test_ptq_and_float_converters():
     model = build_classifier("mobilenet_v3_small", seed=5)
     x = images(8, seed=10)
-    fp = q.float_to_tflite(model)
+    fp = float_to_tflite(model)
     p_fp = _tflite_run(fp, x)
     assert np.abs(p_fp - model(x).numpy()).max() < 1e-4
-    ptq = q.ptq_to_tflite_int8(model, x)
+    ptq = ptq_to_tflite_int8(model, x)
     p = _tflite_run(ptq, x)
     assert p.shape == p_fp.shape and np.isfinite(p).all()
     # the random backbone's outputs hardly depend on the image, so PTQ's accuracy is checked on a small conv net whose
@@ -412,11 +415,11 @@ def test_ptq_and_float_converters():
     xs = images(64, seed=11)
     ref = small(xs).numpy()
     assert ref.argmax(1).std() > 0  # the float model's answers vary with the image
-    got = _tflite_run(q.ptq_to_tflite_int8(small, xs[:32]), xs)
+    got = _tflite_run(ptq_to_tflite_int8(small, xs[:32]), xs)
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9 and np.abs(got - ref).mean() <= 0.01  # measured 0.95, 0.002
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(q.float_to_onnx(model), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(float_to_onnx(model), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     p_onnx = sess.run(None, {name: x[:1]})[0]
     assert np.abs(p_onnx - p_fp[:1]).max() < 1e-4
@@ -437,7 +440,7 @@ def test_caffe_preprocessing_folds_into_the_stem_conv(stem):
     from edgetl.backbones import CAFFE_BGR_MEAN
 
     model = build_classifier("vgg16")
-    flat = q.flatten_for_qat(model, stem=stem)
+    flat, plan = q.flatten(model, stem=stem)
     x = images(4)
     assert np.abs(model(x, training=False).numpy() - flat(x, training=False).numpy()).max() <= 1e-5
     convs = [layer for layer in flat.layers if type(layer).__name__ == "Conv2D"]
@@ -448,7 +451,7 @@ def test_caffe_preprocessing_folds_into_the_stem_conv(stem):
     np.testing.assert_array_equal(first.get_weights()[0], original[:, :, ::-1, :])
     pre = flat.layers[1]
     if stem == "float":  # fp32 in the int8 file: offset only
-        assert type(pre).__name__ == "ChannelAffine" and pre._edgetl_float
+        assert type(pre).__name__ == "ChannelAffine" and plan.of(pre).float_
         scale, offset = pre.get_weights()
     else:  # quantized as a 1x1 depthwise conv
         assert type(pre).__name__ == "DepthwiseConv2D"
@@ -495,18 +498,18 @@ def test_efficientnet_b7_blocks_quantize_to_one_xnnpack_partition():
     names = [layer.name for layer in base.layers]
     assert row.freeze_points["early"] in names  # block2g_add: the table's early point is in these stages
     assert sum(type(layer).__name__ == "Add" for layer in base.layers) == 3 + 6  # block1b-d, block2b-g
-    flat = q.flatten_for_qat(model)
+    flat, plan = q.flatten(model)
     x = images(8, seed=5)
     assert np.abs(model(x, training=False).numpy() - flat(x, training=False).numpy()).max() <= 1e-5
     qat = q.quantize_for_training(model)
     q.calibrate(qat, images(16, seed=2), batch_size=16)
-    stem, _ = stem_layers(flat)
+    stem, _ = stem_layers(flat, plan)
     weighted = [layer for layer in qat.layers if isinstance(layer, QuantizeWrapper)
                 and type(layer.layer).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense") and layer.layer.name not in stem]
     n_linear = sum(type(layer).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense") for layer in flat.layers)
     assert len(weighted) == n_linear - 1  # every conv/dense but the float stem conv quantizes its weights
     assert all(w.quantize_config.get_weights_and_quantizers(w.layer) for w in weighted)
-    blob = q.qat_to_tflite_int8(qat)
+    blob = qat_to_tflite_int8(qat)
     assert xnnpack_partitions(blob) == (1, True)
     p_int8, p_fq = _tflite_run(blob, x), qat(x, training=False).numpy()
     assert np.abs(p_int8 - p_fq).mean() < 0.02 and np.abs(p_int8 - p_fq).max() < 0.15
@@ -545,7 +548,7 @@ def test_pointwise_and_dense_weights_are_7_bit_in_qat_onnx_and_tflite(case):
 
     assert q.WEIGHT_LEVELS == {"Conv2D": 63, "Dense": 63, "DepthwiseConv2D": 127}
     qat = case["qat"]
-    proto = onnx.load_from_string(q.qat_to_onnx(qat))
+    proto = onnx.load_from_string(qat_to_onnx(qat))
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     groups = {n.input[1]: next((a.i for a in n.attribute if a.name == "group"), 1)
               for n in proto.graph.node if n.op_type == "Conv"}
@@ -558,7 +561,7 @@ def test_pointwise_and_dense_weights_are_7_bit_in_qat_onnx_and_tflite(case):
             assert peak == (127 if kind == "depthwise" else 63), (kind, peak)
             seen[kind] += 1
     assert min(seen.values()) >= 1, seen
-    obj = tflite_fb.read(q.qat_to_tflite_int8(qat))
+    obj = tflite_fb.read(qat_to_tflite_int8(qat))
     g = obj.subgraphs[0]
     peaks = {}
     for op in g.operators:
@@ -577,7 +580,7 @@ def test_int8_onnx_gives_the_qdq_graph_result_under_default_optimizations():
     import onnxruntime as ort
 
     qat, bright = _saturation_model()
-    blob = q.qat_to_onnx(qat)
+    blob = qat_to_onnx(qat)
     outs = {}
     for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_ALL"):
         so = ort.SessionOptions()
@@ -590,5 +593,5 @@ def test_int8_onnx_gives_the_qdq_graph_result_under_default_optimizations():
     assert float(np.abs(fq).max()) > 1.0
     np.testing.assert_allclose(outs["ORT_DISABLE_ALL"], fq, atol=tol)
     np.testing.assert_allclose(outs["ORT_ENABLE_ALL"], outs["ORT_DISABLE_ALL"], atol=tol)
-    p_tfl = q.tflite_predict(q.qat_to_tflite_int8(qat, input_type="float32"), bright[:1])
+    p_tfl = tflite_predict(qat_to_tflite_int8(qat, input_type="float32"), bright[:1])
     np.testing.assert_allclose(p_tfl.reshape(fq.shape), fq, atol=tol)

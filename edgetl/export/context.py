@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -12,28 +13,34 @@ from edgetl.errors import EdgetlError, ExportError, ModelFileError
 from edgetl.rundir import RunInfo
 
 
-def quantize_module():
-    """``edgetl.quantize`` (written alongside export), imported lazily; ExportError if it is not there."""
+def qat_module():
+    """``edgetl.qat`` (written alongside export), imported lazily; ExportError if it is not there."""
     try:
-        from edgetl import quantize
+        from edgetl import qat
     except ModuleNotFoundError as exc:
-        if exc.name != "edgetl.quantize":
+        if exc.name != "edgetl.qat":
             raise
         raise ExportError(
-            "int8 QAT/PTQ export needs edgetl.quantize, which this installation lacks",
+            "int8 QAT/PTQ export needs edgetl.qat, which this installation lacks",
             "reinstall edgetl, or export only fp32/fp16/dynamic_int8/ort_static_int8 variants",
         ) from None
-    return quantize
+    return qat
+
+
+def convert_module(fmt: str):
+    """``edgetl.convert.tflite`` / ``edgetl.convert.onnx`` (they need :func:`qat_module`), imported lazily."""
+    qat_module()
+    return importlib.import_module(f"edgetl.convert.{fmt}")
 
 
 def _custom_objects() -> dict[str, Any]:
     try:
-        from edgetl import quantize
+        from edgetl import qat
     except ModuleNotFoundError as exc:
-        if exc.name != "edgetl.quantize":
+        if exc.name != "edgetl.qat":
             raise
         return {}
-    getter = getattr(quantize, "custom_objects", None)
+    getter = getattr(qat, "custom_objects", None)
     return dict(getter()) if getter is not None else {}
 
 
@@ -150,10 +157,10 @@ class BuildContext:
                 "run `edgetl finetune` with QAT enabled, or pick --quantization ptq_int8 / ort_static_int8",
             )
         if "qat_model" not in self.cache:
-            quantize = quantize_module()
+            qat = qat_module()
             refuse_code_in_h5(self.run.qat_model, "QAT model")
             try:
-                model = quantize.load_qat_model(self.run.qat_model)
+                model = qat.load_qat_model(self.run.qat_model)
             except EdgetlError:
                 raise
             except Exception as exc:  # Keras/h5py/zipfile raise many types for truncated or garbage files

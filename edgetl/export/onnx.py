@@ -1,4 +1,4 @@
-"""ONNX variants: fp32 (tf2onnx), qat_int8 (QDQ, via edgetl.quantize) and ort_static_int8 (onnxruntime
+"""ONNX variants: fp32 (tf2onnx), qat_int8 (QDQ, via edgetl.convert.onnx) and ort_static_int8 (onnxruntime
 post-training static quantization, QDQ, per-channel; kept as a comparison for QAT).
 
 Builders return serialized ModelProto bytes; :func:`finalize` renames the I/O to ``image``/``probabilities``,
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.errors import ExportError
-from edgetl.export.context import BuildContext, quantize_module
+from edgetl.export.context import BuildContext, convert_module
 from edgetl.export.metadata import to_onnx_props
 
 EXTENSION = ".onnx"
@@ -48,8 +48,7 @@ def build_fp32(ctx: BuildContext) -> bytes:
 
 
 def build_qat_int8(ctx: BuildContext) -> bytes:
-    quantize = quantize_module()
-    return bytes(quantize.qat_to_onnx(ctx.qat_model()))
+    return bytes(convert_module("onnx").qat_to_onnx(ctx.qat_model()))
 
 
 class _CalibrationReader:

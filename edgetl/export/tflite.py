@@ -1,4 +1,4 @@
-"""TFLite variants: fp32, fp16, dynamic_int8 (built here), ptq_int8 and qat_int8 (via edgetl.quantize).
+"""TFLite variants: fp32, fp16, dynamic_int8 (built here), ptq_int8 and qat_int8 (via edgetl.convert.tflite).
 
 Every builder takes a :class:`~edgetl.export.context.BuildContext` and returns the raw flatbuffer; the export
 driver then embeds the metadata (:func:`embed_metadata`) and records the actual I/O types (:func:`describe`).
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.errors import ExportError
-from edgetl.export.context import BuildContext, quantize_module
+from edgetl.export.context import BuildContext, convert_module
 from edgetl.export.metadata import TFLITE_LABELS_NAME, TFLITE_METADATA_NAME
 
 EXTENSION = ".tflite"
@@ -48,14 +48,12 @@ def build_dynamic_int8(ctx: BuildContext) -> bytes:
 
 def build_ptq_int8(ctx: BuildContext) -> bytes:
     """Full-int8 post-training quantization of the float model, calibrated on training images."""
-    quantize = quantize_module()
-    return bytes(quantize.ptq_to_tflite_int8(ctx.float_model(), ctx.calibration_images()))
+    return bytes(convert_module("tflite").ptq_to_tflite_int8(ctx.float_model(), ctx.calibration_images()))
 
 
 def build_qat_int8(ctx: BuildContext) -> bytes:
     """Full-int8 conversion of the QAT (fake-quant) model."""
-    quantize = quantize_module()
-    return bytes(quantize.qat_to_tflite_int8(ctx.qat_model()))
+    return bytes(convert_module("tflite").qat_to_tflite_int8(ctx.qat_model()))
 
 
 # --- metadata --------------------------------------------------------------------------------------------------

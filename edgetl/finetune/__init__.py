@@ -5,7 +5,7 @@
 2. fine_tune (optional): the backbone above the freeze boundary is unfrozen and trained end to end at a 10-100x
    lower ``fine_tune_lr``. BatchNormalization layers stay in inference mode (the base is called with
    ``training=False``), frozen or not.
-3. qat (default on): quantization-aware training from the best float weights (edgetl.quantize).
+3. qat (default on): quantization-aware training from the best float weights (edgetl.qat).
 
 Images are never all in memory: every phase streams them from their files (edgetl.stream: tf.data over file
 indices, parallel decode + resize with the same decoder as export and verify), the head phase's cached features go to

@@ -1,5 +1,5 @@
 """The three phases, in order: head on cached features of the frozen backbone, fine-tune (the backbone above the
-freeze boundary unfrozen), QAT (edgetl.quantize); and :func:`run_phases`, which runs those not yet completed in the
+freeze boundary unfrozen), QAT (edgetl.qat); and :func:`run_phases`, which runs those not yet completed in the
 work folder, checkpointing after each."""
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ def qat_phase(cfg, model, train: ImageList, val: ImageList, work: Path, reporter
     """Phase 3: rewrite + annotate, calibrate ranges on training images, train at a low lr, measure int8 files.
 
     The calibration images are drawn by index and only those are decoded; accuracies stream the validation files."""
-    from edgetl import quantize
+    from edgetl import qat
+    from edgetl.convert.tflite import ptq_to_tflite_int8, qat_to_tflite_int8
     from edgetl.stream import load_at
 
     t0 = time.perf_counter()
@@ -204,16 +205,16 @@ def qat_phase(cfg, model, train: ImageList, val: ImageList, work: Path, reporter
     calib_idx = rng.permutation(len(train))[: cfg.calibration_images]
     calib = load_at(train.items, np.sort(calib_idx), size).astype(np.float32)
     with reporter.task("QAT: rewrite, annotate, calibrate", None):
-        qat_model = quantize.quantize_for_training(model)
-        quantize.calibrate(qat_model, calib, batch_size=cfg.batch_size)
+        qat_model = qat.quantize_for_training(model)
+        qat.calibrate(qat_model, calib, batch_size=cfg.batch_size)
     calibrated_acc = stream_accuracy(qat_model, val, size[0], cfg.batch_size)
     rec = fit_phase("qat", cfg, qat_model, train, val, cfg.qat_lr, cfg.qat_epochs, reporter, cfg.seed + 2,
                     logdir=work / "logs" / "qat")
     fake_acc = stream_accuracy(qat_model, val, size[0], cfg.batch_size)
-    quantize.save_qat_model(qat_model, work / "qat.h5")
+    qat.save_qat_model(qat_model, work / "qat.h5")
     with reporter.task("QAT: converting int8 TFLite (QAT and PTQ) to measure them", None):
-        qat_int8 = tflite_accuracy(quantize.qat_to_tflite_int8(qat_model), val, image_size=size[0])
-        ptq_int8 = tflite_accuracy(quantize.ptq_to_tflite_int8(model, calib), val, image_size=size[0])
+        qat_int8 = tflite_accuracy(qat_to_tflite_int8(qat_model), val, image_size=size[0])
+        ptq_int8 = tflite_accuracy(ptq_to_tflite_int8(model, calib), val, image_size=size[0])
     rec.update({
         "calibrated_val_accuracy": calibrated_acc,
         "val_accuracy": fake_acc,

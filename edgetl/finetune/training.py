@@ -178,7 +178,7 @@ def tflite_accuracy(content: bytes, images, labels: np.ndarray | None = None, im
                     chunk: int = 256) -> float:
     """Accuracy of a .tflite flatbuffer, run with LiteRT exactly as a device would (batch 1). ``images``: an array
     (with ``labels``) or an :class:`ImageList` decoded ``chunk`` images at a time."""
-    from edgetl.quantize import tflite_predict
+    from edgetl.predict import tflite_predict
 
     threads = os.cpu_count() or 1
     if not isinstance(images, ImageList):
