@@ -81,8 +81,9 @@ def test_one_calibration_count_for_finetune_export_and_the_cli():
 
 def test_flags_reach_the_config(tmp_path, monkeypatch):
     """The new finetune flags (nested augment ones too) end up in the FinetuneConfig the command builds."""
-    import edgetl.finetune
     from typer.testing import CliRunner
+
+    import edgetl.finetune
 
     seen = {}
 
