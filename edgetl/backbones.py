@@ -34,10 +34,6 @@ class Backbone:
     #: (a channel permutation kernel, bias -mean): one fp32 CONV_2D in the float files, and for QAT the permutation
     #: folds exactly into the stem conv's kernel (edgetl.qat.passes), leaving one per-channel ADD in the float stem.
     input_bgr_mean: tuple[float, float, float] | None = None
-    #: input size must be a multiple of this
-    size_multiple: int = 1
-    #: default ImageNet resolution of the published weights (sizes Keras accepts for imagenet weights)
-    imagenet_sizes: tuple[int, ...] = (224,)
 
     def build_base(self, image_size: int, weights: str | None):
         """Build the headless backbone (a nested tf_keras Model)."""
@@ -105,7 +101,6 @@ BACKBONES: dict[str, Backbone] = {
             freeze_points={"early": "block_2_add", "mid": "block_9_add", "late": "block_15_add"},
             builder_kwargs={"alpha": 1.0},
             input_rescale=(1 / 127.5, -1.0),
-            imagenet_sizes=(96, 128, 160, 192, 224),
         ),
         Backbone(
             name="resnet50",
@@ -145,7 +140,6 @@ BACKBONES: dict[str, Backbone] = {
             preprocessing="Rescaling(1/255) and ImageNet mean/std Normalization inside the model",
             weight_files=("efficientnetb7.h5", "efficientnetb7_notop.h5"),
             freeze_points={"early": "block2g_add", "mid": "block4j_add", "late": "block6m_add"},
-            imagenet_sizes=(600,),
         ),
     )
 }

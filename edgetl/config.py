@@ -11,8 +11,13 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edgetl.backbones import BACKBONES
 from edgetl.errors import ConfigError
 from edgetl.schema import Format
+
+#: Training images used to calibrate int8 ranges, in finetune (QAT ranges, the PTQ file it measures) and in export
+#: (ptq_int8, ort_static_int8): one count, so export's PTQ files see as many images as the one finetune measured.
+CALIBRATION_IMAGES = 256
 
 
 class _Strict(BaseModel):
@@ -20,42 +25,54 @@ class _Strict(BaseModel):
 
 
 class Augment(_Strict):
-    flip: bool = Field(True, description="random horizontal flips")
-    rotation: float = Field(0.05, ge=0, le=0.5, description="max rotation, fraction of a full turn")
-    zoom: float = Field(0.1, ge=0, le=0.5, description="max zoom in/out fraction")
-    contrast: float = Field(0.1, ge=0, le=1, description="max contrast change fraction")
+    flip: bool = Field(True, description="Random horizontal flips.")
+    rotation: float = Field(0.05, ge=0, le=0.5, description="Max random rotation, fraction of a full turn.")
+    zoom: float = Field(0.1, ge=0, le=0.5, description="Max random zoom in/out, fraction.")
+    contrast: float = Field(0.1, ge=0, le=1, description="Max random contrast change, fraction.")
 
 
 class FinetuneConfig(_Strict):
-    data: str = Field(..., description="folder with one sub-folder of images per class")
-    val_data: Optional[str] = Field(None, description="separate labelled validation folder (else --val-split)")
-    val_split: float = Field(0.2, gt=0, lt=1, description="stratified validation fraction")
-    backbone: str = "mobilenet_v3_small"
-    weights: str = Field("imagenet", description="imagenet | none | PATH to a Keras .h5 file")
-    weights_dir: Optional[str] = Field(None, description="folder searched first for Keras's imagenet weight files")
-    image_size: Optional[int] = Field(None, description="square input size in pixels (default: the backbone's)")
-    epochs: int = Field(15, ge=1, le=1000, description="head-phase epochs (early stopping on val accuracy)")
-    fine_tune_epochs: int = Field(0, ge=0, le=1000, description="epochs training the unfrozen top of the backbone")
-    head_lr: float = Field(1e-3, gt=0, le=1)
+    """`edgetl finetune`'s settings. Each key is a flag of the command (augment.rotation: --augment-rotation); the
+    flags' defaults and help are these fields' (edgetl/cli/_common.py: option)."""
+
+    data: str = Field(..., description="Folder with one sub-folder of images per class.")
+    val_data: Optional[str] = Field(None, description="Separate labelled validation folder (instead of val_split).")
+    val_split: float = Field(0.2, gt=0, lt=1, description="Stratified, seeded validation fraction.")
+    backbone: str = Field("mobilenet_v3_small", description="Pretrained backbone: " + " | ".join(BACKBONES) + ".")
+    weights: str = Field("imagenet", description="imagenet (looks in weights_dir / $EDGETL_WEIGHTS_DIR first) | "
+                         "none | PATH to a Keras .h5 file.")
+    weights_dir: Optional[str] = Field(None, description="Folder searched first for Keras's imagenet weight files "
+                                       "(by their own names).")
+    image_size: Optional[int] = Field(None, description="Square input size in pixels (default: the backbone's).")
+    epochs: int = Field(15, ge=1, le=1000, description="Head-phase epochs (early stopping on val accuracy).")
+    fine_tune_epochs: int = Field(0, ge=0, le=1000, description="Epochs fine-tuning the unfrozen top of the backbone.")
+    head_lr: float = Field(1e-3, gt=0, le=1, description="Learning rate of the head phase.")
     fine_tune_lr: Optional[float] = Field(
-        None, gt=0, le=1, description="default: 5e-5 (10-100x lower than head_lr) with pretrained weights, 2e-3 with weights none"
+        None, gt=0, le=1, description="Fine-tune learning rate (default: 5e-5, 10-100x below head_lr, with "
+        "pretrained weights; 2e-3 with weights none: training from scratch)."
     )
-    freeze: str = Field("auto", description="auto | all | none | early/mid/late | LAYER_NAME | fraction 0..1")
-    domain: Literal["similar", "different"] = Field("similar", description="how close your photos are to ImageNet")
-    batch_size: int = Field(32, ge=1, le=4096)
-    dropout: float = Field(0.2, ge=0, lt=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    freeze: str = Field("auto", description="auto | all | none | early | mid | late | LAYER_NAME | fraction 0..1 "
+                        "(with weights none, auto freezes nothing).")
+    domain: Literal["similar", "different"] = Field(
+        "similar", description="similar | different: how close your photos are to ImageNet (for freeze auto)."
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="Batch size.")
+    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout rate before the classifier layer.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the cross-entropy loss.")
     augment: Augment = Field(default_factory=Augment)
-    feature_views: int = Field(2, ge=0, le=20, description="augmented views per image cached for the head phase")
-    patience: int = Field(4, ge=1, le=100, description="early-stopping patience (epochs)")
-    qat: bool = Field(True, description="run quantization-aware training (phase 3)")
-    qat_epochs: int = Field(6, ge=1, le=100, description="QAT epochs (early stopping keeps the best)")
-    qat_lr: float = Field(3e-5, gt=0, le=1)
-    calibration_images: int = Field(256, ge=8, le=10000, description="training images used to calibrate int8 ranges")
-    seed: int = Field(0, ge=0, lt=2**32, description="random seed, 0 .. 2**32-1 (NumPy's range)")
-    out: Optional[str] = Field(None, description="run directory (default models/<name>)")
-    name: Optional[str] = None
-    skip_bad_images: bool = False
+    feature_views: int = Field(2, ge=0, le=20, description="Augmented views per image cached for the head phase.")
+    patience: int = Field(4, ge=1, le=100, description="Early-stopping patience (epochs).")
+    qat: bool = Field(True, description="Quantization-aware training (phase 3).")
+    qat_epochs: int = Field(6, ge=1, le=100, description="QAT epochs; early stopping keeps the best.")
+    qat_lr: float = Field(3e-5, gt=0, le=1, description="QAT learning rate.")
+    calibration_images: int = Field(
+        CALIBRATION_IMAGES, ge=8, le=10000, description="Training images that initialise the QAT model's int8 ranges "
+        "(and calibrate the PTQ int8 file whose accuracy finetune reports)."
+    )
+    seed: int = Field(0, ge=0, lt=2**32, description="Random seed, 0 .. 2**32-1 (recorded in the manifest).")
+    out: Optional[str] = Field(None, description="Run directory (default models/NAME, or models/<data folder>-<backbone>).")
+    name: Optional[str] = Field(None, description="Run name: the run directory is models/NAME unless out is set.")
+    skip_bad_images: bool = Field(False, description="Skip unreadable images (counted) instead of failing.")
 
     @field_validator("val_split", mode="before")
     @classmethod
@@ -66,39 +83,80 @@ class FinetuneConfig(_Strict):
 
 
 class ExportConfig(_Strict):
-    format: Literal[Format, "all"] = "all"
-    quantization: list[str] = Field(default_factory=lambda: ["default"])
-    samples: int = Field(200, ge=1, le=100000)
-    out: Optional[str] = None
+    """`edgetl export`'s settings (recipe keys = flags, defaults and help from here)."""
+
+    format: Literal[Format, "all"] = Field("all", description="tflite, onnx or all (repeat or comma-separate).")
+    quantization: list[str] = Field(
+        default_factory=lambda: ["default"],
+        description="Variants to build: default, fp32, fp16, dynamic_int8, ptq_int8, qat_int8, ort_static_int8, all "
+        "(repeat or comma-separate; each applies to the chosen formats that offer it). default: fp32 + qat_int8 "
+        "(ptq_int8 / ort_static_int8 when the run has no QAT model).",
+    )
+    samples: int = Field(200, ge=1, le=100000, description="Held-out validation images stored in the bundle "
+                         "(stratified, seeded).")
+    calibration_images: int = Field(
+        CALIBRATION_IMAGES, ge=1, le=100000, description="Training images used to calibrate ptq_int8 and "
+        "ort_static_int8. QAT int8 variants use none: their ranges were learnt in finetune's QAT phase."
+    )
+    out: Optional[str] = Field(None, description="Bundle folder (default RUN_DIR/export). Replaced as a whole, and "
+                               "only with --force when it already holds a bundle.")
 
 
 class VerifyConfig(_Strict):
-    data: Optional[str] = None
-    threads: int = Field(1, ge=1, le=256)
-    runs: int = Field(100, ge=1, le=100000)
-    warmup: int = Field(10, ge=0, le=10000)
-    # Check limits: None = the default in edgetl.verify.checks.Thresholds (the one place they live).
-    margin_pp: Optional[float] = Field(None, ge=0)
-    confidence: Optional[float] = Field(None, ge=0.5, lt=1)
-    min_agreement: Optional[float] = Field(None, ge=0, le=1)
-    max_mean_diff: Optional[float] = Field(None, ge=0)
-    float_tolerance: Optional[float] = Field(None, gt=0)
-    fp16_tolerance: Optional[float] = Field(None, gt=0)
-    max_latency_ratio: Optional[float] = Field(None, gt=0)
-    latency_noise: Optional[float] = Field(None, ge=0)
-    max_p50_ms: Optional[float] = Field(None, gt=0)
-    max_p99_ms: Optional[float] = Field(None, gt=0)
-    bundle_sample: bool = False
-    report: Optional[str] = None
+    """`edgetl verify`'s settings (recipe keys = flags). The check limits' defaults live here; Thresholds
+    (edgetl.verify.checks) takes its defaults from these fields."""
 
+    data: Optional[str] = Field(
+        None, description="Evaluate on this labelled folder (one sub-folder per class, names = the bundle labels) "
+        "instead of the bundle sample; reference outputs then come from running the reference model."
+    )
+    threads: int = Field(1, ge=1, le=256, description="CPU threads per inference for every runtime.")
+    runs: int = Field(100, ge=1, le=100000, description="Timed batch-1 inferences per model.")
+    warmup: int = Field(10, ge=0, le=10000, description="Untimed inferences per model before timing.")
+    margin_pp: float = Field(
+        2.0, ge=0, description="Accuracy non-inferiority margin: an artifact passes when the confidence interval of "
+        "(float accuracy - its accuracy) on the same images lies below PP percentage points."
+    )
+    confidence: float = Field(0.95, ge=0.5, lt=1, description="Two-sided level of that interval (0.5..1).")
+    min_agreement: float = Field(
+        0.70, ge=0, le=1, description="int8 artifacts fail when their top-1 class equals their source model's on "
+        "less than this share."
+    )
+    max_mean_diff: float = Field(
+        0.06, ge=0, description="int8 artifacts fail when their mean |probability difference| to their source "
+        "model exceeds D."
+    )
+    float_tolerance: float = Field(
+        1e-4, gt=0, description="fp32 artifacts fail if any output probability differs from their source model's "
+        "by more than T."
+    )
+    fp16_tolerance: float = Field(
+        1e-2, gt=0, description="fp16 artifacts fail if any output probability differs from their source model's "
+        "by more than T."
+    )
+    max_latency_ratio: float = Field(
+        1.0, gt=0, description="int8 artifacts fail when their p50 exceeds (R + latency noise) x the same "
+        "runtime's fp32 p50."
+    )
+    latency_noise: float = Field(0.10, ge=0, description="Allowance for timing noise added to the max latency "
+                                 "ratio (0.10: 10%).")
+    max_p50_ms: Optional[float] = Field(None, gt=0, description="Fail any artifact whose p50 exceeds MS.")
+    max_p99_ms: Optional[float] = Field(None, gt=0, description="Fail any artifact whose p99 exceeds MS.")
+    bundle_sample: bool = Field(False, description="On a run directory: evaluate on the bundle sample, not the "
+                                "whole validation split.")
+    report: Optional[str] = Field(None, description="Write report.json, report.md and plots here (default: "
+                                  "BUNDLE/verify/).")
 
     def thresholds(self):
-        """The recipe's check limits, the defaults for those it does not set."""
+        """The recipe's check limits."""
         from edgetl.verify.checks import Thresholds
 
-        keys = ("margin_pp", "confidence", "min_agreement", "max_mean_diff", "float_tolerance", "fp16_tolerance",
-                "max_latency_ratio", "latency_noise", "max_p50_ms", "max_p99_ms")
-        return Thresholds(**{k: getattr(self, k) for k in keys if getattr(self, k) is not None})
+        return Thresholds(**{k: getattr(self, k) for k in THRESHOLD_KEYS})
+
+
+#: The VerifyConfig keys that are check limits (the fields of edgetl.verify.checks.Thresholds).
+THRESHOLD_KEYS = ("margin_pp", "confidence", "min_agreement", "max_mean_diff", "float_tolerance", "fp16_tolerance",
+                  "max_latency_ratio", "latency_noise", "max_p50_ms", "max_p99_ms")
 
 
 class Recipe(_Strict):

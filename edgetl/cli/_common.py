@@ -82,3 +82,24 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+_FROM_MODEL: Any = object()
+
+
+def option(model: Any, key: str, *param_decls: str, default: Any = _FROM_MODEL, help: str | None = None,
+           **kwargs: Any) -> Any:
+    """A ``typer.Option`` for ``model``'s field ``key``: its default and help are the field's (default, description),
+    so every default lives once, in edgetl.config. ``param_decls`` default to ``--key-with-dashes``; ``default``
+    overrides only the form (e.g. a list for a repeatable flag), never the value; ``help`` is appended."""
+    import typer
+
+    field = model.model_fields[key]
+    value = ... if field.is_required() else field.get_default(call_default_factory=True)
+    if default is not _FROM_MODEL:
+        value = default
+    text = field.description or ""
+    if help:
+        text = f"{text} {help}".strip()
+    decls = param_decls or ("--" + key.replace("_", "-"),)
+    return typer.Option(value, *decls, help=text, **kwargs)

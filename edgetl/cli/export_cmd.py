@@ -7,22 +7,18 @@ from typing import Any, Optional
 
 import typer
 
-from edgetl.cli._common import console, handle_errors, out, print_json
+from edgetl.cli._common import console, handle_errors, option, out, print_json
+from edgetl.config import ExportConfig
+
+_EXPORT_DEFAULTS = ExportConfig()
 
 HELP = """Export a fine-tuned run to TFLite and/or ONNX, as a self-contained verification bundle.
 
-RUN_DIR is the folder `edgetl finetune` wrote (manifest.json, float.keras, qat.h5 when QAT ran, splits.json).
-The bundle (default RUN_DIR/export/) holds the artifacts, labels.txt, sample/ (held-out images, their labels and
-the original Keras model's outputs) and bundle.json with every file's sha256; copy it to the device and run
-`edgetl verify BUNDLE` there (no TensorFlow needed).
+RUN_DIR is the folder `edgetl finetune` wrote (manifest.json, float.keras, qat.h5 when QAT ran, splits.json). The bundle (default RUN_DIR/export/) holds the artifacts, labels.txt, sample/ (held-out images, their labels and the original Keras model's outputs) and bundle.json with every file's sha256; copy it to the device and run `edgetl verify BUNDLE` there (no TensorFlow needed).
 
-Every artifact takes NHWC RGB pixels 0..255 (preprocessing is inside the model) and outputs softmax
-probabilities; full-int8 TFLite variants take uint8 pixels directly, the rest float32. Labels, input contract,
-run id, backbone and quantization are embedded in each file's metadata.
+Every artifact takes NHWC RGB pixels 0..255 (preprocessing is inside the model) and outputs softmax probabilities; full-int8 TFLite variants take uint8 pixels directly, the rest float32. Labels, input contract, run id, backbone and quantization are embedded in each file's metadata.
 
-Default variants: fp32 (reference) + qat_int8 per format; a run without QAT gets ptq_int8 (TFLite) and
-ort_static_int8 (ONNX) instead. The bundle is built beside the target and swapped in only when complete; an
-earlier bundle there is replaced only with --force, and a folder that is not an edgetl bundle never.
+Default variants: fp32 (reference) + qat_int8 per format; a run without QAT gets ptq_int8 (TFLite) and ort_static_int8 (ONNX) instead. The bundle is built beside the target and swapped in only when complete; an earlier bundle there is replaced only with --force, and a folder that is not an edgetl bundle never.
 """
 
 
@@ -76,32 +72,17 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def export_cmd(
         run_dir: Path = typer.Argument(..., help="Run directory written by `edgetl finetune`.", show_default=False),
-        fmt: list[str] = typer.Option(
-            ["all"], "--format", "-f", metavar="FORMAT",
-            help="tflite, onnx or all (repeat or comma-separate).",
-        ),
-        quantization: Optional[list[str]] = typer.Option(
-            None, "--quantization", "-q", metavar="NAME",
-            help="Variants to build: fp32, fp16, dynamic_int8, ptq_int8, qat_int8, ort_static_int8, all "
-            "(repeat or comma-separate; each applies to the chosen formats that offer it). Default: fp32 + qat_int8 "
-            "(ptq_int8 / ort_static_int8 when the run has no QAT model).",
-        ),
-        out_dir: Optional[Path] = typer.Option(
-            None, "--out", "-o", metavar="DIR", help="Bundle folder (default RUN_DIR/export). Replaced as a whole, "
-            "and only with --force when it already holds a bundle."
-        ),
+        fmt: list[str] = option(ExportConfig, "format", "--format", "-f", default=[_EXPORT_DEFAULTS.format],
+                                metavar="FORMAT"),
+        quantization: list[str] = option(ExportConfig, "quantization", "--quantization", "-q", metavar="NAME"),
+        out_dir: Optional[Path] = option(ExportConfig, "out", "--out", "-o", metavar="DIR"),
         force: bool = typer.Option(
             False, "--force", help="Replace an earlier bundle at --out (with its verify reports). Refused anyway if "
             "the folder is not an edgetl bundle or holds files edgetl did not write."
         ),
-        samples: int = typer.Option(
-            200, "--samples", min=1, help="Held-out validation images stored in the bundle (stratified, seeded)."
-        ),
+        samples: int = option(ExportConfig, "samples", min=1),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed for picking sample/calibration images (default: the run's seed)."),
-        calibration: int = typer.Option(
-            150, "--calibration-images", min=1, metavar="N",
-            help="Training images used to calibrate ptq_int8 / ort_static_int8 (and the QAT converter).",
-        ),
+        calibration: int = option(ExportConfig, "calibration_images", min=1, metavar="N"),
         data_root: Optional[Path] = typer.Option(
             None, "--data-root", metavar="DIR",
             help="Where the run's images are now, if the data folder moved since finetune (paths in splits.json "

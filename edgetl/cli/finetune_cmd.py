@@ -7,8 +7,15 @@ from typing import Optional
 
 import typer
 
-from edgetl.backbones import BACKBONES
-from edgetl.cli._common import handle_errors, out, print_json
+from edgetl.cli._common import handle_errors, option, out, print_json
+from edgetl.config import Augment, FinetuneConfig
+
+_DATA = "Data"
+_MODEL = "Model"
+_TRAINING = "Training"
+_AUGMENTATION = "Augmentation"
+_QAT = "QAT (phase 3)"
+_OUTPUT = "Output"
 
 
 def finetune_config_from_flags(values: dict):
@@ -59,34 +66,43 @@ def register(app: typer.Typer) -> None:
         "quantization-aware training. Writes a run directory (model, labels, curves, manifest.json)."))
     @handle_errors
     def finetune(
-        data: Path = typer.Option(..., "--data", help="Folder with one sub-folder of images per class."),
-        val_data: Optional[Path] = typer.Option(None, help="Separate labelled validation folder (instead of --val-split)."),
-        val_split: Optional[float] = typer.Option(None, help="Stratified, seeded validation fraction (default 0.2)."),
-        backbone: Optional[str] = typer.Option(None, help=" | ".join(BACKBONES) + "."),
-        weights: Optional[str] = typer.Option(None, help="imagenet (looks in --weights-dir / $EDGETL_WEIGHTS_DIR first) | none | PATH.h5."),
-        weights_dir: Optional[Path] = typer.Option(None, help="Folder holding Keras's weight files by their own names."),
-        image_size: Optional[int] = typer.Option(None, help="Square input size in pixels (default: the backbone's, 224)."),
-        epochs: Optional[int] = typer.Option(None, help="Head-phase epochs (early stopping on val accuracy) (default 15)."),
-        fine_tune_epochs: Optional[int] = typer.Option(None, help="Epochs fine-tuning the unfrozen backbone top (default 0)."),
-        fine_tune_lr: Optional[float] = typer.Option(None, help="Fine-tune learning rate, 10-100x below the head's 1e-3 (default 5e-5; 2e-3 with --weights none: training from scratch)."),
-        freeze: Optional[str] = typer.Option(None, help="auto | all | none | early | mid | late | LAYER_NAME | fraction 0..1 (default auto; with --weights none auto freezes nothing)."),
-        domain: Optional[str] = typer.Option(None, help="similar | different: how close your photos are to ImageNet (for --freeze auto)."),
-        batch_size: Optional[int] = typer.Option(None, help="Batch size (default 32)."),
-        feature_views: Optional[int] = typer.Option(None, help="Augmented views per image cached for the head phase (default 2)."),
-        qat: Optional[bool] = typer.Option(None, "--qat/--no-qat", help="Quantization-aware training (phase 3) (default on)."),
-        qat_epochs: Optional[int] = typer.Option(None, help="QAT epochs; early stopping keeps the best (default 6)."),
-        qat_lr: Optional[float] = typer.Option(None, help="QAT learning rate (default 3e-5)."),
-        seed: Optional[int] = typer.Option(None, help="Random seed (recorded in the manifest) (default 0)."),
-        out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default models/<data>-<backbone>). "
-                                               "Built in a hidden .NAME.partial folder beside it and swapped in when "
-                                               "complete; a killed run resumes from its last finished phase when the "
-                                               "same command is rerun. An existing folder is never replaced unless it "
-                                               "is an edgetl run and --force is given."),
+        data: Path = option(FinetuneConfig, "data", show_default=False, rich_help_panel=_DATA),
+        val_data: Optional[Path] = option(FinetuneConfig, "val_data", rich_help_panel=_DATA),
+        val_split: float = option(FinetuneConfig, "val_split", rich_help_panel=_DATA),
+        backbone: str = option(FinetuneConfig, "backbone", rich_help_panel=_MODEL),
+        weights: str = option(FinetuneConfig, "weights", rich_help_panel=_MODEL),
+        weights_dir: Optional[Path] = option(FinetuneConfig, "weights_dir", rich_help_panel=_MODEL),
+        image_size: Optional[int] = option(FinetuneConfig, "image_size", rich_help_panel=_MODEL),
+        epochs: int = option(FinetuneConfig, "epochs", rich_help_panel=_TRAINING),
+        fine_tune_epochs: int = option(FinetuneConfig, "fine_tune_epochs", rich_help_panel=_TRAINING),
+        head_lr: float = option(FinetuneConfig, "head_lr", rich_help_panel=_TRAINING),
+        fine_tune_lr: Optional[float] = option(FinetuneConfig, "fine_tune_lr", rich_help_panel=_TRAINING),
+        freeze: str = option(FinetuneConfig, "freeze", rich_help_panel=_MODEL),
+        domain: str = option(FinetuneConfig, "domain", rich_help_panel=_MODEL),
+        batch_size: int = option(FinetuneConfig, "batch_size", rich_help_panel=_TRAINING),
+        dropout: float = option(FinetuneConfig, "dropout", rich_help_panel=_MODEL),
+        label_smoothing: float = option(FinetuneConfig, "label_smoothing", rich_help_panel=_TRAINING),
+        augment_flip: bool = option(Augment, "flip", "--augment-flip/--no-augment-flip", rich_help_panel=_AUGMENTATION),
+        augment_rotation: float = option(Augment, "rotation", "--augment-rotation", rich_help_panel=_AUGMENTATION),
+        augment_zoom: float = option(Augment, "zoom", "--augment-zoom", rich_help_panel=_AUGMENTATION),
+        augment_contrast: float = option(Augment, "contrast", "--augment-contrast", rich_help_panel=_AUGMENTATION),
+        feature_views: int = option(FinetuneConfig, "feature_views", rich_help_panel=_TRAINING),
+        patience: int = option(FinetuneConfig, "patience", rich_help_panel=_TRAINING),
+        qat: bool = option(FinetuneConfig, "qat", "--qat/--no-qat", rich_help_panel=_QAT),
+        qat_epochs: int = option(FinetuneConfig, "qat_epochs", rich_help_panel=_QAT),
+        qat_lr: float = option(FinetuneConfig, "qat_lr", rich_help_panel=_QAT),
+        calibration_images: int = option(FinetuneConfig, "calibration_images", rich_help_panel=_QAT),
+        seed: int = option(FinetuneConfig, "seed", rich_help_panel=_TRAINING),
+        name: Optional[str] = option(FinetuneConfig, "name", rich_help_panel=_OUTPUT),
+        out_dir: Optional[Path] = option(
+            FinetuneConfig, "out", "--out", help="Built in a hidden .NAME.partial folder beside it and swapped in "
+            "when complete; a killed run resumes from its last finished phase when the same command is rerun. An "
+            "existing folder is never replaced unless it is an edgetl run and --force is given.", rich_help_panel=_OUTPUT),
         force: bool = typer.Option(False, "--force", help="Replace an earlier edgetl run at --out (with its export/ "
                                    "bundle and verify reports). Refused anyway if the folder is not an edgetl run "
-                                   "or holds files edgetl did not write."),
-        skip_bad_images: Optional[bool] = typer.Option(None, "--skip-bad-images", help="Skip unreadable images (counted) instead of failing."),
-        as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+                                   "or holds files edgetl did not write.", rich_help_panel=_OUTPUT),
+        skip_bad_images: bool = option(FinetuneConfig, "skip_bad_images", rich_help_panel=_DATA),
+        as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.", rich_help_panel=_OUTPUT),
     ) -> None:
         from edgetl.finetune import finetune as run_finetune
         from edgetl.progress import RichReporter
@@ -94,8 +110,11 @@ def register(app: typer.Typer) -> None:
         cfg = finetune_config_from_flags(dict(
             data=str(data), val_data=str(val_data) if val_data else None, val_split=val_split, backbone=backbone,
             weights=weights, weights_dir=str(weights_dir) if weights_dir else None, image_size=image_size,
-            epochs=epochs, fine_tune_epochs=fine_tune_epochs, fine_tune_lr=fine_tune_lr, freeze=freeze,
-            domain=domain, batch_size=batch_size, feature_views=feature_views, qat=qat, qat_epochs=qat_epochs, qat_lr=qat_lr,
-            seed=seed, out=str(out_dir) if out_dir else None, skip_bad_images=skip_bad_images))
+            epochs=epochs, fine_tune_epochs=fine_tune_epochs, head_lr=head_lr, fine_tune_lr=fine_tune_lr,
+            freeze=freeze, domain=domain, batch_size=batch_size, dropout=dropout, label_smoothing=label_smoothing,
+            augment=dict(flip=augment_flip, rotation=augment_rotation, zoom=augment_zoom, contrast=augment_contrast),
+            feature_views=feature_views, patience=patience, qat=qat, qat_epochs=qat_epochs, qat_lr=qat_lr,
+            calibration_images=calibration_images, seed=seed, name=name, out=str(out_dir) if out_dir else None,
+            skip_bad_images=skip_bad_images))
         result = run_finetune(cfg, RichReporter(), force=force)
         render_run(result, as_json)

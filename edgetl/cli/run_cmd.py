@@ -114,8 +114,8 @@ def run_recipe(path: Path, overrides: list[str], reporter, as_json: bool = False
         console.rule("[bold]export")
         ex = recipe.export
         result = export_run(run_dir, format=ex.format, quantization=ex.quantization,
-                            out=Path(ex.out) if ex.out else None, samples=ex.samples, seed=ft.seed, reporter=reporter,
-                            force=force)
+                            out=Path(ex.out) if ex.out else None, samples=ex.samples, seed=ft.seed,
+                            calibration=ex.calibration_images, reporter=reporter, force=force)
         if not as_json:
             render_export(result, False)
         summary["bundle"] = str(result.bundle_dir)
@@ -142,8 +142,9 @@ def run_recipe(path: Path, overrides: list[str], reporter, as_json: bool = False
 
 def register(app: typer.Typer) -> None:
     @app.command(help=(
-        "Run every stage declared in a YAML recipe (finetune -> export -> verify). Keys are the long flag names of "
-        "each command (see recipes/quickstart.yaml); misspelt keys fail with a suggestion. `data: builtin:shapes` "
+        "Run every stage declared in a YAML recipe (finetune -> export -> verify). Each stage's keys are the long "
+        "flag names of its command, with underscores (val_split: --val-split; nested augment.rotation: "
+        "--augment-rotation), same defaults (see recipes/quickstart.yaml); misspelt keys fail with a suggestion. `data: builtin:shapes` "
         "uses the embedded offline demo data set. Exit 0 when verify passes, 1 when a check fails, 4 when a check is inconclusive, 2 on bad input."))
     @handle_errors
     def run(

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from edgetl.cli._common import console, handle_errors, out, print_json
+from edgetl.cli._common import console, handle_errors, option, out, print_json
+from edgetl.config import VerifyConfig
 from edgetl.errors import ConfigError
 
 HELP = """Prove each exported artifact is as good as the model it came from, and as fast, on THIS CPU.
@@ -19,76 +20,38 @@ Three checks per artifact, every failure listed: FIDELITY against the model it w
 Exit status: 0 PASS (every check passed), 1 FAIL (a check failed), 4 INCONCLUSIVE (nothing failed but a check could not decide, e.g. too few images), 2 bad input (missing or tampered bundle, bad flag), 3 internal error. Reports (report.json, report.md, latency.png, confusion.png, misclassified.png) go to BUNDLE/verify/ or --report DIR.
 """
 
-def _defaults():
-    from edgetl.verify.checks import DEFAULTS
-
-    return DEFAULTS
-
 
 def register(app: typer.Typer) -> None:
     @app.command("verify", help=HELP, no_args_is_help=True)
     @handle_errors
     def verify_cmd(
         target: Path = typer.Argument(..., help="Bundle folder (device) or run directory (host).", show_default=False),
-        data: Optional[Path] = typer.Option(
-            None, "--data", metavar="DIR",
-            help="Evaluate on this labelled folder (one sub-folder per class, names = the bundle labels) instead of "
-            "the bundle sample; reference outputs then come from running the reference model.",
-        ),
-        threads: str = typer.Option(
-            "1", "--threads", metavar="N[,M...]",
-            help="CPU threads per inference for every runtime. A comma list (e.g. 1,2 or 1,all; all = this machine's "
-            "cores) times every model at each count side by side in the same run; the FIRST is your deployment count: "
-            "the latency check uses it.",
+        data: Optional[Path] = option(VerifyConfig, "data", metavar="DIR"),
+        threads: str = option(
+            VerifyConfig, "threads", default=str(VerifyConfig.model_fields["threads"].default), metavar="N[,M...]",
+            help="A comma list (e.g. 1,2 or 1,all; all = this machine's cores) times every model at each count side "
+            "by side in the same run; the FIRST is your deployment count: the latency check uses it.",
         ),
         runtime: Optional[list[str]] = typer.Option(
             None, "--runtime", metavar="NAME",
             help="Run the ONNX artifacts in this runtime: onnxruntime (default) or openvino (Intel CPUs; pip install "
-            "'edgetl[openvino]'); repeat or comma-separate for both, side by side (OpenVINO rows are NAME@openvino: "
+            "'edgetl\\[openvino]'); repeat or comma-separate for both, side by side (OpenVINO rows are NAME@openvino: "
             "static batch 1, f32 precision, no CPU pinning). TFLite files always run in LiteRT.",
         ),
-        runs: int = typer.Option(100, "--runs", min=1, help="Timed batch-1 inferences per model."),
-        warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed inferences per model before timing."),
-        margin_pp: float = typer.Option(
-            _defaults().margin_pp, "--margin-pp", metavar="PP",
-            help="Accuracy non-inferiority margin: an artifact passes when the confidence interval of (float accuracy "
-            "- its accuracy) on the same images lies below PP percentage points.",
-        ),
-        confidence: float = typer.Option(
-            _defaults().confidence, "--confidence", metavar="C", help="Two-sided level of that interval (0.5..1)."
-        ),
-        min_agreement: float = typer.Option(
-            _defaults().min_agreement, "--min-agreement", metavar="F",
-            help="int8 artifacts fail when their top-1 class equals their source model's on less than this share.",
-        ),
-        max_mean_diff: float = typer.Option(
-            _defaults().max_mean_diff, "--max-mean-diff", metavar="D",
-            help="int8 artifacts fail when their mean |probability difference| to their source model exceeds D.",
-        ),
-        float_tolerance: float = typer.Option(
-            _defaults().float_tolerance, "--float-tolerance", metavar="T",
-            help="fp32 artifacts fail if any output probability differs from their source model's by more than T.",
-        ),
-        fp16_tolerance: float = typer.Option(
-            _defaults().fp16_tolerance, "--fp16-tolerance", metavar="T",
-            help="fp16 artifacts fail if any output probability differs from their source model's by more than T.",
-        ),
-        max_latency_ratio: float = typer.Option(
-            _defaults().max_latency_ratio, "--max-latency-ratio", metavar="R",
-            help="int8 artifacts fail when their p50 exceeds (R + --latency-noise) x the same runtime's fp32 p50.",
-        ),
-        latency_noise: float = typer.Option(
-            _defaults().latency_noise, "--latency-noise", metavar="N",
-            help="Allowance for timing noise added to --max-latency-ratio (0.10: 10%).",
-        ),
-        max_p50_ms: Optional[float] = typer.Option(None, "--max-p50-ms", metavar="MS", help="Fail any artifact whose p50 exceeds MS."),
-        max_p99_ms: Optional[float] = typer.Option(None, "--max-p99-ms", metavar="MS", help="Fail any artifact whose p99 exceeds MS."),
-        bundle_sample: bool = typer.Option(
-            False, "--bundle-sample", help="On a run directory: evaluate on the bundle sample, not the whole validation split."
-        ),
-        report: Optional[Path] = typer.Option(
-            None, "--report", metavar="DIR", help="Write report.json, report.md and plots here (default: BUNDLE/verify/)."
-        ),
+        runs: int = option(VerifyConfig, "runs", min=1),
+        warmup: int = option(VerifyConfig, "warmup", min=0),
+        margin_pp: float = option(VerifyConfig, "margin_pp", metavar="PP"),
+        confidence: float = option(VerifyConfig, "confidence", metavar="C"),
+        min_agreement: float = option(VerifyConfig, "min_agreement", metavar="F"),
+        max_mean_diff: float = option(VerifyConfig, "max_mean_diff", metavar="D"),
+        float_tolerance: float = option(VerifyConfig, "float_tolerance", metavar="T"),
+        fp16_tolerance: float = option(VerifyConfig, "fp16_tolerance", metavar="T"),
+        max_latency_ratio: float = option(VerifyConfig, "max_latency_ratio", metavar="R"),
+        latency_noise: float = option(VerifyConfig, "latency_noise", metavar="N"),
+        max_p50_ms: Optional[float] = option(VerifyConfig, "max_p50_ms", metavar="MS"),
+        max_p99_ms: Optional[float] = option(VerifyConfig, "max_p99_ms", metavar="MS"),
+        bundle_sample: bool = option(VerifyConfig, "bundle_sample"),
+        report: Optional[Path] = option(VerifyConfig, "report", metavar="DIR"),
         as_json: bool = typer.Option(False, "--json", help="Print the report JSON on stdout (the table goes to stderr)."),
         only: Optional[list[str]] = typer.Option(
             None, "--only", metavar="NAME", help="Verify only this artifact (repeat, or comma-separate, for several)."

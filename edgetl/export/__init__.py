@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from edgetl import __version__
+from edgetl.config import ExportConfig
 from edgetl.errors import ConfigError, DataError, ExportError
 from edgetl.export import onnx as onnx_export
 from edgetl.export import tflite as tflite_export
@@ -33,8 +34,9 @@ from edgetl.manifest import BUNDLE_FOLDER, BUNDLE_SCHEMA
 from edgetl.rundir import RunInfo, read_run
 from edgetl.schema import FORMATS, QUANTIZATIONS, ArtifactRecord, Bundle, Format, Quantization
 
-DEFAULT_SAMPLES = 200
-DEFAULT_CALIBRATION = 150
+#: Defaults of export_run's keywords: ExportConfig's (the one place the CLI, recipes and the API read them).
+DEFAULT_SAMPLES: int = ExportConfig.model_fields["samples"].default
+DEFAULT_CALIBRATION: int = ExportConfig.model_fields["calibration_images"].default
 _WORK_DIR = ".edgetl-work"
 
 
@@ -47,7 +49,6 @@ class Variant:
     builder: Callable[[BuildContext], bytes]
     needs_qat: bool
     default: str | None  # "always", "qat" (default when the run has QAT), "no_qat" (default without QAT), None
-    needs_calibration: bool
     description: str
 
     @property
@@ -63,21 +64,21 @@ class Variant:
 #: The export table: every variant edgetl can produce, in build order (fp32 first: it is the size baseline and
 #: ort_static_int8 quantizes the fp32 ONNX).
 VARIANTS: tuple[Variant, ...] = (
-    Variant("tflite", "fp32", tflite_export.build_fp32, False, "always", False,
+    Variant("tflite", "fp32", tflite_export.build_fp32, False, "always",
             "float32 reference (input float32 0..255)"),
-    Variant("tflite", "fp16", tflite_export.build_fp16, False, None, False,
+    Variant("tflite", "fp16", tflite_export.build_fp16, False, None,
             "float16 weights, float32 compute and I/O"),
-    Variant("tflite", "dynamic_int8", tflite_export.build_dynamic_int8, False, None, False,
+    Variant("tflite", "dynamic_int8", tflite_export.build_dynamic_int8, False, None,
             "int8 weights, float activations and I/O (no calibration)"),
-    Variant("tflite", "ptq_int8", tflite_export.build_ptq_int8, False, "no_qat", True,
+    Variant("tflite", "ptq_int8", tflite_export.build_ptq_int8, False, "no_qat",
             "full int8 post-training quantization, uint8 input, calibrated on training images"),
-    Variant("tflite", "qat_int8", tflite_export.build_qat_int8, True, "qat", True,
+    Variant("tflite", "qat_int8", tflite_export.build_qat_int8, True, "qat",
             "full int8 from the QAT model, uint8 input"),
-    Variant("onnx", "fp32", onnx_export.build_fp32, False, "always", False,
+    Variant("onnx", "fp32", onnx_export.build_fp32, False, "always",
             f"float32 reference via tf2onnx (opset {onnx_export.OPSET}); the bundle's reference"),
-    Variant("onnx", "qat_int8", onnx_export.build_qat_int8, True, "qat", False,
+    Variant("onnx", "qat_int8", onnx_export.build_qat_int8, True, "qat",
             "QDQ int8 from the QAT model (float32 input)"),
-    Variant("onnx", "ort_static_int8", onnx_export.build_ort_static_int8, False, "no_qat", True,
+    Variant("onnx", "ort_static_int8", onnx_export.build_ort_static_int8, False, "no_qat",
             "onnxruntime static int8 (QDQ, per-channel), calibrated on training images; a comparison"),
 )
 assert {v.quantization for v in VARIANTS} == set(QUANTIZATIONS), "edgetl.schema.QUANTIZATIONS and VARIANTS disagree"
@@ -349,7 +350,7 @@ def export_run(
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1 (got {samples})", "use e.g. --samples 200")
     if calibration < 1:
-        raise ConfigError(f"--calibration-images must be >= 1 (got {calibration})", "use e.g. 150")
+        raise ConfigError(f"--calibration-images must be >= 1 (got {calibration})", f"use e.g. {DEFAULT_CALIBRATION}")
     if seed is None:
         try:
             seed = int(run.manifest.get("seed") or 0)

@@ -13,7 +13,8 @@ Three questions, one check each, every failure collected (none short-circuits th
   interleaved in one run, plus a stated noise allowance)? Optional absolute budgets ``max_p50_ms``/``max_p99_ms``
   apply to every artifact.
 
-All defaults live in :class:`Thresholds` (the CLI and recipes read them from here).
+The limits' defaults (and their help) live in :class:`edgetl.config.VerifyConfig`; :class:`Thresholds` takes them
+from there, and so do the verify command's flags.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edgetl.config import THRESHOLD_KEYS, VerifyConfig
 from edgetl.errors import ConfigError
 
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
@@ -32,9 +34,12 @@ PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
 EXIT_CODES = {PASS: 0, FAIL: 1, INCONCLUSIVE: 4}
 
 
+_DEFAULT = {k: VerifyConfig.model_fields[k].default for k in THRESHOLD_KEYS}
+
+
 @dataclass(frozen=True)
 class Thresholds:
-    """Pass/fail limits: the ONE place their defaults live.
+    """Pass/fail limits (defaults: :class:`edgetl.config.VerifyConfig`'s fields, the one place they live).
 
     * ``margin_pp``: non-inferiority margin, percentage points: an artifact passes ``accuracy`` when the
       ``confidence`` interval of (float accuracy - artifact accuracy) on the same images lies below it.
@@ -52,16 +57,16 @@ class Thresholds:
     * ``max_p50_ms`` / ``max_p99_ms``: optional absolute budgets for every artifact (None: not checked).
     """
 
-    margin_pp: float = 2.0
-    confidence: float = 0.95
-    float_tolerance: float = 1e-4
-    fp16_tolerance: float = 1e-2
-    min_agreement: float = 0.70
-    max_mean_diff: float = 0.06
-    max_latency_ratio: float = 1.0
-    latency_noise: float = 0.10
-    max_p50_ms: float | None = None
-    max_p99_ms: float | None = None
+    margin_pp: float = _DEFAULT["margin_pp"]
+    confidence: float = _DEFAULT["confidence"]
+    float_tolerance: float = _DEFAULT["float_tolerance"]
+    fp16_tolerance: float = _DEFAULT["fp16_tolerance"]
+    min_agreement: float = _DEFAULT["min_agreement"]
+    max_mean_diff: float = _DEFAULT["max_mean_diff"]
+    max_latency_ratio: float = _DEFAULT["max_latency_ratio"]
+    latency_noise: float = _DEFAULT["latency_noise"]
+    max_p50_ms: float | None = _DEFAULT["max_p50_ms"]
+    max_p99_ms: float | None = _DEFAULT["max_p99_ms"]
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -100,6 +105,7 @@ class Thresholds:
 
 
 DEFAULTS = Thresholds()
+assert {f.name for f in fields(Thresholds)} == set(THRESHOLD_KEYS), "Thresholds and VerifyConfig disagree"
 
 
 @dataclass(frozen=True)
