@@ -32,7 +32,9 @@ def weights_dir(shared) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def locked(path: Path):
+    """An exclusive lock on the file ``path`` (created) while the block runs: one pytest process at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -47,7 +49,7 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     A build that failed leaves no ``.complete`` marker, so the next one starts over in a fresh folder."""
     base = tmp_path_factory.getbasetemp()
     root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    with _locked(root / f".{name}.lock"):
+    with locked(root / f".{name}.lock"):
         done = root / name / ".complete"
         if not done.is_file():
             if (root / name).exists():

@@ -8,8 +8,6 @@ the current one. A file lock keeps concurrent test runs from building the same v
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import locked
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".pytest_cache" / "edgetl-device-venv"
@@ -32,17 +31,6 @@ def _key() -> str:
     digest = hashlib.sha256((REPO / "pyproject.toml").read_bytes())
     digest.update(f"{platform.python_version()} {sys.platform} {platform.machine()} v1".encode())
     return digest.hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _source_copy(dest: Path) -> Path:
@@ -68,7 +56,7 @@ def device_venv(tmp_path_factory) -> Path:
         pytest.fail("pyproject.toml is missing: cannot build the device install")
     venv = CACHE / _key()
     src = _source_copy(tmp_path_factory.mktemp("src") / "edgetl-src")
-    with _locked(CACHE / ".lock"):
+    with locked(CACHE / ".lock"):
         for old in CACHE.iterdir():  # venvs for an older pyproject.toml
             if old.is_dir() and old.name != venv.name:
                 shutil.rmtree(old, ignore_errors=True)
