@@ -358,170 +358,207 @@ def export_run(
             seed = 0
     out_path = Path(out).expanduser() if out is not None else run.path / "export"
     _check_out(out_path, run, force)
+    job = _Job(run, chosen, notes, out_path, samples, seed, calibration, data_root, force, started)
     with reporter.task(f"export {run.run_id}", len(chosen) + 2) as task:
-        result = _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, progress, task, started,
-                        force)
+        result = _build(job, _Steps(len(chosen) + 2, progress, task))
     for note in result.notes:
         reporter.info(f"note: {note}")
     return result
 
 
-def _build(run, chosen, notes, out_path, samples, seed, calibration, data_root, progress, task, started,
-           force=False):
-    total = len(chosen) + 2
-    step = 0
+@dataclass
+class _Job:
+    """What one export makes: the run, the chosen variants, where, and the sample/calibration selection."""
 
-    def tick(message: str) -> None:
-        nonlocal step
-        if progress is not None:
-            progress(message, step, total)
-        if step:
-            task.advance(1)
-        task.update(step=message)
-        step += 1
+    run: RunInfo
+    chosen: list[Variant]
+    notes: list[str]
+    out: Path
+    samples: int
+    seed: int
+    calibration: int
+    data_root: str | Path | None
+    force: bool
+    started: float
+    calibration_count: int = 0
 
-    size = run.image_size
-    val_items = stratified_sample(run.split_items("val", data_root), samples, seed)
-    calib_state: dict[str, int] = {"count": 0}
+
+@dataclass
+class _Steps:
+    """Progress: ``progress(message, step, total)`` and the reporter task, one step per artifact plus two."""
+
+    total: int
+    progress: ProgressFn | None
+    task: Any
+    step: int = 0
+
+    def tick(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message, self.step, self.total)
+        if self.step:
+            self.task.advance(1)
+        self.task.update(step=message)
+        self.step += 1
+
+    def done(self) -> None:
+        if self.progress is not None:
+            self.progress("done", self.total, self.total)
+        self.task.advance(1)
+        self.task.update(step="done")
+
+
+def _build(job: _Job, steps: _Steps) -> ExportResult:
+    run = job.run
 
     def load_calibration() -> np.ndarray:
-        train = run.split_items("train", data_root)
-        picked = stratified_sample(train, calibration, seed + 1)
-        loaded = _load(picked, size, "training")
-        calib_state["count"] = len(loaded.images)
+        picked = stratified_sample(run.split_items("train", job.data_root), job.calibration, job.seed + 1)
+        loaded = _load(picked, run.image_size, "training")
+        job.calibration_count = len(loaded.images)
         return loaded.images
 
-    artifacts: list[ArtifactResult] = []
-    with atomic_dir(out_path, BUNDLE_FOLDER, force) as tmp:
+    val_items = stratified_sample(run.split_items("val", job.data_root), job.samples, job.seed)
+    with atomic_dir(job.out, BUNDLE_FOLDER, job.force) as tmp:
         # scratch space inside the partial bundle: a killed export leaves it where the next export's stale-partial
         # cleanup removes it (a system temp dir would stay behind in /tmp)
         work = tmp / _WORK_DIR
         work.mkdir()
         ctx = BuildContext(run=run, workdir=work, calibration_loader=load_calibration)
-
-        tick(f"sample: {len(val_items)} held-out images + reference outputs")
-        loaded = _load(val_items, size, "validation")
-        if loaded.skipped:
-            notes.append(f"{len(loaded.skipped)} unreadable sample image(s) skipped")
-        reference_outputs = _predict(ctx.float_model(), loaded.images)
-        (tmp / "sample").mkdir()
-        np.save(tmp / "sample" / "images.npy", loaded.images, allow_pickle=False)
-        np.save(tmp / "sample" / "labels.npy", loaded.labels.astype(np.int64), allow_pickle=False)
-        np.save(tmp / "sample" / "reference_outputs.npy", reference_outputs.astype(np.float32), allow_pickle=False)
-        source_outputs = {"float.keras": "sample/reference_outputs.npy"}
-        if any(v.needs_qat for v in chosen):  # verify checks QAT int8 files against the model they came from
-            qat_outputs = _predict(ctx.qat_model(), loaded.images)
-            np.save(tmp / "sample" / "qat_outputs.npy", qat_outputs.astype(np.float32), allow_pickle=False)
-            source_outputs["qat.h5"] = "sample/qat_outputs.npy"
+        sample_count, source_outputs = _write_sample(job, ctx, val_items, tmp, steps)
         labels_text = "".join(f"{label}\n" for label in run.labels)
         (tmp / "labels.txt").write_text(labels_text, encoding="utf-8")
-
-        fp32_size: dict[str, int] = {}
-        records: list[dict[str, Any]] = []
-        for v in chosen:
-            tick(f"{v.format} {v.quantization}")
-            t0 = time.time()
-            raw = v.builder(ctx)
-            if v.format == "tflite":
-                io = tflite_export.describe(raw)
-            else:
-                io = onnx_export.describe(onnx_export.rename_io(raw))
-            contract = dict(run.input_contract)
-            contract["dtype"] = io["input_dtype"]
-            if io["input_quant"] is not None:
-                contract["quant"] = io["input_quant"]
-            meta = artifact_metadata(
-                edgetl_version=__version__,
-                run_id=run.run_id,
-                backbone=run.backbone,
-                labels=run.labels,
-                input_contract=contract,
-                quantization=v.quantization,
-                fmt=v.format,
-                source="qat.h5" if v.needs_qat else "float.keras",
-            )
-            if v.format == "tflite":
-                data = tflite_export.embed_metadata(raw, meta, labels_text)
-            else:
-                data = onnx_export.finalize(raw, meta)
-            path = tmp / v.file
-            path.write_bytes(data)
-            if v.format == "onnx":
-                onnx_export.check_loads(path)
-            else:
-                io = tflite_export.describe(data)  # the finished file loads; its names are the standard ones
-            if v.quantization == "fp32":
-                fp32_size[v.format] = len(data)
-            base = fp32_size.get(v.format)
-            digest = sha256_file(path)
-            artifacts.append(
-                ArtifactResult(
-                    name=v.name, file=v.file, path=out_path / v.file, format=v.format, quantization=v.quantization,
-                    size_bytes=len(data), ratio_to_fp32=(len(data) / base) if base else None,
-                    input_dtype=io["input_dtype"], input_quant=io["input_quant"], output_dtype=io["output_dtype"],
-                    output_quant=io["output_quant"], sha256=digest, seconds=round(time.time() - t0, 2),
-                )
-            )
-            records.append(ArtifactRecord(
-                name=v.name, file=v.file, format=v.format, quantization=v.quantization,
-                input_name=io["input_name"], input_shape=io["input_shape"], input_dtype=io["input_dtype"],
-                input_quant=io["input_quant"], output_name=io["output_name"], output_dtype=io["output_dtype"],
-                output_quant=io["output_quant"], size_bytes=len(data), sha256=digest, source=meta["source"],
-                **({"opset": io["opset"]} if "opset" in io else {}),
-            ).dump())
-
-        tick("bundle.json")
-        reference = _reference(chosen)
+        artifacts, records, fp32_size = [], [], {}
+        for v in job.chosen:
+            steps.tick(f"{v.format} {v.quantization}")
+            artifact, record = _write_artifact(job, ctx, v, tmp, labels_text, fp32_size)
+            artifacts.append(artifact)
+            records.append(record)
+        steps.tick("bundle.json")
+        reference = _reference(job.chosen)
         shutil.rmtree(work)
-        bundle = {
-            "schema": BUNDLE_SCHEMA,
-            "edgetl_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "run_id": run.run_id,
-            "backbone": run.backbone,
-            "labels": list(run.labels),
-            "input": run.input_contract,
-            "output": {"kind": "probabilities", "softmax": True, "classes": len(run.labels)},
-            "reference": reference,
-            "artifacts": records,
-            "sample": {
-                "images": "sample/images.npy",
-                "labels": "sample/labels.npy",
-                "reference_outputs": "sample/reference_outputs.npy",
-                "count": int(len(loaded.images)),
-                "split": "val",
-                "seed": seed,
-                "reference_model": "float.keras",
-                "source_outputs": source_outputs,
-            },
-            "calibration": {"split": "train", "count": calib_state["count"], "seed": seed + 1},
-            "source_run": {"path": str(run.path), "manifest_sha256": sha256_file(run.path / "manifest.json")},
-            "notes": notes,
-        }
-        (tmp / "README.md").write_text(model_card(bundle, run.manifest), encoding="utf-8")
-        bundle["files"] = {
-            p.relative_to(tmp).as_posix(): sha256_file(p)
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file() and p.name not in ("bundle.json", PID_FILE)
-        }
-        atomic_write_json(tmp / "bundle.json", Bundle.model_validate(bundle).dump())
-        os.chmod(tmp / "bundle.json", 0o666 & ~_umask())
-        if progress is not None:
-            progress("done", total, total)
-        task.advance(1)
-        task.update(step="done")
+        _write_bundle_json(job, tmp, reference, records, sample_count, source_outputs)
+        steps.done()
 
     return ExportResult(
-        out=out_path,
+        out=job.out,
         run_dir=run.path,
         run_id=run.run_id,
         reference=reference,
         artifacts=tuple(artifacts),
-        sample_count=int(len(loaded.images)),
-        calibration_count=calib_state["count"],
-        notes=tuple(notes),
-        seconds=round(time.time() - started, 2),
+        sample_count=sample_count,
+        calibration_count=job.calibration_count,
+        notes=tuple(job.notes),
+        seconds=round(time.time() - job.started, 2),
     )
+
+
+def _write_sample(job: _Job, ctx: BuildContext, val_items: list[tuple[Path, int]], tmp: Path,
+                  steps: _Steps) -> tuple[int, dict[str, str]]:
+    """sample/: held-out images, labels, and each source model's outputs on them (verify's evidence on a device)."""
+    steps.tick(f"sample: {len(val_items)} held-out images + reference outputs")
+    loaded = _load(val_items, job.run.image_size, "validation")
+    if loaded.skipped:
+        job.notes.append(f"{len(loaded.skipped)} unreadable sample image(s) skipped")
+    reference_outputs = _predict(ctx.float_model(), loaded.images)
+    (tmp / "sample").mkdir()
+    np.save(tmp / "sample" / "images.npy", loaded.images, allow_pickle=False)
+    np.save(tmp / "sample" / "labels.npy", loaded.labels.astype(np.int64), allow_pickle=False)
+    np.save(tmp / "sample" / "reference_outputs.npy", reference_outputs.astype(np.float32), allow_pickle=False)
+    source_outputs = {"float.keras": "sample/reference_outputs.npy"}
+    if any(v.needs_qat for v in job.chosen):  # verify checks QAT int8 files against the model they came from
+        qat_outputs = _predict(ctx.qat_model(), loaded.images)
+        np.save(tmp / "sample" / "qat_outputs.npy", qat_outputs.astype(np.float32), allow_pickle=False)
+        source_outputs["qat.h5"] = "sample/qat_outputs.npy"
+    return int(len(loaded.images)), source_outputs
+
+
+def _write_artifact(job: _Job, ctx: BuildContext, v: Variant, tmp: Path, labels_text: str,
+                    fp32_size: dict[str, int]) -> tuple[ArtifactResult, dict[str, Any]]:
+    """Build one variant, embed its metadata, write it and check that it loads; its result and bundle record."""
+    run = job.run
+    t0 = time.time()
+    raw = v.builder(ctx)
+    io = tflite_export.describe(raw) if v.format == "tflite" else onnx_export.describe(onnx_export.rename_io(raw))
+    contract = dict(run.input_contract)
+    contract["dtype"] = io["input_dtype"]
+    if io["input_quant"] is not None:
+        contract["quant"] = io["input_quant"]
+    meta = artifact_metadata(
+        edgetl_version=__version__,
+        run_id=run.run_id,
+        backbone=run.backbone,
+        labels=run.labels,
+        input_contract=contract,
+        quantization=v.quantization,
+        fmt=v.format,
+        source="qat.h5" if v.needs_qat else "float.keras",
+    )
+    if v.format == "tflite":
+        data = tflite_export.embed_metadata(raw, meta, labels_text)
+    else:
+        data = onnx_export.finalize(raw, meta)
+    path = tmp / v.file
+    path.write_bytes(data)
+    if v.format == "onnx":
+        onnx_export.check_loads(path)
+    else:
+        io = tflite_export.describe(data)  # the finished file loads; its names are the standard ones
+    if v.quantization == "fp32":
+        fp32_size[v.format] = len(data)
+    base = fp32_size.get(v.format)
+    digest = sha256_file(path)
+    artifact = ArtifactResult(
+        name=v.name, file=v.file, path=job.out / v.file, format=v.format, quantization=v.quantization,
+        size_bytes=len(data), ratio_to_fp32=(len(data) / base) if base else None,
+        input_dtype=io["input_dtype"], input_quant=io["input_quant"], output_dtype=io["output_dtype"],
+        output_quant=io["output_quant"], sha256=digest, seconds=round(time.time() - t0, 2),
+    )
+    record = ArtifactRecord(
+        name=v.name, file=v.file, format=v.format, quantization=v.quantization,
+        input_name=io["input_name"], input_shape=io["input_shape"], input_dtype=io["input_dtype"],
+        input_quant=io["input_quant"], output_name=io["output_name"], output_dtype=io["output_dtype"],
+        output_quant=io["output_quant"], size_bytes=len(data), sha256=digest, source=meta["source"],
+        **({"opset": io["opset"]} if "opset" in io else {}),
+    ).dump()
+    return artifact, record
+
+
+def _write_bundle_json(job: _Job, tmp: Path, reference: str, records: list[dict[str, Any]], sample_count: int,
+                       source_outputs: dict[str, str]) -> None:
+    """The model card, then bundle.json (validated by schema.Bundle) with every file's checksum, written last."""
+    run = job.run
+    bundle = {
+        "schema": BUNDLE_SCHEMA,
+        "edgetl_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_id": run.run_id,
+        "backbone": run.backbone,
+        "labels": list(run.labels),
+        "input": run.input_contract,
+        "output": {"kind": "probabilities", "softmax": True, "classes": len(run.labels)},
+        "reference": reference,
+        "artifacts": records,
+        "sample": {
+            "images": "sample/images.npy",
+            "labels": "sample/labels.npy",
+            "reference_outputs": "sample/reference_outputs.npy",
+            "count": sample_count,
+            "split": "val",
+            "seed": job.seed,
+            "reference_model": "float.keras",
+            "source_outputs": source_outputs,
+        },
+        "calibration": {"split": "train", "count": job.calibration_count, "seed": job.seed + 1},
+        "source_run": {"path": str(run.path), "manifest_sha256": sha256_file(run.path / "manifest.json")},
+        "notes": job.notes,
+    }
+    (tmp / "README.md").write_text(model_card(bundle, run.manifest), encoding="utf-8")
+    bundle["files"] = {
+        p.relative_to(tmp).as_posix(): sha256_file(p)
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file() and p.name not in ("bundle.json", PID_FILE)
+    }
+    atomic_write_json(tmp / "bundle.json", Bundle.model_validate(bundle).dump())
+    os.chmod(tmp / "bundle.json", 0o666 & ~_umask())
 
 
 def _reference(chosen: Sequence[Variant]) -> str:
