@@ -246,6 +246,7 @@ def test_cli_run_bundle_matches_its_source_models(cli_run):
     backbone: the mobilenet_v3_small row below, in `make test-slow`.)"""
     from edgetl import qat
     from edgetl.export.context import load_float_model
+    from edgetl.verify import Thresholds
 
     bundle = cli_run / "export"
     meta = verify_checksums(bundle)
@@ -258,8 +259,10 @@ def test_cli_run_bundle_matches_its_source_models(cli_run):
         got = run_artifact(bundle, record, images)
         if record["quantization"] == "fp32":
             assert float(np.abs(got - keras_out).max()) <= 1e-4, record["name"]
-        else:
-            assert np.mean(got.argmax(1) == qat_out.argmax(1)) >= 0.9, record["name"]
+        else:  # verify's default int8 fidelity limits (this 32 px model from random weights sits near its boundaries)
+            limits = Thresholds()
+            assert np.mean(got.argmax(1) == qat_out.argmax(1)) >= limits.min_agreement, record["name"]
+            assert np.abs(got - qat_out).mean() <= limits.max_mean_diff, record["name"]
     assert xnnpack_partitions((bundle / "model_qat_int8.tflite").read_bytes()) == (1, True)
 
 

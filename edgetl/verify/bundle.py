@@ -266,7 +266,12 @@ def load_bundle(path: str | Path) -> Bundle:
     except BundleError:
         raise
     except (TypeError, ValueError, OverflowError, OSError, KeyError, IndexError) as exc:
-        raise _err(f"bundle.json in {path} is malformed ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
+        if isinstance(exc, OSError) and exc.filename:  # name the file in the bundle, not the path leading to it
+            name = Path(exc.filename).name
+            what = f"{exc.strerror}: {name[:60]!r}{'...' if len(name) > 60 else ''} ({len(name)} characters)"
+        else:
+            what = " ".join(str(exc).split())[:120]
+        raise _err(f"bundle.json in {path} is malformed ({type(exc).__name__}: {what})") from None
 
 
 def _load_bundle(path: Path) -> Bundle:
