@@ -44,6 +44,7 @@ test-all: install lint
 
 lint: install
 	$(BIN)/ruff check edgetl tests benchmarks devices
+	$(BIN)/ruff format --check edgetl tests benchmarks devices
 
 bench: install
 	EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/python benchmarks/export_latency.py

@@ -54,7 +54,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(here.parent / "shared" / "data" / "trashnet"))
     ap.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
-    ap.add_argument("--weights", default="auto", help="auto (imagenet where found locally, else none) | imagenet | none")
+    ap.add_argument(
+        "--weights", default="auto", help="auto (imagenet where found locally, else none) | imagenet | none"
+    )
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--per-class", type=int, default=0, help="images per class (0: all)")
     ap.add_argument("--epochs", type=int, default=5, help="head epochs")
@@ -76,9 +78,19 @@ def main() -> None:
         run = work / name
         weights = weights_for(name, args.weights, args.image_size)
         if not (run / "manifest.json").exists():
-            cfg = FinetuneConfig(data=str(data), backbone=name, weights=weights, image_size=args.image_size,
-                                 epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs, freeze=args.freeze,
-                                 qat=True, qat_epochs=args.qat_epochs, out=str(run), seed=0)
+            cfg = FinetuneConfig(
+                data=str(data),
+                backbone=name,
+                weights=weights,
+                image_size=args.image_size,
+                epochs=args.epochs,
+                fine_tune_epochs=args.fine_tune_epochs,
+                freeze=args.freeze,
+                qat=True,
+                qat_epochs=args.qat_epochs,
+                out=str(run),
+                seed=0,
+            )
             finetune(cfg)
         manifest = json.loads((run / "manifest.json").read_text())
         export_run(run, format="tflite", quantization=["fp32", "qat_int8"], samples=12, force=True)
@@ -90,26 +102,41 @@ def main() -> None:
         by_q = {s.quantization: s for s in bundle.artifacts}
         p50 = {s.quantization: float(np.percentile(times[s.name], 50)) for s in bundle.artifacts}
         m = manifest.get("metrics", {})
-        rows.append(dict(
-            backbone=name, weights=manifest["weights"]["source"],
-            float_acc=m.get("float_val_accuracy"), int8_acc=m.get("qat_int8_val_accuracy"),
-            fp32_ms=p50["fp32"], int8_ms=p50["qat_int8"],
-            fp32_mb=by_q["fp32"].path.stat().st_size / 1e6, int8_mb=by_q["qat_int8"].path.stat().st_size / 1e6))
+        rows.append(
+            dict(
+                backbone=name,
+                weights=manifest["weights"]["source"],
+                float_acc=m.get("float_val_accuracy"),
+                int8_acc=m.get("qat_int8_val_accuracy"),
+                fp32_ms=p50["fp32"],
+                int8_ms=p50["qat_int8"],
+                fp32_mb=by_q["fp32"].path.stat().st_size / 1e6,
+                int8_mb=by_q["qat_int8"].path.stat().st_size / 1e6,
+            )
+        )
 
     def acc(v):
         return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
 
-    print(f"\n{data} at {args.image_size} px; head {args.epochs} epochs, fine-tune {args.fine_tune_epochs}, "
-          f"QAT {args.qat_epochs}; LiteRT {args.threads} thread(s), batch 1, p50 of {args.runs} runs\n")
-    print(f"{'backbone':<20}{'weights':<10}{'float acc':>10}{'int8 acc':>10}{'int8 ms':>10}{'fp32 ms':>10}"
-          f"{'int8/fp32':>10}{'int8 MB':>9}{'fp32 MB':>9}")
+    print(
+        f"\n{data} at {args.image_size} px; head {args.epochs} epochs, fine-tune {args.fine_tune_epochs}, "
+        f"QAT {args.qat_epochs}; LiteRT {args.threads} thread(s), batch 1, p50 of {args.runs} runs\n"
+    )
+    print(
+        f"{'backbone':<20}{'weights':<10}{'float acc':>10}{'int8 acc':>10}{'int8 ms':>10}{'fp32 ms':>10}"
+        f"{'int8/fp32':>10}{'int8 MB':>9}{'fp32 MB':>9}"
+    )
     for r in rows:
-        print(f"{r['backbone']:<20}{r['weights']:<10}{acc(r['float_acc']):>10}{acc(r['int8_acc']):>10}"
-              f"{r['int8_ms']:>10.2f}{r['fp32_ms']:>10.2f}{r['int8_ms'] / r['fp32_ms']:>9.2f}x"
-              f"{r['int8_mb']:>9.2f}{r['fp32_mb']:>9.2f}")
+        print(
+            f"{r['backbone']:<20}{r['weights']:<10}{acc(r['float_acc']):>10}{acc(r['int8_acc']):>10}"
+            f"{r['int8_ms']:>10.2f}{r['fp32_ms']:>10.2f}{r['int8_ms'] / r['fp32_ms']:>9.2f}x"
+            f"{r['int8_mb']:>9.2f}{r['fp32_mb']:>9.2f}"
+        )
     if any(r["weights"] == "none" for r in rows):
-        print("\nweights none: trained from scratch on this data (accuracy says little about the architecture; "
-              "latency and size are the real ones)")
+        print(
+            "\nweights none: trained from scratch on this data (accuracy says little about the architecture; "
+            "latency and size are the real ones)"
+        )
 
 
 if __name__ == "__main__":

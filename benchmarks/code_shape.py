@@ -25,12 +25,22 @@ def measure(root: Path = ROOT) -> dict:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 args = node.args
                 n_params = len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs)
-                functions.append({"function": f"{rel}:{node.name}", "line": node.lineno,
-                                  "lines": node.end_lineno - node.lineno + 1, "params": n_params})
+                functions.append(
+                    {
+                        "function": f"{rel}:{node.name}",
+                        "line": node.lineno,
+                        "lines": node.end_lineno - node.lineno + 1,
+                        "params": n_params,
+                    }
+                )
     modules.sort(key=lambda m: -m["lines"])
     functions.sort(key=lambda f: -f["lines"])
-    return {"modules": modules, "functions": functions,
-            "total_lines": sum(m["lines"] for m in modules), "module_count": len(modules)}
+    return {
+        "modules": modules,
+        "functions": functions,
+        "total_lines": sum(m["lines"] for m in modules),
+        "module_count": len(modules),
+    }
 
 
 def main() -> None:

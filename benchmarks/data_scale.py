@@ -59,9 +59,29 @@ def subset(all_root: Path, dst: Path, per_class: int) -> Path:
 
 def run_finetune(data: Path, out: Path, image_size: int, epochs: int, batch_size: int) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_USE_LEGACY_KERAS="1")
-    cmd = [sys.executable, "-m", "edgetl", "finetune", "--data", str(data), "--weights", "none",
-           "--image-size", str(image_size), "--epochs", str(epochs), "--fine-tune-epochs", "0", "--no-qat",
-           "--batch-size", str(batch_size), "--out", str(out), "--force", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgetl",
+        "finetune",
+        "--data",
+        str(data),
+        "--weights",
+        "none",
+        "--image-size",
+        str(image_size),
+        "--epochs",
+        str(epochs),
+        "--fine-tune-epochs",
+        "0",
+        "--no-qat",
+        "--batch-size",
+        str(batch_size),
+        "--out",
+        str(out),
+        "--force",
+        "--json",
+    ]
     t0 = time.perf_counter()
     with open(out.with_suffix(".log"), "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
@@ -69,8 +89,10 @@ def run_finetune(data: Path, out: Path, image_size: int, epochs: int, batch_size
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"edgetl finetune failed on {data} (exit {os.waitstatus_to_exitcode(status)}); "
-                         f"see {out.with_suffix('.log')}")
+        raise SystemExit(
+            f"edgetl finetune failed on {data} (exit {os.waitstatus_to_exitcode(status)}); "
+            f"see {out.with_suffix('.log')}"
+        )
     manifest = json.loads(stdout)["manifest"]
     return {"wall_s": wall, "rss_mb": usage.ru_maxrss / 1024, "manifest": manifest}
 
@@ -94,27 +116,43 @@ def main() -> None:
         data = subset(cache / "all", cache / f"n{n}", n // 4)
         r = run_finetune(data, cache / f"run-{n}", args.image_size, args.epochs, args.batch_size)
         m = r["manifest"]["phases"]["head"]
-        rows.append((n, r["wall_s"], r["rss_mb"], m.get("cache_seconds"), m.get("train_seconds"),
-                     r["manifest"]["metrics"]["float_val_accuracy"]))
+        rows.append(
+            (
+                n,
+                r["wall_s"],
+                r["rss_mb"],
+                m.get("cache_seconds"),
+                m.get("train_seconds"),
+                r["manifest"]["metrics"]["float_val_accuracy"],
+            )
+        )
         print(f"{n} images: {r['wall_s']:.1f} s, peak RSS {r['rss_mb']:.0f} MB", flush=True)
 
     n0, w0, r0 = rows[0][:3]
-    print(f"\nedgetl finetune, {args.image_size} px, {args.epochs} head epochs, weights none, no fine-tune, no QAT, "
-          f"{os.cpu_count()} CPUs")
-    print(f"{'images':>8}{'wall s':>9}{'ms/image':>10}{'x (ms/img)':>12}{'peak RSS MB':>13}{'x RSS':>8}"
-          f"{'cache s':>9}{'head s':>8}{'val acc':>9}")
+    print(
+        f"\nedgetl finetune, {args.image_size} px, {args.epochs} head epochs, weights none, no fine-tune, no QAT, "
+        f"{os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'images':>8}{'wall s':>9}{'ms/image':>10}{'x (ms/img)':>12}{'peak RSS MB':>13}{'x RSS':>8}"
+        f"{'cache s':>9}{'head s':>8}{'val acc':>9}"
+    )
     for n, wall, rss, cache_s, train_s, acc in rows:
         per = wall / n * 1000
-        print(f"{n:>8}{wall:>9.1f}{per:>10.2f}{per / (w0 / n0 * 1000):>12.2f}{rss:>13.0f}{rss / r0:>8.2f}"
-              f"{cache_s:>9.1f}{train_s:>8.1f}{acc:>9.3f}")
+        print(
+            f"{n:>8}{wall:>9.1f}{per:>10.2f}{per / (w0 / n0 * 1000):>12.2f}{rss:>13.0f}{rss / r0:>8.2f}"
+            f"{cache_s:>9.1f}{train_s:>8.1f}{acc:>9.3f}"
+        )
     big = rows[-1]
     rss_ratio = big[2] / r0
     time_ratio = (big[1] / big[0]) / (w0 / n0)
     phase_ratio = ((big[3] + big[4]) / big[0]) / ((rows[0][3] + rows[0][4]) / n0)
     ok = rss_ratio <= 1.3 and abs(time_ratio - 1) <= 0.2
-    print(f"\nRSS({big[0]})/RSS({n0}) = {rss_ratio:.2f} (goal <= 1.3); time per image ratio {time_ratio:.2f} "
-          f"(goal within 0.8-1.2; wall time includes the fixed start-up: TensorFlow import, model build); "
-          f"head phase alone (cache s + head s) per image: {phase_ratio:.2f}")
+    print(
+        f"\nRSS({big[0]})/RSS({n0}) = {rss_ratio:.2f} (goal <= 1.3); time per image ratio {time_ratio:.2f} "
+        f"(goal within 0.8-1.2; wall time includes the fixed start-up: TensorFlow import, model build); "
+        f"head phase alone (cache s + head s) per image: {phase_ratio:.2f}"
+    )
     print("RESULT", "PASS" if ok else "MISS")
 
 

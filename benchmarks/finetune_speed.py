@@ -53,11 +53,20 @@ def main() -> None:
     train, val = load_images(tr, size), load_images(va, size)
     decode_s = time.perf_counter() - t0
     weights = resolve_weights(b, args.weights, args.image_size)
-    cfg = FinetuneConfig(data=args.data, backbone=args.backbone, image_size=args.image_size, epochs=args.epochs,
-                         patience=args.epochs + 1, feature_views=0, seed=args.seed,
-                         augment={"flip": False, "rotation": 0, "zoom": 0, "contrast": 0})
-    print(f"data {args.data}: {len(train.labels)} train / {len(val.labels)} val images, {args.image_size} px, "
-          f"{args.epochs} epochs, weights {weights.describe()}, {os.cpu_count()} CPUs")
+    cfg = FinetuneConfig(
+        data=args.data,
+        backbone=args.backbone,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        patience=args.epochs + 1,
+        feature_views=0,
+        seed=args.seed,
+        augment={"flip": False, "rotation": 0, "zoom": 0, "contrast": 0},
+    )
+    print(
+        f"data {args.data}: {len(train.labels)} train / {len(val.labels)} val images, {args.image_size} px, "
+        f"{args.epochs} epochs, weights {weights.describe()}, {os.cpu_count()} CPUs"
+    )
 
     # edgetl: features of the frozen backbone computed once, head trained on them
     set_seeds(args.seed)
@@ -75,10 +84,17 @@ def main() -> None:
     base2.trainable = False
     model2.compile(k.optimizers.Adam(cfg.head_lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
     t0 = time.perf_counter()
-    model2.fit(train.images.astype(np.float32), train.labels, batch_size=cfg.batch_size, epochs=args.epochs,
-                      validation_data=(val.images.astype(np.float32), val.labels), verbose=0,
-                      callbacks=[k.callbacks.EarlyStopping("val_accuracy", patience=args.epochs + 1, mode="max",
-                                                           restore_best_weights=True)])
+    model2.fit(
+        train.images.astype(np.float32),
+        train.labels,
+        batch_size=cfg.batch_size,
+        epochs=args.epochs,
+        validation_data=(val.images.astype(np.float32), val.labels),
+        verbose=0,
+        callbacks=[
+            k.callbacks.EarlyStopping("val_accuracy", patience=args.epochs + 1, mode="max", restore_best_weights=True)
+        ],
+    )
     plain_s = time.perf_counter() - t0
     plain_acc = evaluate_accuracy(model2, val.images, val.labels)
 

@@ -61,8 +61,17 @@ def _accuracy(p: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(p.argmax(1) == labels))
 
 
-def one_run(backbone: str, dataset: str, size: int, seed: int, epochs: int, qat_epochs: int, data_root: Path,
-            out: Path, reuse: bool = False) -> dict:
+def one_run(
+    backbone: str,
+    dataset: str,
+    size: int,
+    seed: int,
+    epochs: int,
+    qat_epochs: int,
+    data_root: Path,
+    out: Path,
+    reuse: bool = False,
+) -> dict:
     from edgetl import qat
     from edgetl.config import FinetuneConfig
     from edgetl.convert.onnx import qat_to_onnx
@@ -77,10 +86,17 @@ def one_run(backbone: str, dataset: str, size: int, seed: int, epochs: int, qat_
 
     pretrained = backbone == "mobilenet_v3_small"
     cfg = FinetuneConfig(
-        data=str(data_root / dataset), backbone=backbone, weights="imagenet" if pretrained else "none",
-        image_size=size, epochs=epochs, fine_tune_epochs=max(1, epochs // 3) if pretrained else epochs,
-        fine_tune_lr=5e-5 if pretrained else None, freeze="auto" if pretrained else "none",
-        qat_epochs=qat_epochs, qat_lr=3e-5 if pretrained else 1e-4, seed=seed,
+        data=str(data_root / dataset),
+        backbone=backbone,
+        weights="imagenet" if pretrained else "none",
+        image_size=size,
+        epochs=epochs,
+        fine_tune_epochs=max(1, epochs // 3) if pretrained else epochs,
+        fine_tune_lr=5e-5 if pretrained else None,
+        freeze="auto" if pretrained else "none",
+        qat_epochs=qat_epochs,
+        qat_lr=3e-5 if pretrained else 1e-4,
+        seed=seed,
         out=str(out / f"{backbone}-{dataset}-{size}-s{seed}"),
     )
     t0 = time.perf_counter()
@@ -109,15 +125,26 @@ def one_run(backbone: str, dataset: str, size: int, seed: int, epochs: int, qat_
     ctx = BuildContext(run=run, workdir=work, calibration_loader=lambda: calib.images)
     p_ptq_onnx = _ort_predict(onnx_export.build_ort_static_int8(ctx), images)
     row = {
-        "backbone": backbone, "dataset": dataset, "size": size, "seed": seed, "val_images": int(len(labels)),
-        "float": _accuracy(p_float, labels), "qat": _accuracy(p_qat, labels),
-        "ptq_tflite": _accuracy(p_ptq_tfl, labels), "ptq_onnx": _accuracy(p_ptq_onnx, labels),
-        "qat_tflite": _accuracy(p_qat_tfl, labels), "qat_onnx": _accuracy(p_qat_onnx, labels),
+        "backbone": backbone,
+        "dataset": dataset,
+        "size": size,
+        "seed": seed,
+        "val_images": int(len(labels)),
+        "float": _accuracy(p_float, labels),
+        "qat": _accuracy(p_qat, labels),
+        "ptq_tflite": _accuracy(p_ptq_tfl, labels),
+        "ptq_onnx": _accuracy(p_ptq_onnx, labels),
+        "qat_tflite": _accuracy(p_qat_tfl, labels),
+        "qat_onnx": _accuracy(p_qat_onnx, labels),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    for name, p, ref in (("qat_shift", p_qat_shift, p_qat), ("qat_tflite", p_qat_tfl, p_qat),
-                         ("qat_onnx", p_qat_onnx, p_qat),
-                         ("ptq_tflite", p_ptq_tfl, p_float), ("ptq_onnx", p_ptq_onnx, p_float)):
+    for name, p, ref in (
+        ("qat_shift", p_qat_shift, p_qat),
+        ("qat_tflite", p_qat_tfl, p_qat),
+        ("qat_onnx", p_qat_onnx, p_qat),
+        ("ptq_tflite", p_ptq_tfl, p_float),
+        ("ptq_onnx", p_ptq_onnx, p_float),
+    ):
         row[f"{name}_agree"], row[f"{name}_mdp"] = _fidelity(p, ref)
     return row
 
@@ -127,13 +154,38 @@ def _median(rows: list[dict], key: str) -> float:
 
 
 def report(rows: list[dict]) -> bool:
-    cols = ("float", "qat", "qat_shift_agree", "qat_shift_mdp", "ptq_tflite", "qat_tflite", "qat_tflite_agree",
-            "qat_tflite_mdp", "ptq_onnx", "qat_onnx",
-            "qat_onnx_agree", "qat_onnx_mdp")
-    heads = ("float", "QAT fq", "shift ag", "shift dp", "PTQ tfl", "QAT tfl", "agree", "m|dp|", "PTQ ort", "QAT ort",
-             "agree", "m|dp|")
-    print("\nper run (accuracy on the validation split; agree / m|dp| = QAT int8 file vs the QAT model;"
-          " shift = the QAT model on pixels + 0.01 vs itself: its own noise floor)")
+    cols = (
+        "float",
+        "qat",
+        "qat_shift_agree",
+        "qat_shift_mdp",
+        "ptq_tflite",
+        "qat_tflite",
+        "qat_tflite_agree",
+        "qat_tflite_mdp",
+        "ptq_onnx",
+        "qat_onnx",
+        "qat_onnx_agree",
+        "qat_onnx_mdp",
+    )
+    heads = (
+        "float",
+        "QAT fq",
+        "shift ag",
+        "shift dp",
+        "PTQ tfl",
+        "QAT tfl",
+        "agree",
+        "m|dp|",
+        "PTQ ort",
+        "QAT ort",
+        "agree",
+        "m|dp|",
+    )
+    print(
+        "\nper run (accuracy on the validation split; agree / m|dp| = QAT int8 file vs the QAT model;"
+        " shift = the QAT model on pixels + 0.01 vs itself: its own noise floor)"
+    )
     print(f"{'run':<42}" + "".join(f"{h:>9}" for h in heads))
     for r in rows:
         name = f"{r['backbone']} {r['dataset']} {r['size']} s{r['seed']}"
@@ -151,7 +203,8 @@ def report(rows: list[dict]) -> bool:
             checks = {
                 f"agreement {agree:.4f} >= {GOAL_AGREEMENT}": agree >= GOAL_AGREEMENT,
                 f"mean|dp| {mdp:.4f} <= {GOAL_MEAN_DIFF}": mdp <= GOAL_MEAN_DIFF,
-                f"QAT int8 {acc:.4f} >= float {fl:.4f} - {GOAL_MARGIN_PP}pp": (acc - fl) * 100 >= -GOAL_MARGIN_PP - 1e-9,
+                f"QAT int8 {acc:.4f} >= float {fl:.4f} - {GOAL_MARGIN_PP}pp": (acc - fl) * 100
+                >= -GOAL_MARGIN_PP - 1e-9,
                 f"QAT int8 {acc:.4f} >= PTQ int8 {ptq:.4f}": acc >= ptq,
             }
             for text, ok in checks.items():

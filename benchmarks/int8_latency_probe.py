@@ -109,8 +109,11 @@ def fit_head(model, x, y, epochs=60):
 def tflite_findings(blob):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    raw = Interpreter(model_content=blob, num_threads=1,
-                      experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    raw = Interpreter(
+        model_content=blob,
+        num_threads=1,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
     raw.allocate_tensors()
     ops = collections.Counter(o["op_name"] for o in raw._get_ops_details())
     return ops, xnnpack_partitions(blob)[0]
@@ -233,8 +236,10 @@ def main(argv=None):
         ops, parts = tflite_findings(blob)
         p50, p90 = time_tflite(blob, x, a.runs)
         fp = fp or p50
-        print(f"{k:18s} p50 {p50:6.2f} ms  p90 {p90:6.2f} ms  x{p50 / fp:4.2f}  size {len(blob) / 1e6:5.2f} MB"
-              f" ({len(blob) / len(variants['fp32']):.2f}x)  XNNPACK partitions {parts}")
+        print(
+            f"{k:18s} p50 {p50:6.2f} ms  p90 {p90:6.2f} ms  x{p50 / fp:4.2f}  size {len(blob) / 1e6:5.2f} MB"
+            f" ({len(blob) / len(variants['fp32']):.2f}x)  XNNPACK partitions {parts}"
+        )
         print("    ops:", dict(sorted(ops.items())))
         if parts > 1:
             print("    ops feeding a partition boundary (outside XNNPACK):", non_delegated(blob))
@@ -255,19 +260,28 @@ def main(argv=None):
     p_fq = qat.predict(tx, batch_size=16, verbose=0)
     p_int8 = tflite_predict(variants["int8 qat"], tx)
     p_ptq = tflite_predict(variants["int8 ptq rewrite"], tx)
-    rows = [("float keras", p_float), ("fake-quant keras", p_fq), ("int8 qat tflite", p_int8),
-            ("  same, no XNNPACK", tflite_predict(variants["int8 qat"], tx, xnnpack=False)), ("int8 ptq tflite", p_ptq)]
+    rows = [
+        ("float keras", p_float),
+        ("fake-quant keras", p_fq),
+        ("int8 qat tflite", p_int8),
+        ("  same, no XNNPACK", tflite_predict(variants["int8 qat"], tx, xnnpack=False)),
+        ("int8 ptq tflite", p_ptq),
+    ]
     if not a.skip_onnx:
         sess = ort_session(onx["int8 qat qdq"])
         name = sess.get_inputs()[0].name
         rows.append(("int8 qat onnx", np.concatenate([sess.run(None, {name: t[None]})[0] for t in tx])))
-    print(f"\n== accuracy on {len(tx)} held-out images ({'trained head' if a.train else 'random head'}; "
-          f"no QAT epochs, calibrated on {len(calib)} images)")
+    print(
+        f"\n== accuracy on {len(tx)} held-out images ({'trained head' if a.train else 'random head'}; "
+        f"no QAT epochs, calibrated on {len(calib)} images)"
+    )
     for k, p in rows:
         acc = float((p.argmax(1) == test_y).mean())
         agree = float((p.argmax(1) == p_fq.argmax(1)).mean())
         dp = np.abs(p - p_fq)
-        print(f"{k:18s} top-1 {acc:.3f}  agreement with fake-quant {agree:.3f}  |dp| mean {dp.mean():.4f} max {dp.max():.4f}")
+        print(
+            f"{k:18s} top-1 {acc:.3f}  agreement with fake-quant {agree:.3f}  |dp| mean {dp.mean():.4f} max {dp.max():.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -34,15 +34,26 @@ def main() -> None:
     for name in args.datasets:
         recipe = load_recipe(here / "recipes" / f"{name}.yaml")
         values = recipe.finetune.model_dump()
-        values["data"] = str((here / values["data"]).resolve()) if not Path(values["data"]).is_absolute() else values["data"]
+        values["data"] = (
+            str((here / values["data"]).resolve()) if not Path(values["data"]).is_absolute() else values["data"]
+        )
         values["out"] = str(out / name)
         if args.image_size:
             values["image_size"] = args.image_size
         cfg = type(recipe.finetune).model_validate(values)
         m = finetune(cfg, RichReporter(), force=True).manifest["metrics"]
-        rows.append((name, m["float_val_accuracy"], m["ptq_int8_val_accuracy"], m["qat_val_accuracy"],
-                     m["qat_int8_val_accuracy"]))
-    print(f"\n{'data set':<12}{'float':>9}{'PTQ int8':>10}{'QAT fake-q':>12}{'QAT int8':>10}{'QAT-float':>11}{'QAT-PTQ':>9}")
+        rows.append(
+            (
+                name,
+                m["float_val_accuracy"],
+                m["ptq_int8_val_accuracy"],
+                m["qat_val_accuracy"],
+                m["qat_int8_val_accuracy"],
+            )
+        )
+    print(
+        f"\n{'data set':<12}{'float':>9}{'PTQ int8':>10}{'QAT fake-q':>12}{'QAT int8':>10}{'QAT-float':>11}{'QAT-PTQ':>9}"
+    )
     for name, f, p, q, qi in rows:
         print(f"{name:<12}{f:>9.4f}{p:>10.4f}{q:>12.4f}{qi:>10.4f}{(qi - f) * 100:>+10.2f}pp{(qi - p) * 100:>+8.2f}pp")
     for name, f, p, _, qi in rows:

@@ -54,7 +54,9 @@ def profile(path: str, runs: int, threads: int) -> list[tuple[str, str, float]]:
     rows = []
     for k, op in enumerate(graph.operators):
         shape = [int(v) for v in graph.tensors[int(op.outputs[0])].shape]
-        rows.append((tflite_fb.op_name(obj, op), "x".join(map(str, shape[1:])), time_model(prefix(model, k), runs, threads)))
+        rows.append(
+            (tflite_fb.op_name(obj, op), "x".join(map(str, shape[1:])), time_model(prefix(model, k), runs, threads))
+        )
     return rows
 
 

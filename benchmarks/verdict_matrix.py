@@ -52,8 +52,14 @@ def _env() -> dict:
 
 
 def edgetl(*args: str, timeout: int = 3600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgetl", *map(str, args)], capture_output=True, text=True,
-                          env=_env(), timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "edgetl", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def subset(name: str, dest: Path, per_class: int, seed: int) -> Path:
@@ -122,17 +128,22 @@ def plant(fault: str, bundle: Path, n_classes: int) -> str:
         _rehash(bundle)
         return ""
     name = "onnx_fp32" if fault in ("swapped", "perturbed", "preprocess") else "onnx_qat_int8"
-    path = bundle / next(a["file"] for a in json.loads((bundle / "bundle.json").read_text())["artifacts"]
-                         if a["name"] == name)
+    path = bundle / next(
+        a["file"] for a in json.loads((bundle / "bundle.json").read_text())["artifacts"] if a["name"] == name
+    )
 
     def edit(proto):
         graph = proto.graph
         if fault == "swapped":
             perm = np.arange(n_classes)
             perm[[0, 1]] = [1, 0]
-            _wrap_output(proto, lambda orig, out: (
-                [helper.make_node("Gather", [orig, "fault_perm"], [out], axis=1)],
-                [numpy_helper.from_array(perm.astype(np.int64), "fault_perm")]))
+            _wrap_output(
+                proto,
+                lambda orig, out: (
+                    [helper.make_node("Gather", [orig, "fault_perm"], [out], axis=1)],
+                    [numpy_helper.from_array(perm.astype(np.int64), "fault_perm")],
+                ),
+            )
         elif fault == "perturbed":
             rng = np.random.default_rng(0)
             for init in graph.initializer:
@@ -144,40 +155,63 @@ def plant(fault: str, bundle: Path, n_classes: int) -> str:
             inp = graph.input[0].name
             for node in graph.node:
                 node.input[:] = [i + "__pre" if i == inp else i for i in node.input]
-            graph.initializer.extend([numpy_helper.from_array(np.array(1 / 127.5, np.float32), "fault_scale"),
-                                      numpy_helper.from_array(np.array(-1.0, np.float32), "fault_offset")])
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(np.array(1 / 127.5, np.float32), "fault_scale"),
+                    numpy_helper.from_array(np.array(-1.0, np.float32), "fault_offset"),
+                ]
+            )
             graph.node.insert(0, helper.make_node("Mul", [inp, "fault_scale"], ["fault_scaled"]))
             graph.node.insert(1, helper.make_node("Add", ["fault_scaled", "fault_offset"], [inp + "__pre"]))
         elif fault == "collapsed":
-            _wrap_output(proto, lambda orig, out: (
-                [helper.make_node("Mul", [orig, "fault_zero"], ["fault_nothing"]),
-                 helper.make_node("Add", ["fault_nothing", "fault_uniform"], [out])],
-                [numpy_helper.from_array(np.array(0.0, np.float32), "fault_zero"),
-                 numpy_helper.from_array(np.full((1, n_classes), 1.0 / n_classes, np.float32), "fault_uniform")]))
+            _wrap_output(
+                proto,
+                lambda orig, out: (
+                    [
+                        helper.make_node("Mul", [orig, "fault_zero"], ["fault_nothing"]),
+                        helper.make_node("Add", ["fault_nothing", "fault_uniform"], [out]),
+                    ],
+                    [
+                        numpy_helper.from_array(np.array(0.0, np.float32), "fault_zero"),
+                        numpy_helper.from_array(np.full((1, n_classes), 1.0 / n_classes, np.float32), "fault_uniform"),
+                    ],
+                ),
+            )
         elif fault == "slowed":
             shape = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]]
             flat, hidden, depth = int(np.prod(shape)), 512, 12
             rng = np.random.default_rng(3)
-            inits = [numpy_helper.from_array(np.array([-1, flat], np.int64), "slow_shape"),
-                     numpy_helper.from_array(np.array(1 / 255, np.float32), "slow_scale"),
-                     numpy_helper.from_array(np.array(0.0, np.float32), "slow_zero"),
-                     numpy_helper.from_array((rng.standard_normal((flat, hidden)) / np.sqrt(flat)).astype(np.float32),
-                                             "slow_w0")]
-            nodes = [helper.make_node("Reshape", [graph.input[0].name, "slow_shape"], ["slow_flat"]),
-                     helper.make_node("Mul", ["slow_flat", "slow_scale"], ["slow_scaled"]),
-                     helper.make_node("MatMul", ["slow_scaled", "slow_w0"], ["slow_h0"]),
-                     helper.make_node("Tanh", ["slow_h0"], ["slow_a0"])]
+            inits = [
+                numpy_helper.from_array(np.array([-1, flat], np.int64), "slow_shape"),
+                numpy_helper.from_array(np.array(1 / 255, np.float32), "slow_scale"),
+                numpy_helper.from_array(np.array(0.0, np.float32), "slow_zero"),
+                numpy_helper.from_array(
+                    (rng.standard_normal((flat, hidden)) / np.sqrt(flat)).astype(np.float32), "slow_w0"
+                ),
+            ]
+            nodes = [
+                helper.make_node("Reshape", [graph.input[0].name, "slow_shape"], ["slow_flat"]),
+                helper.make_node("Mul", ["slow_flat", "slow_scale"], ["slow_scaled"]),
+                helper.make_node("MatMul", ["slow_scaled", "slow_w0"], ["slow_h0"]),
+                helper.make_node("Tanh", ["slow_h0"], ["slow_a0"]),
+            ]
             for i in range(1, depth + 1):
-                inits.append(numpy_helper.from_array(
-                    (rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32), f"slow_w{i}"))
-                nodes += [helper.make_node("MatMul", [f"slow_a{i - 1}", f"slow_w{i}"], [f"slow_h{i}"]),
-                          helper.make_node("Tanh", [f"slow_h{i}"], [f"slow_a{i}"])]
+                inits.append(
+                    numpy_helper.from_array(
+                        (rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32), f"slow_w{i}"
+                    )
+                )
+                nodes += [
+                    helper.make_node("MatMul", [f"slow_a{i - 1}", f"slow_w{i}"], [f"slow_h{i}"]),
+                    helper.make_node("Tanh", [f"slow_h{i}"], [f"slow_a{i}"]),
+                ]
 
             def tail(orig, out):
                 return nodes + [
                     helper.make_node("ReduceMean", [f"slow_a{depth}"], ["slow_mean"], axes=[1], keepdims=1),
                     helper.make_node("Mul", ["slow_mean", "slow_zero"], ["slow_nothing"]),
-                    helper.make_node("Add", [orig, "slow_nothing"], [out])], inits
+                    helper.make_node("Add", [orig, "slow_nothing"], [out]),
+                ], inits
 
             _wrap_output(proto, tail)
         else:
@@ -224,7 +258,8 @@ def main() -> int:
     faults = [f for f in args.faults.split(",") if f]
     rows = []
     header = f"{'data':<9}{'px':>4} {'qat':>4} {'seed':>4}  {'weights':<9}{'n':>5}  {'honest':<13}" + "".join(
-        f"{f:<12}" for f in faults)
+        f"{f:<12}" for f in faults
+    )
     print(header, flush=True)
     for dataset in args.datasets.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
@@ -235,9 +270,25 @@ def main() -> int:
                     data = subset(dataset, out / f"data-{dataset}-{args.per_class}-{seed}", args.per_class, seed)
                     run = out / f"{dataset}-{size}-q{qat_epochs}-s{seed}"
                     weights = "imagenet" if weights_dir and dataset != "demo" else "none"
-                    ft = ["finetune", "--data", data, "--out", run, "--image-size", size, "--weights", weights,
-                          "--epochs", args.epochs, "--fine-tune-epochs", args.fine_tune_epochs,
-                          "--qat-epochs", qat_epochs, "--seed", seed]
+                    ft = [
+                        "finetune",
+                        "--data",
+                        data,
+                        "--out",
+                        run,
+                        "--image-size",
+                        size,
+                        "--weights",
+                        weights,
+                        "--epochs",
+                        args.epochs,
+                        "--fine-tune-epochs",
+                        args.fine_tune_epochs,
+                        "--qat-epochs",
+                        qat_epochs,
+                        "--seed",
+                        seed,
+                    ]
                     if dataset == "demo":
                         ft += ["--val-split", "0.4", "--batch-size", "16", "--epochs", "3", "--fine-tune-epochs", "10"]
                     row = {"data": dataset, "size": size, "qat_epochs": qat_epochs, "seed": seed, "weights": weights}
@@ -268,10 +319,14 @@ def main() -> int:
                         ok, named = caught(fault, proc, artifact)
                         row["faults"][fault] = {"caught": ok, "named": named}
                     rows.append(row)
-                    cells = "".join(f"{('ok ' if r['caught'] else 'MISS ') + r['named'][:8]:<12}"
-                                    for r in row["faults"].values())
-                    print(f"{dataset:<9}{size:>4} {qat_epochs:>4} {seed:>4}  {weights:<9}{row['n'] or 0:>5}  "
-                          f"{row['honest']:<13}{cells}  ({time.time() - t0:.0f} s)", flush=True)
+                    cells = "".join(
+                        f"{('ok ' if r['caught'] else 'MISS ') + r['named'][:8]:<12}" for r in row["faults"].values()
+                    )
+                    print(
+                        f"{dataset:<9}{size:>4} {qat_epochs:>4} {seed:>4}  {weights:<9}{row['n'] or 0:>5}  "
+                        f"{row['honest']:<13}{cells}  ({time.time() - t0:.0f} s)",
+                        flush=True,
+                    )
                     for failure in row["honest_failures"]:
                         print(f"    honest failure: {failure}", flush=True)
     honest = [r for r in rows if "honest" in r]
@@ -279,10 +334,14 @@ def main() -> int:
     inconclusive = [r for r in honest if r["honest"] == "INCONCLUSIVE"]
     planted = [(r, f, v) for r in honest for f, v in r["faults"].items()]
     missed = [(r, f, v) for r, f, v in planted if not v["caught"]]
-    print(f"\nhonest runs: {len(honest)}; PASS {sum(r['honest'] == 'PASS' for r in honest)}, "
-          f"INCONCLUSIVE {len(inconclusive)}, false FAIL {len(false_fails)}; errors {len(rows) - len(honest)}")
-    print(f"planted faults: {len(planted)}; caught naming the right check {len(planted) - len(missed)}, "
-          f"missed {len(missed)}")
+    print(
+        f"\nhonest runs: {len(honest)}; PASS {sum(r['honest'] == 'PASS' for r in honest)}, "
+        f"INCONCLUSIVE {len(inconclusive)}, false FAIL {len(false_fails)}; errors {len(rows) - len(honest)}"
+    )
+    print(
+        f"planted faults: {len(planted)}; caught naming the right check {len(planted) - len(missed)}, "
+        f"missed {len(missed)}"
+    )
     for r, f, v in missed:
         print(f"  missed: {r['data']} {r['size']} px qat {r['qat_epochs']} seed {r['seed']}: {f} -> {v['named']}")
     if args.json_out:

@@ -40,15 +40,19 @@ class Backbone:
         from edgetl._tfenv import keras
 
         builder: Callable[..., Any] = getattr(keras().applications, self.keras_class)
-        return builder(input_shape=(image_size, image_size, 3), include_top=False, weights=weights, **self.builder_kwargs)
+        return builder(
+            input_shape=(image_size, image_size, 3), include_top=False, weights=weights, **self.builder_kwargs
+        )
 
 
 #: ImageNet channel means in BGR order (Keras's caffe-style preprocess_input for ResNet50 and VGG16)
 CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
 
 #: how ResNet50/VGG16 see their input (keras.applications.imagenet_utils "caffe" mode), for docs and manifests
-CAFFE_PREPROCESSING = ("caffe-style, in front of the base: RGB -> BGR, minus ImageNet mean (103.939, 116.779, 123.68), "
-                       "no scaling (one frozen 1x1 conv)")
+CAFFE_PREPROCESSING = (
+    "caffe-style, in front of the base: RGB -> BGR, minus ImageNet mean (103.939, 116.779, 123.68), "
+    "no scaling (one frozen 1x1 conv)"
+)
 
 BACKBONES: dict[str, Backbone] = {
     b.name: b
@@ -76,7 +80,11 @@ BACKBONES: dict[str, Backbone] = {
                 "weights_mobilenet_v3_large_224_1.0_float.h5",
                 "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
             ),
-            freeze_points={"early": "expanded_conv_2/Add", "mid": "expanded_conv_9/Add", "late": "expanded_conv_13/Add"},
+            freeze_points={
+                "early": "expanded_conv_2/Add",
+                "mid": "expanded_conv_9/Add",
+                "late": "expanded_conv_13/Add",
+            },
             builder_kwargs={"include_preprocessing": True, "minimalistic": False, "alpha": 1.0},
         ),
         Backbone(
@@ -153,9 +161,7 @@ def get_backbone(name: str) -> Backbone:
 
         close = difflib.get_close_matches(name, BACKBONES, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise ConfigError(
-            f"unknown backbone {name!r}", f"{hint}choose one of: {', '.join(BACKBONES)}"
-        ) from None
+        raise ConfigError(f"unknown backbone {name!r}", f"{hint}choose one of: {', '.join(BACKBONES)}") from None
 
 
 def check_image_size(backbone: Backbone, size: int) -> None:

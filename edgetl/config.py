@@ -39,20 +39,29 @@ class FinetuneConfig(_Strict):
     val_data: Optional[str] = Field(None, description="Separate labelled validation folder (instead of val_split).")
     val_split: float = Field(0.2, gt=0, lt=1, description="Stratified, seeded validation fraction.")
     backbone: str = Field("mobilenet_v3_small", description="Pretrained backbone: " + " | ".join(BACKBONES) + ".")
-    weights: str = Field("imagenet", description="imagenet (looks in weights_dir / $EDGETL_WEIGHTS_DIR first) | "
-                         "none | PATH to a Keras .h5 file.")
-    weights_dir: Optional[str] = Field(None, description="Folder searched first for Keras's imagenet weight files "
-                                       "(by their own names).")
+    weights: str = Field(
+        "imagenet",
+        description="imagenet (looks in weights_dir / $EDGETL_WEIGHTS_DIR first) | none | PATH to a Keras .h5 file.",
+    )
+    weights_dir: Optional[str] = Field(
+        None, description="Folder searched first for Keras's imagenet weight files (by their own names)."
+    )
     image_size: Optional[int] = Field(None, description="Square input size in pixels (default: the backbone's).")
     epochs: int = Field(15, ge=1, le=1000, description="Head-phase epochs (early stopping on val accuracy).")
     fine_tune_epochs: int = Field(0, ge=0, le=1000, description="Epochs fine-tuning the unfrozen top of the backbone.")
     head_lr: float = Field(1e-3, gt=0, le=1, description="Learning rate of the head phase.")
     fine_tune_lr: Optional[float] = Field(
-        None, gt=0, le=1, description="Fine-tune learning rate (default: 5e-5, 10-100x below head_lr, with "
-        "pretrained weights; 2e-3 with weights none: training from scratch)."
+        None,
+        gt=0,
+        le=1,
+        description="Fine-tune learning rate (default: 5e-5, 10-100x below head_lr, with "
+        "pretrained weights; 2e-3 with weights none: training from scratch).",
     )
-    freeze: str = Field("auto", description="auto | all | none | early | mid | late | LAYER_NAME | fraction 0..1 "
-                        "(with weights none, auto freezes nothing).")
+    freeze: str = Field(
+        "auto",
+        description="auto | all | none | early | mid | late | LAYER_NAME | fraction 0..1 "
+        "(with weights none, auto freezes nothing).",
+    )
     domain: Literal["similar", "different"] = Field(
         "similar", description="similar | different: how close your photos are to ImageNet (for freeze auto)."
     )
@@ -66,11 +75,16 @@ class FinetuneConfig(_Strict):
     qat_epochs: int = Field(6, ge=1, le=100, description="QAT epochs; early stopping keeps the best.")
     qat_lr: float = Field(3e-5, gt=0, le=1, description="QAT learning rate.")
     calibration_images: int = Field(
-        CALIBRATION_IMAGES, ge=8, le=10000, description="Training images that initialise the QAT model's int8 ranges "
-        "(and calibrate the PTQ int8 file whose accuracy finetune reports)."
+        CALIBRATION_IMAGES,
+        ge=8,
+        le=10000,
+        description="Training images that initialise the QAT model's int8 ranges "
+        "(and calibrate the PTQ int8 file whose accuracy finetune reports).",
     )
     seed: int = Field(0, ge=0, lt=2**32, description="Random seed, 0 .. 2**32-1 (recorded in the manifest).")
-    out: Optional[str] = Field(None, description="Run directory (default models/NAME, or models/<data folder>-<backbone>).")
+    out: Optional[str] = Field(
+        None, description="Run directory (default models/NAME, or models/<data folder>-<backbone>)."
+    )
     name: Optional[str] = Field(None, description="Run name: the run directory is models/NAME unless out is set.")
     skip_bad_images: bool = Field(False, description="Skip unreadable images (counted) instead of failing.")
 
@@ -92,14 +106,21 @@ class ExportConfig(_Strict):
         "(repeat or comma-separate; each applies to the chosen formats that offer it). default: fp32 + qat_int8 "
         "(ptq_int8 / ort_static_int8 when the run has no QAT model).",
     )
-    samples: int = Field(200, ge=1, le=100000, description="Held-out validation images stored in the bundle "
-                         "(stratified, seeded).")
-    calibration_images: int = Field(
-        CALIBRATION_IMAGES, ge=1, le=100000, description="Training images used to calibrate ptq_int8 and "
-        "ort_static_int8. QAT int8 variants use none: their ranges were learnt in finetune's QAT phase."
+    samples: int = Field(
+        200, ge=1, le=100000, description="Held-out validation images stored in the bundle (stratified, seeded)."
     )
-    out: Optional[str] = Field(None, description="Bundle folder (default RUN_DIR/export). Replaced as a whole, and "
-                               "only with --force when it already holds a bundle.")
+    calibration_images: int = Field(
+        CALIBRATION_IMAGES,
+        ge=1,
+        le=100000,
+        description="Training images used to calibrate ptq_int8 and "
+        "ort_static_int8. QAT int8 variants use none: their ranges were learnt in finetune's QAT phase.",
+    )
+    out: Optional[str] = Field(
+        None,
+        description="Bundle folder (default RUN_DIR/export). Replaced as a whole, and "
+        "only with --force when it already holds a bundle.",
+    )
 
 
 class VerifyConfig(_Strict):
@@ -107,45 +128,57 @@ class VerifyConfig(_Strict):
     (edgetl.verify.checks) takes its defaults from these fields."""
 
     data: Optional[str] = Field(
-        None, description="Evaluate on this labelled folder (one sub-folder per class, names = the bundle labels) "
-        "instead of the bundle sample; reference outputs then come from running the reference model."
+        None,
+        description="Evaluate on this labelled folder (one sub-folder per class, names = the bundle labels) "
+        "instead of the bundle sample; reference outputs then come from running the reference model.",
     )
     threads: int = Field(1, ge=1, le=256, description="CPU threads per inference for every runtime.")
     runs: int = Field(100, ge=1, le=100000, description="Timed batch-1 inferences per model.")
     warmup: int = Field(10, ge=0, le=10000, description="Untimed inferences per model before timing.")
     margin_pp: float = Field(
-        2.0, ge=0, description="Accuracy non-inferiority margin: an artifact passes when the confidence interval of "
-        "(float accuracy - its accuracy) on the same images lies below PP percentage points."
+        2.0,
+        ge=0,
+        description="Accuracy non-inferiority margin: an artifact passes when the confidence interval of "
+        "(float accuracy - its accuracy) on the same images lies below PP percentage points.",
     )
     confidence: float = Field(0.95, ge=0.5, lt=1, description="Two-sided level of that interval (0.5..1).")
     min_agreement: float = Field(
-        0.70, ge=0, le=1, description="int8 artifacts fail when their top-1 class equals their source model's on "
-        "less than this share."
+        0.70,
+        ge=0,
+        le=1,
+        description="int8 artifacts fail when their top-1 class equals their source model's on less than this share.",
     )
     max_mean_diff: float = Field(
-        0.06, ge=0, description="int8 artifacts fail when their mean |probability difference| to their source "
-        "model exceeds D."
+        0.06,
+        ge=0,
+        description="int8 artifacts fail when their mean |probability difference| to their source model exceeds D.",
     )
     float_tolerance: float = Field(
-        1e-4, gt=0, description="fp32 artifacts fail if any output probability differs from their source model's "
-        "by more than T."
+        1e-4,
+        gt=0,
+        description="fp32 artifacts fail if any output probability differs from their source model's by more than T.",
     )
     fp16_tolerance: float = Field(
-        1e-2, gt=0, description="fp16 artifacts fail if any output probability differs from their source model's "
-        "by more than T."
+        1e-2,
+        gt=0,
+        description="fp16 artifacts fail if any output probability differs from their source model's by more than T.",
     )
     max_latency_ratio: float = Field(
-        1.0, gt=0, description="int8 artifacts fail when their p50 exceeds (R + latency noise) x the same "
-        "runtime's fp32 p50."
+        1.0,
+        gt=0,
+        description="int8 artifacts fail when their p50 exceeds (R + latency noise) x the same runtime's fp32 p50.",
     )
-    latency_noise: float = Field(0.10, ge=0, description="Allowance for timing noise added to the max latency "
-                                 "ratio (0.10: 10%).")
+    latency_noise: float = Field(
+        0.10, ge=0, description="Allowance for timing noise added to the max latency ratio (0.10: 10%)."
+    )
     max_p50_ms: Optional[float] = Field(None, gt=0, description="Fail any artifact whose p50 exceeds MS.")
     max_p99_ms: Optional[float] = Field(None, gt=0, description="Fail any artifact whose p99 exceeds MS.")
-    bundle_sample: bool = Field(False, description="On a run directory: evaluate on the bundle sample, not the "
-                                "whole validation split.")
-    report: Optional[str] = Field(None, description="Write report.json, report.md and plots here (default: "
-                                  "BUNDLE/verify/).")
+    bundle_sample: bool = Field(
+        False, description="On a run directory: evaluate on the bundle sample, not the whole validation split."
+    )
+    report: Optional[str] = Field(
+        None, description="Write report.json, report.md and plots here (default: BUNDLE/verify/)."
+    )
 
     def thresholds(self):
         """The recipe's check limits."""
@@ -155,8 +188,18 @@ class VerifyConfig(_Strict):
 
 
 #: The VerifyConfig keys that are check limits (the fields of edgetl.verify.checks.Thresholds).
-THRESHOLD_KEYS = ("margin_pp", "confidence", "min_agreement", "max_mean_diff", "float_tolerance", "fp16_tolerance",
-                  "max_latency_ratio", "latency_noise", "max_p50_ms", "max_p99_ms")
+THRESHOLD_KEYS = (
+    "margin_pp",
+    "confidence",
+    "min_agreement",
+    "max_mean_diff",
+    "float_tolerance",
+    "fp16_tolerance",
+    "max_latency_ratio",
+    "latency_noise",
+    "max_p50_ms",
+    "max_p99_ms",
+)
 
 
 class Recipe(_Strict):
@@ -214,8 +257,10 @@ def load_recipe(path: str | Path) -> Recipe:
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist" if not path.exists() else f"recipe {path} is not a file",
-                          "pass the path of a YAML recipe, e.g. recipes/quickstart.yaml")
+        raise ConfigError(
+            f"recipe {path} does not exist" if not path.exists() else f"recipe {path} is not a file",
+            "pass the path of a YAML recipe, e.g. recipes/quickstart.yaml",
+        )
     try:
         text = path.read_text(encoding="utf-8")
         raw = yaml.safe_load(text)

@@ -42,8 +42,15 @@ def is_image_file(path: Path) -> bool:
 #: Folders that are never classes nor scanned for images (besides hidden ones: ``.thumbs/``, ``.git/``...).
 IGNORED_FOLDERS = frozenset({"__MACOSX"})
 #: Sub-folder names of a train/val/test split layout (compared case-insensitively).
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-               "test": "test", "testing": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 def _ignored(path: Path) -> bool:
@@ -128,8 +135,10 @@ def scan_folder(root: str | Path, classes: Sequence[str] | None = None) -> Image
     try:
         return _scan_folder(root, classes)
     except PermissionError as exc:
-        raise DataError(f"cannot read {_shown(Path(exc.filename or root))}: permission denied",
-                        "make the data folder readable for this user") from None
+        raise DataError(
+            f"cannot read {_shown(Path(exc.filename or root))}: permission denied",
+            "make the data folder readable for this user",
+        ) from None
 
 
 def _scan_folder(root: str | Path, classes: Sequence[str] | None = None) -> ImageFolder:
@@ -141,7 +150,9 @@ def _scan_folder(root: str | Path, classes: Sequence[str] | None = None) -> Imag
     """
     root = Path(root)
     if not root.exists():
-        raise DataError(f"data folder {_shown(root)} does not exist", "pass --data a folder with one sub-folder per class")
+        raise DataError(
+            f"data folder {_shown(root)} does not exist", "pass --data a folder with one sub-folder per class"
+        )
     if not root.is_dir():
         raise DataError(f"{_shown(root)} is a file, not a folder", "pass --data a folder with one sub-folder per class")
     real_root = root.resolve()
@@ -186,8 +197,6 @@ def _scan_folder(root: str | Path, classes: Sequence[str] | None = None) -> Imag
         raise DataError(f"no images found in {root}", f"supported extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}")
     counts = {name: len(found.get(name, [])) for name in class_names}
     return ImageFolder(root=root, classes=class_names, items=items, counts=counts)
-
-
 
 
 def _to_rgb8(img):

@@ -35,8 +35,10 @@ def _draw(kind: str, size: int, rng: np.random.Generator):
     else:
         n = 4 if kind == "square" else 3
         phase = -math.pi / 4 if n == 4 else -math.pi / 2  # upright: axis-aligned square, triangle pointing up
-        pts = [(cx + r * math.cos(phase + 2 * math.pi * i / n), cy + r * math.sin(phase + 2 * math.pi * i / n))
-               for i in range(n)]
+        pts = [
+            (cx + r * math.cos(phase + 2 * math.pi * i / n), cy + r * math.sin(phase + 2 * math.pi * i / n))
+            for i in range(n)
+        ]
         draw.polygon(pts, fill=colour)
     return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
 

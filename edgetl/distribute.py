@@ -31,8 +31,7 @@ class ClusterRole:
 
     @property
     def chief(self) -> bool:
-        return self.task_type == "chief" or (self.task_type == "worker" and self.index == 0
-                                             and not self._has_chief)
+        return self.task_type == "chief" or (self.task_type == "worker" and self.index == 0 and not self._has_chief)
 
     _has_chief: bool = False
 
@@ -74,11 +73,15 @@ def cluster_role() -> ClusterRole:
         workers = sum(len(v) for k, v in cluster.items() if k in ("chief", "worker"))
         task_type, index = str(task.get("type", "worker")), int(task.get("index", 0))
     except (ValueError, TypeError, AttributeError):
-        raise ConfigError("TF_CONFIG is not valid JSON of the form {\"cluster\": {...}, \"task\": {...}}",
-                          "fix or unset TF_CONFIG (docs/multi-worker.md)") from None
+        raise ConfigError(
+            'TF_CONFIG is not valid JSON of the form {"cluster": {...}, "task": {...}}',
+            "fix or unset TF_CONFIG (docs/multi-worker.md)",
+        ) from None
     if workers > 1 and (task_type not in cluster or not 0 <= index < len(cluster[task_type])):
-        raise ConfigError(f"TF_CONFIG's task {task_type}:{index} is not in its cluster",
-                          "set task.type/task.index to one of the cluster's entries")
+        raise ConfigError(
+            f"TF_CONFIG's task {task_type}:{index} is not in its cluster",
+            "set task.type/task.index to one of the cluster's entries",
+        )
     return ClusterRole(workers=max(workers, 1), task_type=task_type, index=index, _has_chief="chief" in cluster)
 
 
@@ -119,11 +122,16 @@ def _multi_worker(tf, role: ClusterRole):
     import subprocess
 
     timeout = worker_timeout()
-    message = (f"error: the multi-worker cluster in TF_CONFIG did not form within {timeout:g} s (this is "
-               f"{role.task_type}:{role.index} of {role.workers}); start every worker listed in TF_CONFIG, check "
-               "their addresses and ports, or raise EDGETL_WORKER_TIMEOUT.")
-    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), message],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    message = (
+        f"error: the multi-worker cluster in TF_CONFIG did not form within {timeout:g} s (this is "
+        f"{role.task_type}:{role.index} of {role.workers}); start every worker listed in TF_CONFIG, check "
+        "their addresses and ports, or raise EDGETL_WORKER_TIMEOUT."
+    )
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), message],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
     try:
         return tf.distribute.MultiWorkerMirroredStrategy()
     finally:

@@ -167,8 +167,11 @@ def foreign_entries(path: str | Path, kind: FolderKind) -> list[str] | None:
                     pass  # e.g. a bundle exported into RUN/other-bundle/: edgetl's own, whole
                 elif not (entry.name.startswith(".") and _is_partial(entry.name)):
                     foreign.append(name + "/")
-            elif not (name in owned or _is_partial(entry.name)
-                      or any(fnmatch.fnmatchcase(name, pattern) for pattern in kind.names)):
+            elif not (
+                name in owned
+                or _is_partial(entry.name)
+                or any(fnmatch.fnmatchcase(name, pattern) for pattern in kind.names)
+            ):
                 foreign.append(name)
 
     try:
@@ -189,8 +192,7 @@ def _writable_ancestor(path: Path) -> Path:
     return parent
 
 
-def check_target(path: str | Path, kind: FolderKind, force: bool, flag: str = "--out",
-                 writable: bool = True) -> bool:
+def check_target(path: str | Path, kind: FolderKind, force: bool, flag: str = "--out", writable: bool = True) -> bool:
     """Raise ConfigError unless edgetl may put a new ``kind`` folder at ``path``; True if an earlier one is replaced.
 
     Refused: the file system root, a symbolic link, a file, a folder edgetl cannot prove is its own (no marker with
@@ -271,7 +273,7 @@ def clean_stale(path: str | Path, kind: FolderKind) -> None:
     except OSError:
         return
     for entry in entries:
-        rest = entry.name[len(prefix):]
+        rest = entry.name[len(prefix) :]
         if entry.is_symlink() or not entry.is_dir():
             continue
         if rest.endswith(".partial") and rest != "partial":  # atomic_dir's temp folder (not a resume_dir)
@@ -315,8 +317,14 @@ def resume_dir(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-def commit_dir(tmp: str | Path, path: str | Path, kind: FolderKind | None, force: bool, flag: str = "--out",
-               scratch: tuple[str, ...] = ()) -> None:
+def commit_dir(
+    tmp: str | Path,
+    path: str | Path,
+    kind: FolderKind | None,
+    force: bool,
+    flag: str = "--out",
+    scratch: tuple[str, ...] = (),
+) -> None:
     """Swap the finished folder ``tmp`` in at ``path``: with ``kind``, the target is checked again first
     (:func:`check_target`: nothing foreign may have appeared in it while ``tmp`` was built; on failure ``tmp`` is left
     as it was); then ``tmp``'s in-progress files ``scratch`` are removed and :func:`swap_dir` puts it in place."""
@@ -334,8 +342,9 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, kind: FolderKind | None = None, force: bool = False,
-               flag: str = "--out") -> Iterator[Path]:
+def atomic_dir(
+    path: str | Path, kind: FolderKind | None = None, force: bool = False, flag: str = "--out"
+) -> Iterator[Path]:
     """Build a whole directory in a fresh private temp folder beside ``path``, then swap it in.
 
     A crash leaves the old one (or nothing); the next call cleans the temp folder up. With ``kind``, the target is

@@ -11,8 +11,22 @@ from importlib import metadata
 
 from edgetl.schema import BUNDLE_SCHEMA, RUN_SCHEMA  # noqa: F401 (the schema names live in edgetl.schema)
 
-_PACKAGES = ("edgetl", "tensorflow", "tensorflow-cpu", "tf-keras", "tensorflow-model-optimization", "tf2onnx", "onnx",
-             "onnxruntime", "ai-edge-litert", "numpy", "pillow", "typer", "rich", "pydantic")
+_PACKAGES = (
+    "edgetl",
+    "tensorflow",
+    "tensorflow-cpu",
+    "tf-keras",
+    "tensorflow-model-optimization",
+    "tf2onnx",
+    "onnx",
+    "onnxruntime",
+    "ai-edge-litert",
+    "numpy",
+    "pillow",
+    "typer",
+    "rich",
+    "pydantic",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -41,9 +55,17 @@ def config_hash(obj: object) -> str:
 from edgetl.fsutil import FolderKind  # noqa: E402
 
 #: BUNDLE/verify/ (or --report DIR): only report files; recognised by its entries (a killed verify leaves no report.json)
-REPORT_FOLDER = FolderKind("verify report folder", None,
-                           names=("report.json", "report.md", "latency.png", "confusion.png", "misclassified.png"))
+REPORT_FOLDER = FolderKind(
+    "verify report folder",
+    None,
+    names=("report.json", "report.md", "latency.png", "confusion.png", "misclassified.png"),
+)
 BUNDLE_FOLDER = FolderKind("bundle", "bundle.json", "edgetl.bundle/", children=(("verify", REPORT_FOLDER),))
-RUN_FOLDER = FolderKind("run directory", "manifest.json", "edgetl.run/",
-                        names=("progress.json", "labels.txt", "splits.json", "curves.png", "float.keras", "qat.h5"),
-                        children=(("export", BUNDLE_FOLDER),), nested=(BUNDLE_FOLDER,))
+RUN_FOLDER = FolderKind(
+    "run directory",
+    "manifest.json",
+    "edgetl.run/",
+    names=("progress.json", "labels.txt", "splits.json", "curves.png", "float.keras", "qat.h5"),
+    children=(("export", BUNDLE_FOLDER),),
+    nested=(BUNDLE_FOLDER,),
+)

@@ -46,8 +46,14 @@ class Contract:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "height": self.height, "width": self.width, "dtype": self.dtype, "mean": self.mean, "std": self.std,
-            "color": self.color, "quant": list(self.quant) if self.quant else None, "source": self.source,
+            "height": self.height,
+            "width": self.width,
+            "dtype": self.dtype,
+            "mean": self.mean,
+            "std": self.std,
+            "color": self.color,
+            "quant": list(self.quant) if self.quant else None,
+            "source": self.source,
         }
 
 
@@ -109,7 +115,9 @@ class TflitePredictor(Predictor):
             self.interpreter = Interpreter(model_content=data, num_threads=int(threads))
             self.interpreter.allocate_tensors()
         except Exception as exc:
-            raise ModelFileError(f"{path} is not a loadable TFLite model: {str(exc).splitlines()[0][:200]}", _FIX) from None
+            raise ModelFileError(
+                f"{path} is not a loadable TFLite model: {str(exc).splitlines()[0][:200]}", _FIX
+            ) from None
         self.runtime = "ai_edge_litert"
         inp = self.interpreter.get_input_details()[0]
         self._in, self._out = inp["index"], self.interpreter.get_output_details()[0]["index"]
@@ -148,7 +156,9 @@ class TflitePredictor(Predictor):
                     mean, std = _range_to_norm(contract.get("range", [0, 255]))
                 color = contract.get("color", "RGB")
             except (KeyError, ValueError, TypeError, UnicodeDecodeError):
-                raise ModelFileError(f"{path.name} carries no labels (no TFLite Metadata, no edgetl metadata)", _FIX) from None
+                raise ModelFileError(
+                    f"{path.name} carries no labels (no TFLite Metadata, no edgetl metadata)", _FIX
+                ) from None
         self.labels = labels
         self.contract = Contract(shape[1], shape[2], dtype, mean, std, color, quant, source)
 
@@ -164,7 +174,12 @@ class TflitePredictor(Predictor):
 
 
 class OnnxPredictor(Predictor):
-    _TYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(float16)": "float16"}
+    _TYPES = {
+        "tensor(float)": "float32",
+        "tensor(uint8)": "uint8",
+        "tensor(int8)": "int8",
+        "tensor(float16)": "float16",
+    }
 
     def __init__(self, path: Path, threads: int = 1):
         self.path = path
@@ -178,7 +193,9 @@ class OnnxPredictor(Predictor):
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ModelFileError(f"{path} is not a loadable ONNX model: {str(exc).splitlines()[0][:200]}", _FIX) from None
+            raise ModelFileError(
+                f"{path} is not a loadable ONNX model: {str(exc).splitlines()[0][:200]}", _FIX
+            ) from None
         self.runtime = f"onnxruntime {ort.__version__}"
         inp = self.session.get_inputs()[0]
         self._in, self._out = inp.name, self.session.get_outputs()[0].name
@@ -265,8 +282,9 @@ def image_paths(target: str | Path) -> list[Path]:
     return [target]
 
 
-def predict(model: str | Path, images: str | Path, top_k: int = 3, artifact: str | None = None,
-            threads: int = 1) -> dict[str, Any]:
+def predict(
+    model: str | Path, images: str | Path, top_k: int = 3, artifact: str | None = None, threads: int = 1
+) -> dict[str, Any]:
     """Classify ``images`` (a file or a folder) with ``model`` (a .tflite/.onnx file or a bundle folder)."""
     from edgetl.data import load_image
 
@@ -281,12 +299,19 @@ def predict(model: str | Path, images: str | Path, top_k: int = 3, artifact: str
         pixels = load_image(image_path, (c.height, c.width))
         probs = runner.predict(pixels[None])[0]
         order = np.argsort(-probs, kind="stable")[: min(top_k, len(probs))]
-        results.append({
-            "image": str(image_path),
-            "top": [{"label": runner.labels[i], "index": int(i), "score": float(probs[i])} for i in order],
-        })
-    return {"model": str(path), "runtime": runner.runtime, "labels": list(runner.labels), "input": c.to_dict(),
-            "predictions": results}
+        results.append(
+            {
+                "image": str(image_path),
+                "top": [{"label": runner.labels[i], "index": int(i), "score": float(probs[i])} for i in order],
+            }
+        )
+    return {
+        "model": str(path),
+        "runtime": runner.runtime,
+        "labels": list(runner.labels),
+        "input": c.to_dict(),
+        "predictions": results,
+    }
 
 
 def tflite_predict(content: bytes, images: np.ndarray, threads: int = 1, xnnpack: bool = True) -> np.ndarray:

@@ -60,11 +60,22 @@ class RichReporter:
         )
 
         if total is None:  # a step of unknown length: a spinner and the time, no "0/?" bar
-            columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), TextColumn("{task.fields[status]}"),
-                       TimeElapsedColumn()]
+            columns = [
+                SpinnerColumn(),
+                TextColumn("[bold]{task.description}"),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+            ]
         else:
-            columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+            columns = [
+                SpinnerColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            ]
         with Progress(*columns, console=self.console, transient=False) as progress:
             task_id = progress.add_task(description, total=total, status="")
 

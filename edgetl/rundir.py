@@ -60,8 +60,16 @@ class RunInfo:
         height, width = self.image_size
         given = self.contract.dump() if self.contract else {}
         given.pop("preprocessing", None)
-        return {"layout": "NHWC", "height": height, "width": width, "channels": 3, "color": "RGB",
-                "dtype": "float32", "range": [0, 255], **given}
+        return {
+            "layout": "NHWC",
+            "height": height,
+            "width": width,
+            "channels": 3,
+            "color": "RGB",
+            "dtype": "float32",
+            "range": [0, 255],
+            **given,
+        }
 
     def split_items(self, split: str, data_root: str | Path | None = None) -> list[tuple[Path, int]]:
         """Resolve ``splits.json[split]`` to absolute (path, label) items.

@@ -119,8 +119,9 @@ class ArtifactRecord(Doc):
             dtype, quant = getattr(self, f"{key}_dtype"), getattr(self, f"{key}_quant")
             if (dtype in QUANTIZED_DTYPES) != (quant is not None):
                 need = "needs" if quant is None else "must not have"
-                raise ValueError(f"artifact {self.name!r} has a {dtype} {key}, so it {need} {key}_quant "
-                                 "[scale, zero_point]")
+                raise ValueError(
+                    f"artifact {self.name!r} has a {dtype} {key}, so it {need} {key}_quant [scale, zero_point]"
+                )
         return self
 
     @property
@@ -177,8 +178,10 @@ class Bundle(Doc):
                 raise ValueError(f"reference {self.reference!r} is not one of the artifacts ({', '.join(names)})")
             ref = self.artifacts[names.index(self.reference)]
             if ref.quantization != "fp32":  # the float32 ONNX artifact, or tflite fp32 when no ONNX was exported
-                raise ValueError(f"reference {self.reference!r} is a {ref.quantization} {ref.format} artifact; "
-                                 "it must be a float32 (fp32) artifact")
+                raise ValueError(
+                    f"reference {self.reference!r} is a {ref.quantization} {ref.format} artifact; "
+                    "it must be a float32 (fp32) artifact"
+                )
         return self
 
 
@@ -250,7 +253,9 @@ def read_json(path: Path, error: Callable[[str], EdgetlError]) -> dict[str, Any]
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # (JSONDecodeError, UnicodeDecodeError, an integer of 5,000 digits)
-        raise error(f"{path} is not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise error(
+            f"{path} is not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
     except RecursionError:
         raise error(f"{path} is nested too deeply to be an edgetl file") from None
     if not isinstance(raw, dict):

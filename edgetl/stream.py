@@ -46,13 +46,20 @@ class BadImages:
         if self.reasons and not skip_bad:
             bad = [self.reasons[i][1] for i in sorted(self.reasons)]
             shown = "; ".join(bad[:3]) + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else "")
-            raise DataError(f"{len(bad)} unreadable image(s): {shown}",
-                            "fix or remove them, or pass --skip-bad-images")
+            raise DataError(f"{len(bad)} unreadable image(s): {shown}", "fix or remove them, or pass --skip-bad-images")
 
 
-def image_dataset(items: Sequence[tuple[Path, int]], size: tuple[int, int], batch_size: int, *,
-                  shuffle_seed: int | None = None, targets: np.ndarray | None = None, augment=None,
-                  bad: BadImages | None = None, as_float: bool = True):
+def image_dataset(
+    items: Sequence[tuple[Path, int]],
+    size: tuple[int, int],
+    batch_size: int,
+    *,
+    shuffle_seed: int | None = None,
+    targets: np.ndarray | None = None,
+    augment=None,
+    bad: BadImages | None = None,
+    as_float: bool = True,
+):
     """Batches of ``(images, targets)`` decoded from ``items``' files in parallel, in a deterministic order.
 
     ``shuffle_seed``: reshuffled each epoch (seeded); ``targets`` default the integer labels; ``augment``: a Keras
@@ -144,8 +151,9 @@ class FeatureFile:
             self._fd = None
 
 
-def feature_dataset(files: Sequence[FeatureFile], targets: np.ndarray, batch_size: int,
-                    shuffle_seed: int | None = None):
+def feature_dataset(
+    files: Sequence[FeatureFile], targets: np.ndarray, batch_size: int, shuffle_seed: int | None = None
+):
     """Batches of ``(features, targets)`` over the rows of ``files`` (one after the other), read from disk."""
     tf = _tf()
     sizes = [f.rows for f in files]

@@ -53,7 +53,12 @@ def write(obj: Any) -> bytes:
     class _Quant(schema.QuantizationParametersT):
         def Pack(self, builder):  # noqa: N802 - flatbuffers API name
             saved = {}
-            for field, dtype in (("min", np.float32), ("max", np.float32), ("scale", np.float32), ("zeroPoint", np.int64)):
+            for field, dtype in (
+                ("min", np.float32),
+                ("max", np.float32),
+                ("scale", np.float32),
+                ("zeroPoint", np.int64),
+            ):
                 value = getattr(self, field)
                 if value is None:
                     continue
@@ -185,7 +190,9 @@ def seven_bit_weights(obj: Any) -> int:
             if bt.type == schema.TensorType.INT32 and bbuf.data is not None and bt.quantization is not None:
                 b = np.asarray(bbuf.data, dtype=np.uint8).view(np.int32).astype(np.float64)
                 old_bs = np.broadcast_to(np.asarray(bt.quantization.scale, np.float64).reshape(-1), b.shape)
-                new_bs = np.broadcast_to(np.float64(in_scale) * new_scale.astype(np.float64), b.shape).astype(np.float32)
+                new_bs = np.broadcast_to(np.float64(in_scale) * new_scale.astype(np.float64), b.shape).astype(
+                    np.float32
+                )
                 bbuf.data = np.round(b * old_bs / new_bs.astype(np.float64)).astype(np.int32).view(np.uint8).reshape(-1)
                 bt.quantization.scale = new_bs.copy()
         done.add(w_index)
@@ -317,7 +324,9 @@ def standardize_io(obj: Any, input_name: str = INPUT_NAME, output_name: str = OU
     graph.tensors[out_index].name = output_name
     shape = graph.tensors[in_index].shape
     if shape is None or len(shape) != 4 or int(shape[0]) != 1:
-        raise ExportError(f"the model input has shape {None if shape is None else list(shape)}", "expected NHWC, batch 1")
+        raise ExportError(
+            f"the model input has shape {None if shape is None else list(shape)}", "expected NHWC, batch 1"
+        )
 
     def tensor_map(name: str, index: int):
         tm = schema.TensorMapT()
@@ -357,7 +366,9 @@ def metadata_entries(data: bytes) -> dict[str, bytes]:
                 out[text(name)] = buffer.DataAsNumpy().tobytes()
             else:  # models over 2 GB keep buffer data after the flatbuffer: offset/size from the file start
                 offset, size = buffer.Offset(), buffer.Size()
-                out[text(name)] = bytes(data[offset : offset + size]) if offset > 1 and offset + size <= len(data) else b""
+                out[text(name)] = (
+                    bytes(data[offset : offset + size]) if offset > 1 and offset + size <= len(data) else b""
+                )
     except (IndexError, TypeError, struct.error) as exc:  # offsets pointing outside the file
         raise ValueError(f"corrupt flatbuffer ({type(exc).__name__})") from None
     return out

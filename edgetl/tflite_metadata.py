@@ -116,8 +116,16 @@ def model_metadata(
     in_stats = stats((0.0 - mean) / std, (255.0 - mean) / std)
     in_name, in_desc = string("image"), string(input_description)
     # TensorMetadata: name 0, description 1, dimension_names 2, content 3, process_units 4, stats 5, files 6
-    input_md = table(7, [("offset", 0, in_name), ("offset", 1, in_desc), ("offset", 3, in_content),
-                         ("offset", 4, units), ("offset", 5, in_stats)])
+    input_md = table(
+        7,
+        [
+            ("offset", 0, in_name),
+            ("offset", 1, in_desc),
+            ("offset", 3, in_content),
+            ("offset", 4, units),
+            ("offset", 5, in_stats),
+        ],
+    )
 
     # output tensor
     feature = table(0, [])  # FeatureProperties (no fields)
@@ -128,8 +136,16 @@ def model_metadata(
     labels = table(5, [("offset", 0, file_name), ("offset", 1, file_desc), ("int8", 2, _TENSOR_AXIS_LABELS)])
     files = offsets([labels])
     out_name, out_desc = string("probabilities"), string(output_description)
-    output_md = table(7, [("offset", 0, out_name), ("offset", 1, out_desc), ("offset", 3, out_content),
-                          ("offset", 5, out_stats), ("offset", 6, files)])
+    output_md = table(
+        7,
+        [
+            ("offset", 0, out_name),
+            ("offset", 1, out_desc),
+            ("offset", 3, out_content),
+            ("offset", 5, out_stats),
+            ("offset", 6, files),
+        ],
+    )
 
     # SubGraphMetadata: name 0, description 1, input_tensor_metadata 2, output_tensor_metadata 3, ...
     inputs, outputs = offsets([input_md]), offsets([output_md])
@@ -140,8 +156,17 @@ def model_metadata(
     # associated_files 6, min_parser_version 7
     m_name, m_desc, m_version, m_author = string(name), string(description), string(version), string(author)
     m_parser = string(MIN_PARSER_VERSION)
-    root = table(8, [("offset", 0, m_name), ("offset", 1, m_desc), ("offset", 2, m_version), ("offset", 3, subgraphs),
-                     ("offset", 4, m_author), ("offset", 7, m_parser)])
+    root = table(
+        8,
+        [
+            ("offset", 0, m_name),
+            ("offset", 1, m_desc),
+            ("offset", 2, m_version),
+            ("offset", 3, subgraphs),
+            ("offset", 4, m_author),
+            ("offset", 7, m_parser),
+        ],
+    )
     b.Finish(root, file_identifier=FILE_IDENTIFIER)
     return bytes(b.Output())
 
@@ -223,9 +248,9 @@ class _Table:
 def read_model_metadata(meta: bytes) -> dict[str, Any]:
     """Decode the parts of a ``ModelMetadata`` flatbuffer an image classifier needs (ValueError if it is not one)::
 
-        {"name", "description", "version", "min_parser_version",
-         "input": {"name", "color_space", "default_size": [w, h] | None, "mean": [..], "std": [..]},
-         "output": {"name", "labels_file"}}
+    {"name", "description", "version", "min_parser_version",
+     "input": {"name", "color_space", "default_size": [w, h] | None, "mean": [..], "std": [..]},
+     "output": {"name", "labels_file"}}
     """
     from flatbuffers import number_types as nt
 
@@ -240,12 +265,22 @@ def read_model_metadata(meta: bytes) -> dict[str, Any]:
         sub = subgraphs[0]
         inputs, outputs = sub.tables(2), sub.tables(3)
         result: dict[str, Any] = {
-            "name": root.string(0), "description": root.string(1), "version": root.string(2),
-            "min_parser_version": root.string(7), "input": None, "output": None,
+            "name": root.string(0),
+            "description": root.string(1),
+            "version": root.string(2),
+            "min_parser_version": root.string(7),
+            "input": None,
+            "output": None,
         }
         if inputs:
             t = inputs[0]
-            info: dict[str, Any] = {"name": t.string(0), "color_space": None, "default_size": None, "mean": [], "std": []}
+            info: dict[str, Any] = {
+                "name": t.string(0),
+                "color_space": None,
+                "default_size": None,
+                "mean": [],
+                "std": [],
+            }
             content = t.table(3)
             if content is not None and content.scalar(0, nt.Uint8Flags) == _IMAGE_PROPERTIES:
                 props = content.table(1)

@@ -50,7 +50,11 @@ def search_dirs(weights_dir: str | Path | None = None) -> list[Path]:
 
 
 def resolve_weights(
-    backbone: Backbone, weights: str, image_size: int, weights_dir: str | Path | None = None, allow_download: bool = True
+    backbone: Backbone,
+    weights: str,
+    image_size: int,
+    weights_dir: str | Path | None = None,
+    allow_download: bool = True,
 ) -> WeightsChoice:
     spec = (weights or "").strip()
     if spec.lower() in ("none", "random", ""):
@@ -63,9 +67,7 @@ def resolve_weights(
             if candidate.is_file():
                 return WeightsChoice("imagenet", candidate.resolve(), tuple(map(str, dirs)))
         if weights_dir and not Path(weights_dir).is_dir():
-            raise WeightsError(
-                f"weights folder {weights_dir} does not exist", f"create it and put {filename} in it"
-            )
+            raise WeightsError(f"weights folder {weights_dir} does not exist", f"create it and put {filename} in it")
         if not allow_download or os.environ.get("EDGETL_OFFLINE"):
             raise WeightsError(
                 f"ImageNet weights for {backbone.name} ({filename}) not found in {', '.join(map(str, dirs))}",
@@ -80,7 +82,8 @@ def resolve_weights(
         )
     if path.is_dir():
         raise WeightsError(
-            f"--weights {path} is a folder", f"pass the .h5 file inside it, or set {ENV_VAR}={path} with --weights imagenet"
+            f"--weights {path} is a folder",
+            f"pass the .h5 file inside it, or set {ENV_VAR}={path} with --weights imagenet",
         )
     return WeightsChoice("path", path.resolve())
 

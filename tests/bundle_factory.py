@@ -31,8 +31,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 LABELS = ("red", "green", "blue")
 SIZE = 32
-CONTRACT = {"layout": "NHWC", "height": SIZE, "width": SIZE, "channels": 3, "color": "RGB", "dtype": "float32",
-            "range": [0, 255]}
+CONTRACT = {
+    "layout": "NHWC",
+    "height": SIZE,
+    "width": SIZE,
+    "channels": 3,
+    "color": "RGB",
+    "dtype": "float32",
+    "range": [0, 255],
+}
 RUN_ID = "tiny-0001"
 
 
@@ -53,9 +60,16 @@ class ArtifactBlob:
 
     def entry(self) -> schema.ArtifactRecord:
         return schema.ArtifactRecord(
-            name=self.name, file=self.file, format=self.format, quantization=self.quantization,
-            input_dtype=self.input_dtype, input_quant=self.input_quant, output_dtype=self.output_dtype,
-            output_quant=self.output_quant, size_bytes=len(self.data), **({"source": self.source} if self.source else {}),
+            name=self.name,
+            file=self.file,
+            format=self.format,
+            quantization=self.quantization,
+            input_dtype=self.input_dtype,
+            input_quant=self.input_quant,
+            output_dtype=self.output_dtype,
+            output_quant=self.output_quant,
+            size_bytes=len(self.data),
+            **({"source": self.source} if self.source else {}),
         )
 
     def renamed(self, name: str) -> ArtifactBlob:
@@ -93,8 +107,9 @@ class TinyClassifier:
         self.labels = LABELS
         x, y = synthetic_images(n_train, seed)
         self.model = self._build(rescale=True)
-        self.model.compile(optimizer=self.keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy",
-                           metrics=["accuracy"])
+        self.model.compile(
+            optimizer=self.keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+        )
         self.model.fit(x.astype(np.float32), y, epochs=12, batch_size=32, verbose=0)
         self.sample_images, self.sample_labels = synthetic_images(n_sample, seed + 1000)
         self.reference_outputs = self.predict(self.model, self.sample_images)
@@ -149,10 +164,17 @@ class TinyClassifier:
         inp, out = it.get_input_details()[0], it.get_output_details()[0]
 
         def quant(d):
-            return [float(d["quantization"][0]), int(d["quantization"][1])] if np.dtype(d["dtype"]).kind in "iu" else None
+            return (
+                [float(d["quantization"][0]), int(d["quantization"][1])] if np.dtype(d["dtype"]).kind in "iu" else None
+            )
 
-        return replace(blob, input_dtype=np.dtype(inp["dtype"]).name, input_quant=quant(inp),
-                       output_dtype=np.dtype(out["dtype"]).name, output_quant=quant(out))
+        return replace(
+            blob,
+            input_dtype=np.dtype(inp["dtype"]).name,
+            input_quant=quant(inp),
+            output_dtype=np.dtype(out["dtype"]).name,
+            output_quant=quant(out),
+        )
 
     def tflite_fp32(self, model=None, name: str = "model_fp32_tflite", **contract: Any) -> ArtifactBlob:
         key = ("tflite_fp32", id(model) if model is not None else None)
@@ -195,19 +217,32 @@ class TinyClassifier:
         if blob.input_quant is not None:
             own["quant"] = list(blob.input_quant)
         own.update(contract)
-        meta = {"schema": "edgetl.artifact/1", "edgetl_version": "0.1.0", "run_id": RUN_ID, "backbone": "tiny",
-                "labels": list(LABELS), "input": own, "quantization": blob.quantization, "format": blob.format,
-                "source": "float.keras"}
+        meta = {
+            "schema": "edgetl.artifact/1",
+            "edgetl_version": "0.1.0",
+            "run_id": RUN_ID,
+            "backbone": "tiny",
+            "labels": list(LABELS),
+            "input": own,
+            "quantization": blob.quantization,
+            "format": blob.format,
+            "source": "float.keras",
+        }
         if blob.format == "onnx":
             import onnx
 
             proto = onnx.load_from_string(blob.data)
             del proto.metadata_props[:]
             for key, value in {
-                "edgetl.schema": meta["schema"], "edgetl.version": meta["edgetl_version"], "edgetl.run_id": RUN_ID,
-                "edgetl.backbone": "tiny", "edgetl.labels": json.dumps(meta["labels"]),
-                "edgetl.input": json.dumps(own, sort_keys=True), "edgetl.quantization": blob.quantization,
-                "edgetl.format": "onnx", "edgetl.source": "float.keras",
+                "edgetl.schema": meta["schema"],
+                "edgetl.version": meta["edgetl_version"],
+                "edgetl.run_id": RUN_ID,
+                "edgetl.backbone": "tiny",
+                "edgetl.labels": json.dumps(meta["labels"]),
+                "edgetl.input": json.dumps(own, sort_keys=True),
+                "edgetl.quantization": blob.quantization,
+                "edgetl.format": "onnx",
+                "edgetl.source": "float.keras",
             }.items():
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = key, value
@@ -218,8 +253,14 @@ class TinyClassifier:
             return blob
         return replace(blob, data=embed_metadata(blob.data, meta, "".join(f"{x}\n" for x in LABELS)))
 
-    def slowed_onnx(self, blob: ArtifactBlob | None = None, name: str = "model_slowed_onnx", hidden: int = 512,
-                    depth: int = 16, quantization: str = "fp32") -> ArtifactBlob:
+    def slowed_onnx(
+        self,
+        blob: ArtifactBlob | None = None,
+        name: str = "model_slowed_onnx",
+        hidden: int = 512,
+        depth: int = 16,
+        quantization: str = "fp32",
+    ) -> ArtifactBlob:
         """The same ONNX graph plus a heavy MatMul/Tanh chain on the input whose result is multiplied by 0 and
         added to the output: identical probabilities, many times the compute."""
         import onnx
@@ -236,7 +277,10 @@ class TinyClassifier:
             numpy_helper.from_array(np.array([-1, SIZE * SIZE * 3], np.int64), "slow_shape"),
             numpy_helper.from_array(np.array(1 / 255, np.float32), "slow_scale"),
             numpy_helper.from_array(np.array(0.0, np.float32), "slow_zero"),
-            numpy_helper.from_array((rng.standard_normal((SIZE * SIZE * 3, hidden)) / np.sqrt(SIZE * SIZE * 3)).astype(np.float32), "slow_w0"),
+            numpy_helper.from_array(
+                (rng.standard_normal((SIZE * SIZE * 3, hidden)) / np.sqrt(SIZE * SIZE * 3)).astype(np.float32),
+                "slow_w0",
+            ),
         ]
         nodes = [
             helper.make_node("Reshape", [graph.input[0].name, "slow_shape"], ["slow_flat"]),
@@ -298,12 +342,21 @@ class TinyClassifier:
                 (dest / rel).write_bytes(data)
         outputs = {"float.keras": "sample/reference_outputs.npy", "qat.h5": "sample/qat_outputs.npy"}
         manifest = schema.Bundle(
-            schema=schema.BUNDLE_SCHEMA, edgetl_version="0.1.0", run_id=RUN_ID, backbone="tiny", labels=list(LABELS),
-            input=CONTRACT, reference=reference, artifacts=[a.entry() for a in artifacts],
+            schema=schema.BUNDLE_SCHEMA,
+            edgetl_version="0.1.0",
+            run_id=RUN_ID,
+            backbone="tiny",
+            labels=list(LABELS),
+            input=CONTRACT,
+            reference=reference,
+            artifacts=[a.entry() for a in artifacts],
             sample=schema.SampleRecord(
-                images="sample/images.npy", labels="sample/labels.npy", reference_outputs="sample/reference_outputs.npy",
+                images="sample/images.npy",
+                labels="sample/labels.npy",
+                reference_outputs="sample/reference_outputs.npy",
                 **({"source_outputs": outputs} if qat_outputs is not None else {}),
-                count=int(len(self.sample_images if images is None else images))),
+                count=int(len(self.sample_images if images is None else images)),
+            ),
             files={rel: _sha(data) for rel, data in sorted(blobs.items())},
         ).dump()
         manifest.update(overrides or {})
@@ -317,8 +370,13 @@ class TinyClassifier:
         (model or self.model).save(dest / "float.keras")
         (dest / "labels.txt").write_text("\n".join(LABELS) + "\n")
         manifest = schema.RunManifest(
-            schema=schema.RUN_SCHEMA, edgetl_version="0.1.0", run_id=RUN_ID, backbone="tiny", image_size=[SIZE, SIZE],
-            labels=list(LABELS), input=CONTRACT,
+            schema=schema.RUN_SCHEMA,
+            edgetl_version="0.1.0",
+            run_id=RUN_ID,
+            backbone="tiny",
+            image_size=[SIZE, SIZE],
+            labels=list(LABELS),
+            input=CONTRACT,
             files={name: _sha((dest / name).read_bytes()) for name in ("float.keras", "labels.txt")},
             completed_phases=["head"],
         ).dump()

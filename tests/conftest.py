@@ -78,13 +78,32 @@ def cli_run(shapes_dir, tmp_path_factory) -> Path:
         run = root / "run"
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_USE_LEGACY_KERAS": "1"}
         for args in (
-            ["finetune", "--data", str(shapes_dir), "--out", str(run), "--weights", "none", "--image-size", "32",
-             "--epochs", "2", "--fine-tune-epochs", "2", "--qat-epochs", "1",
-             "--batch-size", "8", "--seed", "0"],
+            [
+                "finetune",
+                "--data",
+                str(shapes_dir),
+                "--out",
+                str(run),
+                "--weights",
+                "none",
+                "--image-size",
+                "32",
+                "--epochs",
+                "2",
+                "--fine-tune-epochs",
+                "2",
+                "--qat-epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--seed",
+                "0",
+            ],
             ["export", str(run)],
         ):
-            proc = subprocess.run([sys.executable, "-m", "edgetl", *args], cwd=root, env=env, capture_output=True,
-                                  text=True, timeout=600)
+            proc = subprocess.run(
+                [sys.executable, "-m", "edgetl", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600
+            )
             assert proc.returncode == 0, f"edgetl {args[0]}: {proc.stderr[-3000:]}"
 
     return built_once(tmp_path_factory, "cli_run", build) / "run"

@@ -39,8 +39,9 @@ def main(images_path, models):
     images = np.load(images_path, allow_pickle=False)
     out = {"mediapipe": mp.__version__}
     for model in models:
-        options = vision.ImageClassifierOptions(base_options=mp_tasks.BaseOptions(model_asset_path=model),
-                                                max_results=1000)
+        options = vision.ImageClassifierOptions(
+            base_options=mp_tasks.BaseOptions(model_asset_path=model), max_results=1000
+        )
         cats = []
         with vision.ImageClassifier.create_from_options(options) as classifier:
             for img in images:
@@ -51,7 +52,9 @@ def main(images_path, models):
         out[model] = {
             "categories": cats,
             "packed_files": files,
-            "labels_txt": displayer.get_associated_file_buffer("labels.txt").decode() if "labels.txt" in files else None,
+            "labels_txt": displayer.get_associated_file_buffer("labels.txt").decode()
+            if "labels.txt" in files
+            else None,
             "metadata": json.loads(displayer.get_metadata_json()),
         }
     print(json.dumps(out))

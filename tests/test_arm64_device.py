@@ -60,8 +60,20 @@ def bundle(arm) -> Path:
 
 
 def _host(harness, bundle: Path, work: Path):
-    proc = harness.sh([sys.executable, "-m", "edgetl", "verify", str(bundle), "--json", "--report",
-                       str(work / "host-report"), *harness.VERIFY_FLAGS], check=False)
+    proc = harness.sh(
+        [
+            sys.executable,
+            "-m",
+            "edgetl",
+            "verify",
+            str(bundle),
+            "--json",
+            "--report",
+            str(work / "host-report"),
+            *harness.VERIFY_FLAGS,
+        ],
+        check=False,
+    )
     assert proc.returncode in (0, 1, 4), proc.stderr[-2000:]
     harness.sh([sys.executable, str(work / "probe.py"), str(bundle), str(work / "host.npz")])
     return json.loads(proc.stdout)
@@ -71,19 +83,36 @@ def test_verify_on_emulated_cortex_a72_matches_the_host(arm, bundle):
     harness, work, env = arm
     host_report = _host(harness, bundle, work)
     rel = bundle.relative_to(work)
-    proc = harness.in_root(CORE, ["/usr/bin/python3", "-m", "edgetl", "verify", f"/work/{rel}", "--json", "--report",
-                                  f"/work/report-{CORE}", *harness.VERIFY_FLAGS], work, env=env, timeout=900)
+    proc = harness.in_root(
+        CORE,
+        [
+            "/usr/bin/python3",
+            "-m",
+            "edgetl",
+            "verify",
+            f"/work/{rel}",
+            "--json",
+            "--report",
+            f"/work/report-{CORE}",
+            *harness.VERIFY_FLAGS,
+        ],
+        work,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode in (0, 1, 4) and proc.stdout.strip(), proc.stderr[-3000:]
     dev_report = json.loads(proc.stdout)
     assert dev_report["machine"]["arch"] == "aarch64"
     assert "emulated" in dev_report["machine"]["cpu"]  # emulated latency is never shown as a device figure
-    proc = harness.in_root(CORE, ["/usr/bin/python3", "/work/probe.py", f"/work/{rel}", f"/work/{CORE}.npz"], work,
-                           env=env, timeout=900)
+    proc = harness.in_root(
+        CORE, ["/usr/bin/python3", "/work/probe.py", f"/work/{rel}", f"/work/{CORE}.npz"], work, env=env, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     probe = json.loads(proc.stdout.strip().splitlines()[-1])
     assert probe["tensorflow_imported"] is False
-    rows, problems = harness.compare(CORE, host_report, dev_report, work / "host.npz", work / f"{CORE}.npz", probe,
-                                     0.02)
+    rows, problems = harness.compare(
+        CORE, host_report, dev_report, work / "host.npz", work / f"{CORE}.npz", probe, 0.02
+    )
     assert problems == []
     assert {r["artifact"] for r in rows} == {a["name"] for a in host_report["artifacts"]}
     qat_tflite = [r for r in rows if r["quantization"] == "qat_int8" and r["format"] == "tflite"]

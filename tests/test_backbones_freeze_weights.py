@@ -33,8 +33,16 @@ def narrow(b):
 
     class Narrow(Backbone):
         def build_base(self, image_size, weights):
-            return efficientnet.EfficientNet(0.1, 3.1, 600, 0.5, model_name="efficientnetb7", include_top=False,
-                                             weights=weights, input_shape=(image_size, image_size, 3))
+            return efficientnet.EfficientNet(
+                0.1,
+                3.1,
+                600,
+                0.5,
+                model_name="efficientnetb7",
+                include_top=False,
+                weights=weights,
+                input_shape=(image_size, image_size, 3),
+            )
 
     return Narrow(**{f.name: getattr(b, f.name) for f in dataclasses.fields(Backbone)})
 
@@ -219,7 +227,9 @@ def test_weights_none_batchnorm_recalibration_revives_random_features(name):
     assert recalibrate_batchnorm(base, x) == len(bns) > 0
     after = base(x, training=False).numpy().std()
     assert before < 1e-4 and after > 0.1, (before, after)
-    assert all(np.array_equal(a, w.numpy()) for a, w in zip(kernels, [w for w in base.weights if "moving" not in w.name]))
+    assert all(
+        np.array_equal(a, w.numpy()) for a, w in zip(kernels, [w for w in base.weights if "moving" not in w.name])
+    )
     assert [(layer.momentum, layer.trainable) for layer in bns] == settings
 
 

@@ -250,7 +250,16 @@ def ft_decompression_bomb(e: Env):
 
 
 def ft_unknown_backbone(e: Env):
-    return ["finetune", "--data", e.shapes, "--out", e.tmp / "out", *FAST, "--backbone", "resnet18"], "unknown backbone 'resnet18'"
+    return [
+        "finetune",
+        "--data",
+        e.shapes,
+        "--out",
+        e.tmp / "out",
+        *FAST,
+        "--backbone",
+        "resnet18",
+    ], "unknown backbone 'resnet18'"
 
 
 def ft_image_size_not_multiple(e: Env):
@@ -273,8 +282,20 @@ def ft_weights_missing_file(e: Env):
 
 
 def ft_weights_wrong_architecture(e: Env):
-    args = ["finetune", "--data", e.shapes, "--out", e.tmp / "out", "--backbone", "mobilenet_v3_large",
-            "--weights", e.weights_dir() / SMALL_WEIGHTS, "--epochs", "1", "--no-qat"]
+    args = [
+        "finetune",
+        "--data",
+        e.shapes,
+        "--out",
+        e.tmp / "out",
+        "--backbone",
+        "mobilenet_v3_large",
+        "--weights",
+        e.weights_dir() / SMALL_WEIGHTS,
+        "--epochs",
+        "1",
+        "--no-qat",
+    ]
     return args, "does not fit mobilenet_v3_large"
 
 
@@ -334,7 +355,14 @@ def _split_layout(e: Env, splits) -> Path:
 
 def ft_split_layout_train_test(e: Env):
     data = _split_layout(e, ("train", "test"))
-    return ["finetune", "--data", data, "--out", e.tmp / "out", *FAST], f"split, not one sub-folder per class; pass --data {data / 'train'}"
+    return [
+        "finetune",
+        "--data",
+        data,
+        "--out",
+        e.tmp / "out",
+        *FAST,
+    ], f"split, not one sub-folder per class; pass --data {data / 'train'}"
 
 
 def ft_split_layout_train_val_test(e: Env):
@@ -511,8 +539,7 @@ def ex_keras_names_module(e: Env):
     def not_imported():
         assert was_imported or "this" not in sys.modules, "a module named by the model file was imported"
 
-    return (["export", run, "-f", "tflite", "-q", "fp32", "--out", e.tmp / "b"], "names module 'this'",
-            not_imported)
+    return (["export", run, "-f", "tflite", "-q", "fp32", "--out", e.tmp / "b"], "names module 'this'", not_imported)
 
 
 def ex_keras_names_class(e: Env):
@@ -531,9 +558,16 @@ def ex_qat_h5_names_module(e: Env):
     import h5py
 
     run = e.run()
-    config = {"class_name": "Functional", "config": {"name": "m", "layers": [
-        {"class_name": "InputLayer", "config": {"name": "image", "batch_input_shape": [None, 32, 32, 3]}},
-        {"module": "os", "class_name": "system", "config": {"name": "boom"}}]}}
+    config = {
+        "class_name": "Functional",
+        "config": {
+            "name": "m",
+            "layers": [
+                {"class_name": "InputLayer", "config": {"name": "image", "batch_input_shape": [None, 32, 32, 3]}},
+                {"module": "os", "class_name": "system", "config": {"name": "boom"}},
+            ],
+        },
+    }
     with h5py.File(run / "qat.h5", "w") as fh:
         fh.attrs["model_config"] = json.dumps(config)
     _manifest_edit(run, files={**json.loads((run / "manifest.json").read_text())["files"], "qat.h5": ""})
@@ -694,8 +728,7 @@ def ve_corrupt_npy_header(e: Env):
     path = b / "sample" / "images.npy"
     images = np.load(path)
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False,
-                                               "shape": (10**9, 32, 32, 3)})
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": (10**9, 32, 32, 3)})
     path.write_bytes(buf.getvalue() + images.tobytes())
     _rehash_bundle(b)
     return ["verify", b, "--runs", "2", "--warmup", "0"], "sample/images.npy is corrupt"
@@ -707,8 +740,14 @@ def ve_onnx_external_data(e: Env):
     b = e.bundle()
     art = _artifact(b, "onnx")
     model = onnx.load(str(art))
-    onnx.save_model(model, str(art), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.bin", size_threshold=128)  # shape tensors stay inline: ORT loads it
+    onnx.save_model(
+        model,
+        str(art),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=128,
+    )  # shape tensors stay inline: ORT loads it
     _rehash_bundle(b)
     return ["verify", b, "--runs", "2", "--warmup", "0"], "keeps tensors in external data files"
 
@@ -717,8 +756,10 @@ def ve_onnx_external_data(e: Env):
 
 
 def _recipe_text(e: Env, finetune_extra: str = "", export: str = "") -> str:
-    return (f"stages: [finetune, export]\nfinetune:\n  data: {e.shapes}\n  out: {e.tmp / 'out'}\n  weights: none\n"
-            f"  image_size: 32\n  epochs: 1\n  qat: false\n{finetune_extra}{export}")
+    return (
+        f"stages: [finetune, export]\nfinetune:\n  data: {e.shapes}\n  out: {e.tmp / 'out'}\n  weights: none\n"
+        f"  image_size: 32\n  epochs: 1\n  qat: false\n{finetune_extra}{export}"
+    )
 
 
 def run_missing_recipe(e: Env):
@@ -764,36 +805,90 @@ def run_usage_unknown_flag(e: Env):
 
 
 CASES: list[tuple[Callable[[Env], tuple], str | None]] = [
-    (ft_missing, None), (ft_empty_folder, None), (ft_single_class, None), (ft_empty_class, None),
-    (ft_file_not_folder, None), (ft_val_data_extra_class, None), (ft_corrupt_jpeg, None), (ft_truncated_png, None),
-    (ft_not_an_image, None), (ft_decompression_bomb, None), (ft_unknown_backbone, None),
-    (ft_image_size_not_multiple, None), (ft_image_size_too_small, None), (ft_val_split_out_of_range, None),
-    (ft_weights_missing_file, None), (ft_weights_wrong_architecture, None), (ft_out_is_not_a_run, None),
-    (ex_missing, None), (ex_empty_run, None), (ex_unknown_format, None), (ex_unknown_quantization, None),
-    (ex_truncated_keras_checksum, None), (ex_garbage_keras, None), (ex_truncated_keras, None),
-    (ex_lambda_keras, None), (ex_h5_lambda_disguised, None), (ex_labels_txt_edited, None), (ex_label_count_vs_model, None),
-    (ex_newer_version, None), (ex_foreign_schema_version, None), (ex_out_is_a_file, None),
-    (ve_missing, None), (ve_not_a_bundle, None), (ve_changed_file, None), (ve_changed_artifact, None),
-    (ve_path_outside, None), (ve_artifact_absolute_path, None), (ve_truncated_tflite, None), (ve_garbage_onnx, None),
-    (ve_bundle_json_garbage, None), (ve_newer_bundle_schema, None), (ve_run_newer_version, None),
+    (ft_missing, None),
+    (ft_empty_folder, None),
+    (ft_single_class, None),
+    (ft_empty_class, None),
+    (ft_file_not_folder, None),
+    (ft_val_data_extra_class, None),
+    (ft_corrupt_jpeg, None),
+    (ft_truncated_png, None),
+    (ft_not_an_image, None),
+    (ft_decompression_bomb, None),
+    (ft_unknown_backbone, None),
+    (ft_image_size_not_multiple, None),
+    (ft_image_size_too_small, None),
+    (ft_val_split_out_of_range, None),
+    (ft_weights_missing_file, None),
+    (ft_weights_wrong_architecture, None),
+    (ft_out_is_not_a_run, None),
+    (ex_missing, None),
+    (ex_empty_run, None),
+    (ex_unknown_format, None),
+    (ex_unknown_quantization, None),
+    (ex_truncated_keras_checksum, None),
+    (ex_garbage_keras, None),
+    (ex_truncated_keras, None),
+    (ex_lambda_keras, None),
+    (ex_h5_lambda_disguised, None),
+    (ex_labels_txt_edited, None),
+    (ex_label_count_vs_model, None),
+    (ex_newer_version, None),
+    (ex_foreign_schema_version, None),
+    (ex_out_is_a_file, None),
+    (ve_missing, None),
+    (ve_not_a_bundle, None),
+    (ve_changed_file, None),
+    (ve_changed_artifact, None),
+    (ve_path_outside, None),
+    (ve_artifact_absolute_path, None),
+    (ve_truncated_tflite, None),
+    (ve_garbage_onnx, None),
+    (ve_bundle_json_garbage, None),
+    (ve_newer_bundle_schema, None),
+    (ve_run_newer_version, None),
     (ve_unknown_only, None),
     (ve_contract_channels_text, None),
     (ve_contract_height_inf, None),
     (ve_file_name_too_long, None),
-    (run_missing_recipe, None), (run_invalid_yaml, None), (run_misspelt_key, None), (run_wrong_type, None),
-    (run_unknown_backbone, None), (run_unknown_export_format, None), (run_bad_set, None), (run_not_a_mapping, None),
+    (run_missing_recipe, None),
+    (run_invalid_yaml, None),
+    (run_misspelt_key, None),
+    (run_wrong_type, None),
+    (run_unknown_backbone, None),
+    (run_unknown_export_format, None),
+    (run_bad_set, None),
+    (run_not_a_mapping, None),
     # hardening, second round (issue 10)
-    (ft_out_foreign_manifest, None), (ft_out_foreign_manifest_force, None), (ft_out_earlier_run_needs_force, None),
-    (ft_out_run_with_user_file_force, None), (ft_out_root, None), (ft_seed_too_big, None),
-    (ft_split_layout_train_test, None), (ft_split_layout_train_val_test, None), (ft_symlink_loop, None),
-    (ft_symlink_nested_loop, None), (ft_symlink_into_data, None), (ft_non_utf8_class, None),
-    (ft_usage_not_an_integer, None), (ft_usage_unknown_flag, None),
-    (ex_out_foreign_bundle_json, None), (ex_out_earlier_bundle_needs_force, None),
-    (ex_out_bundle_with_user_file_force, None), (ex_keras_names_module, None), (ex_keras_names_class, None),
+    (ft_out_foreign_manifest, None),
+    (ft_out_foreign_manifest_force, None),
+    (ft_out_earlier_run_needs_force, None),
+    (ft_out_run_with_user_file_force, None),
+    (ft_out_root, None),
+    (ft_seed_too_big, None),
+    (ft_split_layout_train_test, None),
+    (ft_split_layout_train_val_test, None),
+    (ft_symlink_loop, None),
+    (ft_symlink_nested_loop, None),
+    (ft_symlink_into_data, None),
+    (ft_non_utf8_class, None),
+    (ft_usage_not_an_integer, None),
+    (ft_usage_unknown_flag, None),
+    (ex_out_foreign_bundle_json, None),
+    (ex_out_earlier_bundle_needs_force, None),
+    (ex_out_bundle_with_user_file_force, None),
+    (ex_keras_names_module, None),
+    (ex_keras_names_class, None),
     (ex_qat_h5_names_module, None),
-    (ve_report_dir_symlink, None), (ve_planted_partial_symlink, None), (ve_report_folder_foreign, None),
-    (ve_bundle_json_deep, None), (ve_npz_as_npy, None), (ve_corrupt_npy_header, None), (ve_onnx_external_data, None),
-    (run_earlier_run_needs_force, None), (run_usage_unknown_flag, None),
+    (ve_report_dir_symlink, None),
+    (ve_planted_partial_symlink, None),
+    (ve_report_folder_foreign, None),
+    (ve_bundle_json_deep, None),
+    (ve_npz_as_npy, None),
+    (ve_corrupt_npy_header, None),
+    (ve_onnx_external_data, None),
+    (run_earlier_run_needs_force, None),
+    (run_usage_unknown_flag, None),
 ]
 
 
@@ -816,9 +911,12 @@ def assert_one_line_error(code: int, stderr: str, expect: str) -> str:
 
 @pytest.mark.parametrize("case", list(_params()))
 def test_bad_input(case, cli, tmp_path, shapes_dir, request, monkeypatch):
-    env = Env(tmp=tmp_path / "case", shapes=shapes_dir,
-              base_run=lambda: request.getfixturevalue("base_run"),
-              weights_dir=lambda: request.getfixturevalue("weights_dir"))
+    env = Env(
+        tmp=tmp_path / "case",
+        shapes=shapes_dir,
+        base_run=lambda: request.getfixturevalue("base_run"),
+        weights_dir=lambda: request.getfixturevalue("weights_dir"),
+    )
     env.tmp.mkdir()
     monkeypatch.chdir(env.tmp)  # anything written relative to the cwd shows up in the snapshot too
     args, expect, *post_checks = case(env)
@@ -921,11 +1019,13 @@ def test_odd_but_valid_images_finetune(cli, tmp_path, monkeypatch):
 
 
 def test_debug_shows_a_traceback_and_plain_does_not(cli, tmp_path):
-    code, _, stderr = cli("finetune", "--data", tmp_path / "nope", "--out", tmp_path / "o", *FAST,
-                          env={"EDGETL_DEBUG": None})
+    code, _, stderr = cli(
+        "finetune", "--data", tmp_path / "nope", "--out", tmp_path / "o", *FAST, env={"EDGETL_DEBUG": None}
+    )
     assert code == 2 and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
-    code, _, stderr = cli("--debug", "finetune", "--data", tmp_path / "nope", "--out", tmp_path / "o", *FAST,
-                          env={"EDGETL_DEBUG": None})
+    code, _, stderr = cli(
+        "--debug", "finetune", "--data", tmp_path / "nope", "--out", tmp_path / "o", *FAST, env={"EDGETL_DEBUG": None}
+    )
     assert code == 2 and "Traceback" in stderr and "DataError" in stderr
     assert stderr.strip().splitlines()[-1].startswith("error: data folder")
 
@@ -945,14 +1045,20 @@ def test_internal_errors_are_one_line(command, cli, tmp_path, monkeypatch, shape
     import edgetl.finetune
     import edgetl.verify
 
-    target = {"finetune": (edgetl.finetune, "finetune"), "export": (edgetl.export, "export_run"),
-              "verify": (edgetl.verify, "verify"), "run": (edgetl.config, "load_recipe")}[command]
+    target = {
+        "finetune": (edgetl.finetune, "finetune"),
+        "export": (edgetl.export, "export_run"),
+        "verify": (edgetl.verify, "verify"),
+        "run": (edgetl.config, "load_recipe"),
+    }[command]
     monkeypatch.setattr(*target, boom)
     (tmp_path / "x").mkdir()
-    args = {"finetune": ["finetune", "--data", shapes_dir, "--out", tmp_path / "o", *FAST],
-            "export": ["export", tmp_path / "x"],
-            "verify": ["verify", tmp_path / "x"],
-            "run": ["run", tmp_path / "r.yaml"]}[command]
+    args = {
+        "finetune": ["finetune", "--data", shapes_dir, "--out", tmp_path / "o", *FAST],
+        "export": ["export", tmp_path / "x"],
+        "verify": ["verify", tmp_path / "x"],
+        "run": ["run", tmp_path / "r.yaml"],
+    }[command]
     if command == "verify":  # default_report_dir resolves the target first: give it a bundle-looking folder
         (tmp_path / "x" / "bundle.json").write_text("{}")
     code, _, stderr = cli(*args, env={"EDGETL_DEBUG": None})
@@ -990,10 +1096,14 @@ def test_lambda_in_float_keras_is_refused_by_export(base_run, tmp_path, h5):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("h5", [
-    False,
-    True,
-], ids=["keras_lambda", "h5_renamed_to_keras"])
+@pytest.mark.parametrize(
+    "h5",
+    [
+        False,
+        True,
+    ],
+    ids=["keras_lambda", "h5_renamed_to_keras"],
+)
 def test_lambda_in_float_keras_is_refused_by_verify(base_run, tmp_path, cli, h5):
     run = shutil.copytree(base_run, tmp_path / "run")
     marker = tmp_path / "code-ran"
@@ -1065,7 +1175,13 @@ def test_verify_cleans_stale_partials_of_killed_runs(base_run, tmp_path, cli):
     (stale / "report.md").write_text("half")
     code, _, stderr = cli(*_verify_args(bundle))
     assert code in (0, 1, 4), stderr
-    assert sorted(p.name for p in reports.iterdir()) == ["confusion.png", "latency.png", "misclassified.png", "report.json", "report.md"]
+    assert sorted(p.name for p in reports.iterdir()) == [
+        "confusion.png",
+        "latency.png",
+        "misclassified.png",
+        "report.json",
+        "report.md",
+    ]
     assert not [p.name for p in bundle.iterdir() if p.name.startswith(".")]
 
 
@@ -1175,8 +1291,12 @@ def test_sigkilled_verify_keeps_old_reports_and_next_run_cleans_up(base_run, tmp
     before = snapshot(bundle / "verify")
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_VERIFY, str(bundle)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_VERIFY, str(bundle)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not list(bundle.glob(".verify.*.partial/report.md")):
@@ -1190,5 +1310,10 @@ def test_sigkilled_verify_keeps_old_reports_and_next_run_cleans_up(base_run, tmp
     code, _, stderr = cli(*_verify_args(bundle))
     assert code in (0, 1, 4), stderr
     assert not [p.name for p in bundle.iterdir() if p.name.startswith(".")]
-    assert sorted(p.name for p in (bundle / "verify").iterdir()) == ["confusion.png", "latency.png", "misclassified.png", "report.json",
-                                                                     "report.md"]
+    assert sorted(p.name for p in (bundle / "verify").iterdir()) == [
+        "confusion.png",
+        "latency.png",
+        "misclassified.png",
+        "report.json",
+        "report.md",
+    ]

@@ -92,16 +92,36 @@ def test_flags_reach_the_config(tmp_path, monkeypatch):
         raise typer.Exit(0)
 
     monkeypatch.setattr(edgetl.finetune, "finetune", fake_finetune)
-    res = CliRunner().invoke(app, [
-        "finetune", "--data", str(tmp_path), "--head-lr", "0.002", "--dropout", "0.3", "--patience", "2",
-        "--calibration-images", "64", "--no-augment-flip", "--augment-rotation", "0.1", "--label-smoothing", "0.1",
-        "--name", "x",
-    ])
+    res = CliRunner().invoke(
+        app,
+        [
+            "finetune",
+            "--data",
+            str(tmp_path),
+            "--head-lr",
+            "0.002",
+            "--dropout",
+            "0.3",
+            "--patience",
+            "2",
+            "--calibration-images",
+            "64",
+            "--no-augment-flip",
+            "--augment-rotation",
+            "0.1",
+            "--label-smoothing",
+            "0.1",
+            "--name",
+            "x",
+        ],
+    )
     assert res.exit_code == 0, res.output
     cfg = seen["cfg"]
     assert (cfg.head_lr, cfg.dropout, cfg.patience, cfg.calibration_images) == (0.002, 0.3, 2, 64)
     assert (cfg.augment.flip, cfg.augment.rotation, cfg.augment.zoom) == (False, 0.1, 0.1)
     assert (cfg.label_smoothing, cfg.name) == (0.1, "x")
-    assert cfg.model_dump(exclude={"data", "head_lr", "dropout", "patience", "calibration_images", "augment",
-                                   "label_smoothing", "name"}) == FinetuneConfig(data=str(tmp_path)).model_dump(
-        exclude={"data", "head_lr", "dropout", "patience", "calibration_images", "augment", "label_smoothing", "name"})
+    assert cfg.model_dump(
+        exclude={"data", "head_lr", "dropout", "patience", "calibration_images", "augment", "label_smoothing", "name"}
+    ) == FinetuneConfig(data=str(tmp_path)).model_dump(
+        exclude={"data", "head_lr", "dropout", "patience", "calibration_images", "augment", "label_smoothing", "name"}
+    )

@@ -178,10 +178,13 @@ def test_hidden_folders_and_macosx_are_ignored(tmp_path):
     assert len(loaded.images) == 7 and not loaded.skipped
 
 
-@pytest.mark.parametrize("layout, fix", [
-    (("train", "test"), "pass --data {root}/train (a seeded --val-split of it validates), and keep test/"),
-    (("Train", "Valid"), "pass --data {root}/Train --val-data {root}/Valid"),
-])
+@pytest.mark.parametrize(
+    "layout, fix",
+    [
+        (("train", "test"), "pass --data {root}/train (a seeded --val-split of it validates), and keep test/"),
+        (("Train", "Valid"), "pass --data {root}/Train --val-data {root}/Valid"),
+    ],
+)
 def test_split_layout_is_refused_with_the_flags(tmp_path, layout, fix):
     root = tmp_path / "data"
     for split in layout:

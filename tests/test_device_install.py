@@ -68,8 +68,17 @@ def device_venv(tmp_path_factory) -> Path:
         # A normal install: resolves [device] from the package index (already satisfied after the first run), and
         # reinstalls edgetl from the current sources.
         proc = _run(
-            [str(python), "-m", "pip", "install", "--quiet", "--upgrade", "--upgrade-strategy", "only-if-needed",
-             f"{src}[device]"],
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--upgrade",
+                "--upgrade-strategy",
+                "only-if-needed",
+                f"{src}[device]",
+            ],
             timeout=PIP_TIMEOUT,
             cwd=src,
         )
@@ -86,8 +95,9 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("device_bundles")
     return {
         "honest": f.write_bundle(root / "honest"),
-        "faulty": f.write_bundle(root / "faulty", f.honest_artifacts() + [
-            f.tflite_int8(f.variant("shuffled"), name="shuffled_int8_tflite")]),
+        "faulty": f.write_bundle(
+            root / "faulty", f.honest_artifacts() + [f.tflite_int8(f.variant("shuffled"), name="shuffled_int8_tflite")]
+        ),
     }
 
 
@@ -103,8 +113,18 @@ def test_device_venv_has_no_tensorflow(device_venv):
 
 
 def test_device_verify_honest_bundle(device_venv, bundles, tmp_path):
-    proc = _run([str(device_venv / "bin" / "edgetl"), "verify", str(bundles["honest"]), "--json", "--report",
-                 str(tmp_path / "report"), *VERIFY_FLAGS], cwd=tmp_path)
+    proc = _run(
+        [
+            str(device_venv / "bin" / "edgetl"),
+            "verify",
+            str(bundles["honest"]),
+            "--json",
+            "--report",
+            str(tmp_path / "report"),
+            *VERIFY_FLAGS,
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["passed"] is True
@@ -126,8 +146,18 @@ def test_device_verify_honest_bundle(device_venv, bundles, tmp_path):
 
 
 def test_device_verify_faulty_bundle_exit_1(device_venv, bundles, tmp_path):
-    proc = _run([str(device_venv / "bin" / "edgetl"), "verify", str(bundles["faulty"]), "--json", "--report",
-                 str(tmp_path / "report"), *VERIFY_FLAGS], cwd=tmp_path)
+    proc = _run(
+        [
+            str(device_venv / "bin" / "edgetl"),
+            "verify",
+            str(bundles["faulty"]),
+            "--json",
+            "--report",
+            str(tmp_path / "report"),
+            *VERIFY_FLAGS,
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     bad = {a["name"]: a["failures"] for a in report["artifacts"] if not a["passed"]}
@@ -146,15 +176,32 @@ def test_device_verifies_a_bundle_made_by_the_cli(device_venv, cli_run, tmp_path
     assert proc.returncode in (0, 1, 4), proc.stderr[-2000:]
     device = json.loads(proc.stdout)
     assert proc.returncode == device["exit_code"]
-    host = subprocess.run([sys.executable, "-m", "edgetl", "verify", str(cli_run), "--bundle-sample", *flags,
-                           "--report", str(tmp_path / "host")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    host = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgetl",
+            "verify",
+            str(cli_run),
+            "--bundle-sample",
+            *flags,
+            "--report",
+            str(tmp_path / "host"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert host.returncode in (0, 1, 4), host.stderr[-2000:]
     host_report = json.loads(host.stdout)
     by_name = {a["name"]: a for a in host_report["artifacts"]}
     assert [a["source"] for a in device["artifacts"]] == ["float.keras", "qat.h5", "float.keras", "qat.h5"]
     for art in device["artifacts"]:
         ref = by_name[art["name"]]
-        assert art["top1_agreement"] == ref["top1_agreement"] and abs(art["mean_abs_diff"] - ref["mean_abs_diff"]) < 1e-5
+        assert (
+            art["top1_agreement"] == ref["top1_agreement"] and abs(art["mean_abs_diff"] - ref["mean_abs_diff"]) < 1e-5
+        )
         assert art["accuracy_test"]["drop_pp"] == ref["accuracy_test"]["drop_pp"]
         assert not any("not checked" in f for f in art["inconclusive"])
 
@@ -193,8 +240,20 @@ def test_device_predict_matches_verify_runners(device_venv, bundles, tmp_path):
     for i, img in enumerate(images):
         Image.fromarray(img).save(folder / f"{i:02d}.png")
     for spec in bundle.artifacts:
-        proc = _run([str(device_venv / "bin" / "edgetl"), "predict", str(bundles["honest"]), str(folder),
-                     "--artifact", spec.name, "--json", "--top-k", "1"], cwd=tmp_path)
+        proc = _run(
+            [
+                str(device_venv / "bin" / "edgetl"),
+                "predict",
+                str(bundles["honest"]),
+                str(folder),
+                "--artifact",
+                spec.name,
+                "--json",
+                "--top-k",
+                "1",
+            ],
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         data = json.loads(proc.stdout)
         assert data["labels"] == list(bundle.labels), spec.name

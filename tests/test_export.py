@@ -93,8 +93,16 @@ def qat_loader(run_dir):
 def exported(run_dir, qat_loader, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle") / "all"
     steps = []
-    result = export_run(run_dir, "all", "all", out, samples=12, seed=3, calibration=24,
-                        progress=lambda msg, i, n: steps.append((msg, i, n)))
+    result = export_run(
+        run_dir,
+        "all",
+        "all",
+        out,
+        samples=12,
+        seed=3,
+        calibration=24,
+        progress=lambda msg, i, n: steps.append((msg, i, n)),
+    )
     return result, steps
 
 
@@ -201,10 +209,14 @@ def test_every_variant_exports_with_a_verifiable_bundle(exported, run_dir):
     assert images.dtype == np.uint8 and images.shape == (9, 32, 32, 3)  # all 9 val images (< --samples 12)
     assert labels.dtype == np.int64 and ref.dtype == np.float32 and ref.shape == (9, 3)
     # each source model's outputs, so a device checks every artifact against the model it was converted from
-    assert meta["sample"]["source_outputs"] == {"float.keras": "sample/reference_outputs.npy",
-                                                "qat.h5": "sample/qat_outputs.npy"}
+    assert meta["sample"]["source_outputs"] == {
+        "float.keras": "sample/reference_outputs.npy",
+        "qat.h5": "sample/qat_outputs.npy",
+    }
     assert {r["name"]: r["source"] for r in meta["artifacts"] if r["quantization"] == "qat_int8"} == {
-        "tflite_qat_int8": "qat.h5", "onnx_qat_int8": "qat.h5"}
+        "tflite_qat_int8": "qat.h5",
+        "onnx_qat_int8": "qat.h5",
+    }
     qat = np.load(bundle / "sample/qat_outputs.npy", allow_pickle=False)
     assert qat.dtype == np.float32 and qat.shape == ref.shape and "sample/qat_outputs.npy" in meta["files"]
     from edgetl.qat import load_qat_model
@@ -266,13 +278,16 @@ def test_cli_run_bundle_matches_its_source_models(cli_run):
     assert xnnpack_partitions((bundle / "model_qat_int8.tflite").read_bytes()) == (1, True)
 
 
-@pytest.mark.parametrize("backbone", [
-    pytest.param("mobilenet_v3_small", marks=pytest.mark.slow),  # fp32 + QAT int8 of it: the cli_run test above
-    pytest.param("mobilenet_v3_large", marks=pytest.mark.slow),
-    pytest.param("efficientnet_b0", marks=pytest.mark.slow),
-    pytest.param("resnet50", marks=pytest.mark.slow),
-    "vgg16",  # the new caffe-preprocessed rows: vgg16 in every run, resnet50 (same path, ~4x the time) in test-slow
-])
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        pytest.param("mobilenet_v3_small", marks=pytest.mark.slow),  # fp32 + QAT int8 of it: the cli_run test above
+        pytest.param("mobilenet_v3_large", marks=pytest.mark.slow),
+        pytest.param("efficientnet_b0", marks=pytest.mark.slow),
+        pytest.param("resnet50", marks=pytest.mark.slow),
+        "vgg16",  # the new caffe-preprocessed rows: vgg16 in every run, resnet50 (same path, ~4x the time) in test-slow
+    ],
+)
 def test_every_variant_exports_for_every_backbone(backbone, tmp_path):
     """Each product backbone (32 px, random weights with BN statistics from the images, nothing frozen, trained one
     epoch, QAT model): all variants export, float artifacts match Keras within 1e-4, the bundle's checksums verify,
@@ -449,16 +464,26 @@ def test_tflite_variants_share_one_signature_names_and_batch_1(exported):
         it = Interpreter(model_path=str(by_name[name].path))
         it.allocate_tensors()
         inp, out = it.get_input_details()[0], it.get_output_details()[0]
-        interfaces[name] = (it.get_signature_list(), inp["name"], [int(d) for d in inp["shape_signature"]],
-                            out["name"], [int(d) for d in out["shape_signature"]])
+        interfaces[name] = (
+            it.get_signature_list(),
+            inp["name"],
+            [int(d) for d in inp["shape_signature"]],
+            out["name"],
+            [int(d) for d in out["shape_signature"]],
+        )
         feed = x.astype(inp["dtype"])
         it.set_tensor(inp["index"], feed)
         it.invoke()
         direct = it.get_tensor(out["index"]).copy()
         via_signature = it.get_signature_runner("serving_default")(image=feed)["probabilities"]
         np.testing.assert_array_equal(via_signature, direct, err_msg=name)
-    expected = ({"serving_default": {"inputs": ["image"], "outputs": ["probabilities"]}}, "image", [1, 32, 32, 3],
-                "probabilities", [1, 3])
+    expected = (
+        {"serving_default": {"inputs": ["image"], "outputs": ["probabilities"]}},
+        "image",
+        [1, 32, 32, 3],
+        "probabilities",
+        [1, 3],
+    )
     assert interfaces == {name: expected for name in TFLITE_NAMES}
     meta = json.loads((result.out / "bundle.json").read_text())
     for record in meta["artifacts"]:  # bundle.json records the finished files' names
@@ -478,8 +503,13 @@ def test_tflite_variants_carry_standard_tflite_metadata(exported):
         assert {"edgetl", "edgetl.labels", "TFLITE_METADATA"} <= set(entries), name
         md = tflite_metadata.read_model_metadata(entries["TFLITE_METADATA"])
         assert md["name"] and md["description"] and md["version"] == "test-run", name
-        assert md["input"] == {"name": "image", "color_space": "RGB", "default_size": [32, 32], "mean": [0.0],
-                               "std": [1.0]}, name
+        assert md["input"] == {
+            "name": "image",
+            "color_space": "RGB",
+            "default_size": [32, 32],
+            "mean": [0.0],
+            "std": [1.0],
+        }, name
         assert md["output"] == {"name": "probabilities", "labels_file": "labels.txt"}, name
         assert tflite_metadata.associated_files(data) == {"labels.txt": b"blue\ngreen\nred\n"}, name
     # the metadata costs well under 1% of a real model (docs/formats.md); on this 32 px toy the absolute overhead
@@ -526,8 +556,9 @@ def _mediapipe_python() -> str:
             shutil.rmtree(venv, ignore_errors=True)
             proc = _run([sys.executable, "-m", "venv", str(venv)], timeout=300, cwd=root)
             assert proc.returncode == 0, proc.stderr
-            proc = _run([str(python), "-m", "pip", "install", "--quiet", MEDIAPIPE_REQUIREMENT], timeout=PIP_TIMEOUT,
-                        cwd=root)
+            proc = _run(
+                [str(python), "-m", "pip", "install", "--quiet", MEDIAPIPE_REQUIREMENT], timeout=PIP_TIMEOUT, cwd=root
+            )
             if proc.returncode != 0:
                 pytest.skip(f"cannot install {MEDIAPIPE_REQUIREMENT} into a test venv: {proc.stderr.strip()[-300:]}")
             (venv / ".complete").write_text("ok\n")
@@ -542,8 +573,12 @@ def mediapipe_report(exported) -> dict:
     result, _ = exported
     by_name = {a.name: a for a in result.artifacts}
     python = _mediapipe_python()
-    cmd = [python, str(REPO / "tests" / "mediapipe_probe.py"), str(result.out / "sample/images.npy"),
-           *[str(by_name[n].path) for n in TFLITE_NAMES]]
+    cmd = [
+        python,
+        str(REPO / "tests" / "mediapipe_probe.py"),
+        str(result.out / "sample/images.npy"),
+        *[str(by_name[n].path) for n in TFLITE_NAMES],
+    ]
     if python == sys.executable:  # mediapipe importable here (maybe via PYTHONPATH): keep the environment
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=result.out.parent)
     else:
@@ -569,7 +604,9 @@ def test_mediapipe_image_classifier_runs_every_tflite_variant_with_labels(export
         top1 = np.array([per_image[0][0] for per_image in cats])
         assert _top1_agrees(top1, ref), (name, top1.tolist(), ref.argmax(1).tolist())
         if name in ("tflite_fp32", "tflite_fp16", "tflite_qat_int8"):  # inputs fed exactly alike: same scores
-            got = np.array([[dict((c[0], c[2]) for c in per_image)[i] for i in range(len(LABELS))] for per_image in cats])
+            got = np.array(
+                [[dict((c[0], c[2]) for c in per_image)[i] for i in range(len(LABELS))] for per_image in cats]
+            )
             np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=name)
 
 
@@ -591,12 +628,16 @@ def test_onnx_runtimes_read_the_image_metadata_and_labels(exported):
     import onnxruntime as ort
 
     result, _ = exported
-    expected = {"Image.BitmapPixelFormat": "Rgb8", "Image.ColorSpaceGamma": "SRGB",
-                "Image.NominalPixelRange": "NominalRange_0_255"}
+    expected = {
+        "Image.BitmapPixelFormat": "Rgb8",
+        "Image.ColorSpaceGamma": "SRGB",
+        "Image.NominalPixelRange": "NominalRange_0_255",
+    }
     onnx_files = [a for a in result.artifacts if a.format == "onnx"]
     for a in onnx_files:
-        props = dict(ort.InferenceSession(str(a.path), providers=["CPUExecutionProvider"])
-                     .get_modelmeta().custom_metadata_map)
+        props = dict(
+            ort.InferenceSession(str(a.path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+        )
         assert {k: props.get(k) for k in expected} == expected, a.name
         assert json.loads(props["labels"]) == LABELS and json.loads(props["edgetl.labels"]) == LABELS, a.name
     ov = pytest.importorskip("openvino", reason="openvino is not installed (optional: pip install openvino)")
@@ -661,7 +702,10 @@ def test_predict_bad_input_is_one_line_exit_2(exported, tmp_path, cli):
     for model, images, needle in cases:
         code, stdout, stderr = cli("predict", model, images)
         assert code == 2 and needle in stderr and stderr.count("\n") == 1 and "Traceback" not in stderr, (
-            model, images, stderr)
+            model,
+            images,
+            stderr,
+        )
     code, _, stderr = cli("predict", result.out, img, "--artifact", "nope")
     assert code == 2 and "tflite_qat_int8" in stderr
     code, _, stderr = cli("predict", result.out, img, "--top-k", "0")
@@ -691,8 +735,22 @@ def test_cli_export_json_and_bad_flags(run_dir, tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "tfl"
-    res = runner.invoke(app, ["export", str(run_dir), "--format", "tflite", "-q", "fp32,fp16", "--out", str(out),
-                              "--samples", "4", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "export",
+            str(run_dir),
+            "--format",
+            "tflite",
+            "-q",
+            "fp32,fp16",
+            "--out",
+            str(out),
+            "--samples",
+            "4",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert [a["name"] for a in data["artifacts"]] == ["tflite_fp32", "tflite_fp16"]
@@ -725,8 +783,13 @@ def _start_and_kill(run_dir: Path, out: Path) -> None:
     systmp = out.parent / f"systmp-{out.name}"
     systmp.mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(systmp)}
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(run_dir), str(out)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(run_dir), str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     try:
         while time.time() < deadline:

@@ -30,9 +30,34 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _args(data: Path, out: Path, seed: int) -> list[str]:
     # fine-tuning the whole (random-init) backbone gives the killer a window of several seconds after the head phase
-    return [sys.executable, "-m", "edgetl", "finetune", "--data", str(data), "--out", str(out), "--weights", "none",
-            "--image-size", "32", "--batch-size", "8", "--epochs", "2", "--fine-tune-epochs", "3", "--freeze", "none",
-            "--feature-views", "0", "--no-qat", "--seed", str(seed), "--json"]
+    return [
+        sys.executable,
+        "-m",
+        "edgetl",
+        "finetune",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--fine-tune-epochs",
+        "3",
+        "--freeze",
+        "none",
+        "--feature-views",
+        "0",
+        "--no-qat",
+        "--seed",
+        str(seed),
+        "--json",
+    ]
 
 
 def _env() -> dict:
@@ -58,8 +83,10 @@ def start_and_kill_after_head(args: list[str], out: Path, cwd: Path) -> dict:
             if state and "head" in state.get("completed", []):
                 break
             if proc.poll() is not None:
-                pytest.fail(f"finetune ended (rc {proc.returncode}) before it could be killed:\n"
-                            f"{proc.stderr.read().decode(errors='replace')[-3000:]}")
+                pytest.fail(
+                    f"finetune ended (rc {proc.returncode}) before it could be killed:\n"
+                    f"{proc.stderr.read().decode(errors='replace')[-3000:]}"
+                )
             time.sleep(0.02)
         else:
             pytest.fail("finetune never completed its head phase")

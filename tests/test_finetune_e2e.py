@@ -23,14 +23,30 @@ def trash_subset(shared, tmp_path_factory):
 
 
 def test_finetune_real_photos_with_shared_weights(trash_subset, weights_dir, tmp_path):
-    cfg = FinetuneConfig(data=str(trash_subset), backbone="mobilenet_v3_small", weights="imagenet",
-                         weights_dir=str(weights_dir), image_size=96, epochs=8, fine_tune_epochs=1, freeze="late",
-                         qat=False, out=str(tmp_path / "run"), seed=3)
+    cfg = FinetuneConfig(
+        data=str(trash_subset),
+        backbone="mobilenet_v3_small",
+        weights="imagenet",
+        weights_dir=str(weights_dir),
+        image_size=96,
+        epochs=8,
+        fine_tune_epochs=1,
+        freeze="late",
+        qat=False,
+        out=str(tmp_path / "run"),
+        seed=3,
+    )
     result = finetune(cfg)
     m = result.manifest
     run = result.run_dir
-    assert sorted(p.name for p in run.iterdir()) == ["curves.png", "float.keras", "labels.txt", "logs",
-                                                      "manifest.json", "splits.json"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "curves.png",
+        "float.keras",
+        "labels.txt",
+        "logs",
+        "manifest.json",
+        "splits.json",
+    ]
     assert m["labels"] == ["cardboard", "glass", "metal"]
     assert (run / "labels.txt").read_text().split() == m["labels"]
     assert m["weights"]["sha256"] == sha256_file(weights_dir / m["weights"]["file"])
@@ -60,12 +76,24 @@ def test_finetune_real_photos_with_shared_weights(trash_subset, weights_dir, tmp
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["efficientnet_b0", "mobilenet_v3_large"])
 def test_other_backbones_train_end_to_end(backbone, shapes_dir, tmp_path):
-    cfg = FinetuneConfig(data=str(shapes_dir), backbone=backbone, weights="none", image_size=32, epochs=2,
-                         fine_tune_epochs=1, freeze="mid", feature_views=1, qat=False, out=str(tmp_path / "r"))
+    cfg = FinetuneConfig(
+        data=str(shapes_dir),
+        backbone=backbone,
+        weights="none",
+        image_size=32,
+        epochs=2,
+        fine_tune_epochs=1,
+        freeze="mid",
+        feature_views=1,
+        qat=False,
+        out=str(tmp_path / "r"),
+    )
     m = finetune(cfg).manifest
     f = m["freeze"]
     assert f["frozen_layers"] > 0 and f["trainable_layers"] > 0
-    assert f["boundary_layer"] == {"efficientnet_b0": "block4c_add", "mobilenet_v3_large": "expanded_conv_9/Add"}[backbone]
+    assert (
+        f["boundary_layer"] == {"efficientnet_b0": "block4c_add", "mobilenet_v3_large": "expanded_conv_9/Add"}[backbone]
+    )
     assert m["phases"]["fine_tune"]["status"] == "done"
     # the saved model is the one measured: float.keras reproduces the recorded accuracy on the recorded val split
     from edgetl._tfenv import keras
@@ -84,10 +112,33 @@ def test_multi_replica_training_on_two_logical_cpus(shapes_dir, tmp_path):
     env = dict(os.environ, EDGETL_CPU_DEVICES="2")
     out = tmp_path / "dist"
     proc = subprocess.run(
-        [sys.executable, "-m", "edgetl.cli", "finetune", "--data", str(shapes_dir), "--weights", "none",
-         "--image-size", "32", "--epochs", "2", "--fine-tune-epochs", "1", "--freeze", "mid", "--no-qat",
-         "--out", str(out), "--json"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "edgetl.cli",
+            "finetune",
+            "--data",
+            str(shapes_dir),
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            "--epochs",
+            "2",
+            "--fine-tune-epochs",
+            "1",
+            "--freeze",
+            "mid",
+            "--no-qat",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())

@@ -13,8 +13,20 @@ import time
 import pytest
 from conftest import REPO
 
-FAST = ["--weights", "none", "--image-size", "32", "--epochs", "1", "--fine-tune-epochs", "0", "--no-qat",
-        "--batch-size", "8", "--json"]
+FAST = [
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--epochs",
+    "1",
+    "--fine-tune-epochs",
+    "0",
+    "--no-qat",
+    "--batch-size",
+    "8",
+    "--json",
+]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -30,17 +42,31 @@ def _free_ports(n: int) -> list[int]:
 def _env(ports, index, tmp):
     cluster = {"worker": [f"localhost:{p}" for p in ports]}
     tmp.mkdir(parents=True, exist_ok=True)
-    return {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-            "TF_CPP_MIN_LOG_LEVEL": "3", "TF_USE_LEGACY_KERAS": "1", "TMPDIR": str(tmp), "EDGETL_WORKER_TIMEOUT": "240"}
+    return {
+        **os.environ,
+        "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "TF_USE_LEGACY_KERAS": "1",
+        "TMPDIR": str(tmp),
+        "EDGETL_WORKER_TIMEOUT": "240",
+    }
 
 
 @pytest.mark.slow  # two TensorFlow processes training together: ~4.5 min measured on 2 loaded cores
 def test_two_workers_on_localhost_train_one_run(shapes_dir, tmp_path):
     ports = _free_ports(2)
     out = tmp_path / "out" / "run"
-    procs = [subprocess.Popen([sys.executable, "-m", "edgetl", "finetune", "--data", str(shapes_dir),
-                               "--out", str(out), *FAST], cwd=REPO, env=_env(ports, i, tmp_path / f"tmp{i}"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "edgetl", "finetune", "--data", str(shapes_dir), "--out", str(out), *FAST],
+            cwd=REPO,
+            env=_env(ports, i, tmp_path / f"tmp{i}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         results = [p.communicate(timeout=540) for p in procs]
     finally:
@@ -50,8 +76,12 @@ def test_two_workers_on_localhost_train_one_run(shapes_dir, tmp_path):
         assert p.returncode == 0, stderr[-3000:]
     assert sorted(os.listdir(tmp_path / "out")) == ["run"]  # one run directory, nothing partial beside it
     m = json.loads((out / "manifest.json").read_text())
-    assert m["distribution"] == {"strategy": "MultiWorkerMirroredStrategy", "replicas": 2, "workers": 2,
-                                 "chief": "worker:0"}
+    assert m["distribution"] == {
+        "strategy": "MultiWorkerMirroredStrategy",
+        "replicas": 2,
+        "workers": 2,
+        "chief": "worker:0",
+    }
     assert json.loads(results[0][0])["run_dir"] == str(out)
     other = json.loads(results[1][0])
     assert other["run_dir"] is None and other["distribution"]["workers"] == 2
@@ -63,9 +93,14 @@ def test_a_cluster_that_never_forms_ends_with_one_line(shapes_dir, tmp_path):
     ports = _free_ports(2)  # worker 1 is never started
     env = {**_env(ports, 0, tmp_path / "tmp0"), "EDGETL_WORKER_TIMEOUT": "8"}
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "edgetl", "finetune", "--data", str(shapes_dir),
-                           "--out", str(tmp_path / "run"), *FAST], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgetl", "finetune", "--data", str(shapes_dir), "--out", str(tmp_path / "run"), *FAST],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]  # TensorFlow blocks in C++: a watchdog SIGKILLs it
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "did not form within 8 s" in lines[0], proc.stderr[-2000:]

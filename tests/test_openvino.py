@@ -35,9 +35,17 @@ def _runners(bundle_dir: Path, name: str, threads: int = 1):
     spec = bundle.artifact(name)
     ort = make_runner(spec, bundle.input, bundle.labels, threads=threads)
     ov = OpenVinoRunner(
-        spec.name, spec.path, bundle.input, len(bundle.labels), input_dtype=spec.input_dtype,
-        input_quant=spec.input_quant, output_dtype=spec.output_dtype, output_quant=spec.output_quant,
-        quantization=spec.quantization, threads=threads, labels=bundle.labels,
+        spec.name,
+        spec.path,
+        bundle.input,
+        len(bundle.labels),
+        input_dtype=spec.input_dtype,
+        input_quant=spec.input_quant,
+        output_dtype=spec.output_dtype,
+        output_quant=spec.output_quant,
+        quantization=spec.quantization,
+        threads=threads,
+        labels=bundle.labels,
     )
     return bundle, ort, ov
 
@@ -78,8 +86,14 @@ def test_reads_embedded_labels_and_refuses_a_mismatch(onnx_bundle):
     assert ov.metadata is not None and ov.metadata["labels"] == list(bundle.labels)
     spec = load_bundle(onnx_bundle).artifact("onnx_fp32")
     with pytest.raises(ModelFileError, match="labels"):
-        OpenVinoRunner(spec.name, spec.path, bundle.input, len(bundle.labels), quantization="fp32",
-                       labels=tuple(reversed(bundle.labels)))
+        OpenVinoRunner(
+            spec.name,
+            spec.path,
+            bundle.input,
+            len(bundle.labels),
+            quantization="fp32",
+            labels=tuple(reversed(bundle.labels)),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -90,8 +104,14 @@ def test_reads_embedded_labels_and_refuses_a_mismatch(onnx_bundle):
 def both_report(onnx_bundle, tmp_path_factory):
     from edgetl.verify import Thresholds, verify
 
-    return verify(onnx_bundle, runtimes="onnxruntime,openvino", threads=(1, 2), report_dir=tmp_path_factory.mktemp("r"),
-                  thresholds=Thresholds(max_latency_ratio=8.0, margin_pp=50.0), **FAST)
+    return verify(
+        onnx_bundle,
+        runtimes="onnxruntime,openvino",
+        threads=(1, 2),
+        report_dir=tmp_path_factory.mktemp("r"),
+        thresholds=Thresholds(max_latency_ratio=8.0, margin_pp=50.0),
+        **FAST,
+    )
 
 
 def _row(report, name):
@@ -138,9 +158,28 @@ def test_cli_runtime_openvino(onnx_bundle, tmp_path):
 
     from edgetl.cli import app
 
-    result = CliRunner().invoke(app, ["verify", str(onnx_bundle), "--runtime", "openvino", "--only", "onnx_fp32",
-                                      "--threads", "1,2", "--json", "--report", str(tmp_path / "r"), "--runs", "10",
-                                      "--warmup", "1", "--margin-pp", "50"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "verify",
+            str(onnx_bundle),
+            "--runtime",
+            "openvino",
+            "--only",
+            "onnx_fp32",
+            "--threads",
+            "1,2",
+            "--json",
+            "--report",
+            str(tmp_path / "r"),
+            "--runs",
+            "10",
+            "--warmup",
+            "1",
+            "--margin-pp",
+            "50",
+        ],
+    )
     assert result.exit_code == 0, result.stdout + result.stderr
     data = json.loads(result.stdout)
     assert [a["name"] for a in data["artifacts"]] == ["onnx_fp32@openvino"]  # openvino alone: no onnxruntime row

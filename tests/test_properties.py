@@ -48,11 +48,11 @@ def only_edgetl_errors(fn, *args: Any) -> Any:
 # --- strategies --------------------------------------------------------------------------------------------------
 
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=16)
-absurd_numbers = st.sampled_from([0, -1, -(2**63), 2**64, 10**30, 1e308, -1e308, float("inf"), float("-inf"),
-                                  float("nan"), 1e-300, 0.5, True, False])
+absurd_numbers = st.sampled_from(
+    [0, -1, -(2**63), 2**64, 10**30, 1e308, -1e308, float("inf"), float("-inf"), float("nan"), 1e-300, 0.5, True, False]
+)
 leaves = st.none() | st.booleans() | st.integers() | st.floats() | text | absurd_numbers
-values = st.recursive(leaves, lambda c: st.lists(c, max_size=4) | st.dictionaries(text, c, max_size=4),
-                      max_leaves=12)
+values = st.recursive(leaves, lambda c: st.lists(c, max_size=4) | st.dictionaries(text, c, max_size=4), max_leaves=12)
 
 
 def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
@@ -86,7 +86,9 @@ def mutated(draw, base: dict, replacement=values, new_keys=text, max_mutations: 
             del parent[key]
         elif op == "rename" and isinstance(parent, dict):
             typo = (key[:-1] + key[-1] * 2) if isinstance(key, str) and key else "x"
-            parent[draw(st.sampled_from([typo, key.upper() if isinstance(key, str) else "K"]) | new_keys)] = parent.pop(key)
+            parent[draw(st.sampled_from([typo, key.upper() if isinstance(key, str) else "K"]) | new_keys)] = parent.pop(
+                key
+            )
         else:
             parent[key] = draw(replacement)
     return doc
@@ -124,10 +126,24 @@ def test_load_recipe_yaml_of_mutations(scratch, doc):
 
 
 @SMALL
-@given(body=st.one_of(text, st.text(max_size=200), st.binary(max_size=200),
-                      st.sampled_from(["!!python/object/apply:os.system ['echo pwned']\n", "a: &x [*x]\n",
-                                       "finetune: !!binary aGVsbG8=\n", "finetune:\n  data: 2024-01-01\n",
-                                       "? [a, b]\n: c\n", "finetune: {data: x}\nfinetune: {data: y}\n", "---\n---\n"])))
+@given(
+    body=st.one_of(
+        text,
+        st.text(max_size=200),
+        st.binary(max_size=200),
+        st.sampled_from(
+            [
+                "!!python/object/apply:os.system ['echo pwned']\n",
+                "a: &x [*x]\n",
+                "finetune: !!binary aGVsbG8=\n",
+                "finetune:\n  data: 2024-01-01\n",
+                "? [a, b]\n: c\n",
+                "finetune: {data: x}\nfinetune: {data: y}\n",
+                "---\n---\n",
+            ]
+        ),
+    )
+)
 def test_load_recipe_arbitrary_text(scratch, body):
     path = scratch / "text.yaml"
     if isinstance(body, bytes):
@@ -138,12 +154,32 @@ def test_load_recipe_arbitrary_text(scratch, body):
 
 
 @SMALL
-@given(overrides=st.lists(st.one_of(text, st.builds(lambda k, v: f"{k}={v}",
-                                                    st.sampled_from(["finetune.epochs", "finetune", "export.format",
-                                                                     "stages", "finetune.augment.flip", "x.y.z", ".",
-                                                                     "finetune..epochs", "name"]) | text,
-                                                    text | st.sampled_from(["[1, 2]", "{a: 1}", "null", "~", "'"]))),
-                          max_size=3))
+@given(
+    overrides=st.lists(
+        st.one_of(
+            text,
+            st.builds(
+                lambda k, v: f"{k}={v}",
+                st.sampled_from(
+                    [
+                        "finetune.epochs",
+                        "finetune",
+                        "export.format",
+                        "stages",
+                        "finetune.augment.flip",
+                        "x.y.z",
+                        ".",
+                        "finetune..epochs",
+                        "name",
+                    ]
+                )
+                | text,
+                text | st.sampled_from(["[1, 2]", "{a: 1}", "null", "~", "'"]),
+            ),
+        ),
+        max_size=3,
+    )
+)
 def test_set_overrides(overrides):
     """``edgetl run --set KEY=VALUE``: applied to a valid recipe, then validated (what run_recipe does)."""
 
@@ -156,11 +192,29 @@ def test_set_overrides(overrides):
 
 # --- (b) bundle.json ---------------------------------------------------------------------------------------------
 
-ODD_PATHS = ["../x", "/etc/passwd", "a/../../b", "..", ".", "", "sample/../../x", "sample/../labels.txt",
-             "inside_link", "sample", "C:\\windows\\x", "\\\\server\\share", "a\x00b", "~/x", "x" * 300,
-             "sample/images.npy/..", "./labels.txt", "labels.txt/"]
-bundle_values = st.one_of(values, absurd_numbers, st.sampled_from(ODD_PATHS),
-                          st.lists(absurd_numbers, min_size=0, max_size=3))
+ODD_PATHS = [
+    "../x",
+    "/etc/passwd",
+    "a/../../b",
+    "..",
+    ".",
+    "",
+    "sample/../../x",
+    "sample/../labels.txt",
+    "inside_link",
+    "sample",
+    "C:\\windows\\x",
+    "\\\\server\\share",
+    "a\x00b",
+    "~/x",
+    "x" * 300,
+    "sample/images.npy/..",
+    "./labels.txt",
+    "labels.txt/",
+]
+bundle_values = st.one_of(
+    values, absurd_numbers, st.sampled_from(ODD_PATHS), st.lists(absurd_numbers, min_size=0, max_size=3)
+)
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +285,16 @@ def test_bundle_odd_paths(bundle_dir, valid_bundle_json):
 
 def test_bundle_arbitrary_json(bundle_dir):
     @SMALL
-    @given(st.one_of(values, st.dictionaries(st.sampled_from(["schema", "labels", "input", "artifacts", "files",
-                                                              "sample", "reference"]) | text, values, max_size=7)))
+    @given(
+        st.one_of(
+            values,
+            st.dictionaries(
+                st.sampled_from(["schema", "labels", "input", "artifacts", "files", "sample", "reference"]) | text,
+                values,
+                max_size=7,
+            ),
+        )
+    )
     def check(doc):
         _load_with(bundle_dir, json.dumps(doc))
 

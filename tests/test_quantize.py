@@ -26,10 +26,10 @@ QAT_TESTED_BACKBONES = ("mobilenet_v3_small", "mobilenet_v3_large", "efficientne
 #: the bigger rows, too slow for every ``case`` test: where their QAT path is tested instead
 QAT_TESTED_ELSEWHERE = {
     "resnet50": "test_export.py::test_every_variant_exports_for_every_backbone (train, QAT, every variant, "
-                "1 XNNPACK partition, int8 agrees with QAT)",
+    "1 XNNPACK partition, int8 agrees with QAT)",
     "vgg16": "same, and test_caffe_preprocessing_folds_into_the_stem_conv here",
     "efficientnet_b7": "test_efficientnet_b7_blocks_quantize_to_one_xnnpack_partition here (B7's stem and first two "
-                       "stages at B7 width/depth; the whole B7 is converted in benchmarks/export_latency.py)",
+    "stages at B7 width/depth; the whole B7 is converted in benchmarks/export_latency.py)",
 }
 
 SIZE = 32
@@ -112,7 +112,10 @@ def test_flatten_preserves_outputs_and_flags(case, stem):
         assert [type(by_name[n]).__name__ for n in names].count("Conv2D") == 1
         assert [layer.name for layer in flat.layers[1 : 1 + len(names)]] == names
         assert len(outs) == 1 and outs[0] == names[-1]
-        assert by_name[names[names.index(next(n for n in names if type(by_name[n]).__name__ == "Conv2D"))]].input_shape[-1] == 3
+        assert (
+            by_name[names[names.index(next(n for n in names if type(by_name[n]).__name__ == "Conv2D"))]].input_shape[-1]
+            == 3
+        )
     else:
         assert names == [] and outs == []
     # trainable flags survive: frozen base conv layers stay frozen, the head stays trainable
@@ -237,11 +240,15 @@ def test_int8_tflite_is_fully_quantized_and_matches_fake_quant(case):
     ops = [names[m.operatorCodes[op.opcodeIndex].builtinCode] for op in g.operators]
     # raw bytes -> DEQUANTIZE -> float stem -> QUANTIZE -> int8 body -> DEQUANTIZE -> float SOFTMAX
     assert ops[0] == "DEQUANTIZE" and ops[-2:] == ["DEQUANTIZE", "SOFTMAX"] and ops.count("DEQUANTIZE") == 2
-    float_to_int8 = [i for i, op in enumerate(g.operators) if ops[i] == "QUANTIZE"
-                     and types[g.tensors[op.inputs[0]].type] == "FLOAT32"]
+    float_to_int8 = [
+        i
+        for i, op in enumerate(g.operators)
+        if ops[i] == "QUANTIZE" and types[g.tensors[op.inputs[0]].type] == "FLOAT32"
+    ]
     assert len(float_to_int8) == 1  # one float->int8 boundary: the stem output (int8->int8 requantize ops aside)
     start = float_to_int8[0]
     assert "CONV_2D" in ops[1:start] and start <= 8  # the stem is a few ops
+
     def tensor_types(op):
         return {types[g.tensors[t].type] for t in list(op.inputs) + list(op.outputs) if t >= 0}
 
@@ -319,7 +326,9 @@ def test_qdq_onnx_runs_in_onnxruntime(case):
     # every Add/Mul between quantized tensors reads quantized constants (ORT fuses them to QLinear*)
     inits = {i.name for i in proto.graph.initializer}
     for n in proto.graph.node:
-        if n.op_type in ("Add", "Mul") and any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input):
+        if n.op_type in ("Add", "Mul") and any(
+            producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input
+        ):
             assert not any(i in inits for i in n.input), n.name
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -344,6 +353,7 @@ def test_qat_trains_a_step_and_keeps_frozen_layers(case):
     frozen_name = next(n for n in convs[1:] if n in wrapped)
     assert wrapped[frozen_name].trainable is False
     assert (wrapped[stem_conv] if stem_conv in wrapped else plain[stem_conv]).trainable is False
+
     def kernel(n):
         return [v for v in (wrapped[n] if n in wrapped else plain[n]).weights if v.name.endswith("kernel:0")][0]
 
@@ -410,8 +420,12 @@ def test_ptq_and_float_converters():
     h = K.layers.Conv2D(16, 3, strides=2, activation="relu")(h)
     h = K.layers.Conv2D(16, 3, strides=2, activation="relu")(h)
     h = K.layers.GlobalAveragePooling2D()(h)
-    small = K.Model(inp, K.layers.Dense(NUM_CLASSES, activation="softmax",
-                                        kernel_initializer=K.initializers.RandomNormal(stddev=2.0))(h))
+    small = K.Model(
+        inp,
+        K.layers.Dense(NUM_CLASSES, activation="softmax", kernel_initializer=K.initializers.RandomNormal(stddev=2.0))(
+            h
+        ),
+    )
     xs = images(64, seed=11)
     ref = small(xs).numpy()
     assert ref.argmax(1).std() > 0  # the float model's answers vary with the image
@@ -474,9 +488,17 @@ def _efficientnet_b7_head(size=SIZE):
 
     class B7Head(Backbone):
         def build_base(self, image_size, weights):
-            return efficientnet.EfficientNet(2.0, 3.1, 600, 0.5, model_name="efficientnetb7",
-                                             blocks_args=efficientnet.DEFAULT_BLOCKS_ARGS[:2], include_top=False,
-                                             weights=None, input_shape=(image_size, image_size, 3))
+            return efficientnet.EfficientNet(
+                2.0,
+                3.1,
+                600,
+                0.5,
+                model_name="efficientnetb7",
+                blocks_args=efficientnet.DEFAULT_BLOCKS_ARGS[:2],
+                include_top=False,
+                weights=None,
+                input_shape=(image_size, image_size, 3),
+            )
 
     import dataclasses
 
@@ -504,8 +526,13 @@ def test_efficientnet_b7_blocks_quantize_to_one_xnnpack_partition():
     qat = q.quantize_for_training(model)
     q.calibrate(qat, images(16, seed=2), batch_size=16)
     stem, _ = stem_layers(flat, plan)
-    weighted = [layer for layer in qat.layers if isinstance(layer, QuantizeWrapper)
-                and type(layer.layer).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense") and layer.layer.name not in stem]
+    weighted = [
+        layer
+        for layer in qat.layers
+        if isinstance(layer, QuantizeWrapper)
+        and type(layer.layer).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense")
+        and layer.layer.name not in stem
+    ]
     n_linear = sum(type(layer).__name__ in ("Conv2D", "DepthwiseConv2D", "Dense") for layer in flat.layers)
     assert len(weighted) == n_linear - 1  # every conv/dense but the float stem conv quantizes its weights
     assert all(w.quantize_config.get_weights_and_quantizers(w.layer) for w in weighted)
@@ -524,8 +551,15 @@ def _saturation_model():
     QDQ graph gives 207.5. 7-bit weights (63 and 50, WEIGHT_LEVELS) are exact."""
     K.utils.set_random_seed(3)
     inp = K.Input((8, 8, 3), name="image")
-    x = K.layers.Conv2D(16, 3, strides=2, padding="same", name="stem",
-                        kernel_initializer=K.initializers.Constant(0.01), bias_initializer=K.initializers.Constant(-40.0))(inp)
+    x = K.layers.Conv2D(
+        16,
+        3,
+        strides=2,
+        padding="same",
+        name="stem",
+        kernel_initializer=K.initializers.Constant(0.01),
+        bias_initializer=K.initializers.Constant(-40.0),
+    )(inp)
     y = K.layers.Conv2D(4, 1, name="pointwise")(x)
     model = K.Model(inp, y)
     kernel = np.full((1, 1, 16, 4), 0.5, np.float32)
@@ -550,12 +584,19 @@ def test_pointwise_and_dense_weights_are_7_bit_in_qat_onnx_and_tflite(case):
     qat = case["qat"]
     proto = onnx.load_from_string(qat_to_onnx(qat))
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
-    groups = {n.input[1]: next((a.i for a in n.attribute if a.name == "group"), 1)
-              for n in proto.graph.node if n.op_type == "Conv"}
+    groups = {
+        n.input[1]: next((a.i for a in n.attribute if a.name == "group"), 1)
+        for n in proto.graph.node
+        if n.op_type == "Conv"
+    }
     seen = {"pointwise": 0, "depthwise": 0, "gemm": 0}
     for n in proto.graph.node:
-        if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].dtype == np.int8 \
-                and n.input[0].endswith("_edgetl_w_q"):
+        if (
+            n.op_type == "DequantizeLinear"
+            and n.input[0] in inits
+            and inits[n.input[0]].dtype == np.int8
+            and n.input[0].endswith("_edgetl_w_q")
+        ):
             peak = int(np.abs(inits[n.input[0]]).max())
             kind = "gemm" if n.output[0] not in groups else ("pointwise" if groups[n.output[0]] == 1 else "depthwise")
             assert peak == (127 if kind == "depthwise" else 63), (kind, peak)
@@ -567,8 +608,12 @@ def test_pointwise_and_dense_weights_are_7_bit_in_qat_onnx_and_tflite(case):
     for op in g.operators:
         name = tflite_fb.op_name(obj, op)
         t = g.tensors[int(op.inputs[1])] if name in ("CONV_2D", "FULLY_CONNECTED", "DEPTHWISE_CONV_2D") else None
-        if t is not None and t.quantization is not None and t.quantization.scale is not None \
-                and obj.buffers[t.buffer].data is not None:
+        if (
+            t is not None
+            and t.quantization is not None
+            and t.quantization.scale is not None
+            and obj.buffers[t.buffer].data is not None
+        ):
             peaks.setdefault(name, set()).add(int(np.abs(np.asarray(obj.buffers[t.buffer].data).view(np.int8)).max()))
     assert peaks == {"CONV_2D": {63}, "FULLY_CONNECTED": {63}, "DEPTHWISE_CONV_2D": {127}}, peaks
 

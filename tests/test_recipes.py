@@ -62,7 +62,9 @@ def test_unknown_stage_is_refused():
 
 
 def test_overrides_are_typed():
-    raw = apply_overrides({"finetune": {"data": "x"}}, ["finetune.epochs=3", "finetune.weights=none", "export.samples=5"])
+    raw = apply_overrides(
+        {"finetune": {"data": "x"}}, ["finetune.epochs=3", "finetune.weights=none", "export.samples=5"]
+    )
     recipe = parse_recipe(raw)
     assert recipe.finetune.epochs == 3 and recipe.finetune.weights == "none" and recipe.export.samples == 5
     with pytest.raises(ConfigError):

@@ -118,8 +118,9 @@ def test_head_phase_streams_skips_bad_images_and_cleans_its_cache(shapes_dir, tm
     assert not (tmp_path / "cache").exists()
 
     cfg.skip_bad_images = True
-    result = head_phase(cfg, _tiny_model(), train, val, NullReporter(), 0, cache_dir=tmp_path / "cache",
-                        logdir=tmp_path / "logs")
+    result = head_phase(
+        cfg, _tiny_model(), train, val, NullReporter(), 0, cache_dir=tmp_path / "cache", logdir=tmp_path / "logs"
+    )
     assert not (tmp_path / "cache").exists()  # cached features deleted after training
     skipped = result.train.skipped + result.val.skipped
     assert list(skipped) == broken
@@ -182,8 +183,15 @@ def test_progress_after_early_stopping_ends_at_what_ran_and_says_so():
     best: dict = {}
     stopper = _early_stopping(k, cfg)
     with RichReporter(console).task("head phase", 8 * 30) as task:
-        model.fit(x, y, validation_data=(x, y), batch_size=8, epochs=30, verbose=0,
-                  callbacks=[stopper, _EpochProgress(task, best, stopper, 30)])
+        model.fit(
+            x,
+            y,
+            validation_data=(x, y),
+            batch_size=8,
+            epochs=30,
+            verbose=0,
+            callbacks=[stopper, _EpochProgress(task, best, stopper, 30)],
+        )
     text = console.export_text()
     assert best["epochs_run"] == 3 and best["best_epoch"] == 1  # nothing improves after epoch 1
     assert "24/24" in text and "/240" not in text, text

@@ -147,9 +147,28 @@ def test_bgr_swapped_sample_is_caught(factory, tmp_path):
 
 def test_default_thresholds_are_strict(faulty_report):
     t = Thresholds()
-    assert (t.margin_pp, t.confidence, t.min_agreement, t.max_mean_diff, t.max_latency_ratio, t.latency_noise,
-            t.float_tolerance, t.fp16_tolerance, t.max_p50_ms, t.max_p99_ms) == (
-        2.0, 0.95, 0.70, 0.06, 1.0, 0.10, 1e-4, 1e-2, None, None,
+    assert (
+        t.margin_pp,
+        t.confidence,
+        t.min_agreement,
+        t.max_mean_diff,
+        t.max_latency_ratio,
+        t.latency_noise,
+        t.float_tolerance,
+        t.fp16_tolerance,
+        t.max_p50_ms,
+        t.max_p99_ms,
+    ) == (
+        2.0,
+        0.95,
+        0.70,
+        0.06,
+        1.0,
+        0.10,
+        1e-4,
+        1e-2,
+        None,
+        None,
     )
     assert t.output_tolerance("fp32") == 1e-4 and t.output_tolerance("fp16") == 1e-2
     assert t.output_tolerance("ptq_int8") is None and t.latency_limit == pytest.approx(1.1)
@@ -159,8 +178,15 @@ def test_default_thresholds_are_strict(faulty_report):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"margin_pp": -1}, {"min_agreement": 1.5}, {"max_latency_ratio": 0}, {"float_tolerance": float("nan")},
-     {"confidence": 1.0}, {"max_p50_ms": 0}, {"max_mean_diff": -0.1}],
+    [
+        {"margin_pp": -1},
+        {"min_agreement": 1.5},
+        {"max_latency_ratio": 0},
+        {"float_tolerance": float("nan")},
+        {"confidence": 1.0},
+        {"max_p50_ms": 0},
+        {"max_mean_diff": -0.1},
+    ],
 )
 def test_bad_thresholds(kwargs):
     with pytest.raises(ConfigError):
@@ -172,15 +198,38 @@ def test_bad_thresholds(kwargs):
 
 
 REQUIRED_ARTIFACT_KEYS = {
-    "name", "format", "quantization", "runtime", "source", "accuracy", "accuracy_drop_pp", "accuracy_test",
-    "top1_agreement", "max_abs_diff", "mean_abs_diff", "latency_ms", "latency_ratio", "latency_baseline", "size_bytes",
-    "per_class", "verdict", "passed", "failures", "inconclusive",
+    "name",
+    "format",
+    "quantization",
+    "runtime",
+    "source",
+    "accuracy",
+    "accuracy_drop_pp",
+    "accuracy_test",
+    "top1_agreement",
+    "max_abs_diff",
+    "mean_abs_diff",
+    "latency_ms",
+    "latency_ratio",
+    "latency_baseline",
+    "size_bytes",
+    "per_class",
+    "verdict",
+    "passed",
+    "failures",
+    "inconclusive",
 }
 
 
 def test_report_files(faulty_bundle, tmp_path):
     out = tmp_path / "rep"
-    report = verify(faulty_bundle, thresholds=LENIENT, report_dir=out, artifacts=["model_ptq_int8_tflite", "slowed_int8_onnx"], **FAST)
+    report = verify(
+        faulty_bundle,
+        thresholds=LENIENT,
+        report_dir=out,
+        artifacts=["model_ptq_int8_tflite", "slowed_int8_onnx"],
+        **FAST,
+    )
     data = json.loads((out / "report.json").read_text())
     assert data["passed"] is False and data["passed"] == report.passed
     assert data["verdict"] == "FAIL" and data["exit_code"] == 1
@@ -192,8 +241,18 @@ def test_report_files(faulty_bundle, tmp_path):
     assert set(data["machine"]) >= {"cpu", "threads", "python", "onnxruntime", "ai_edge_litert", "os"}
     assert data["machine"]["threads"] == 1 and data["machine"]["cpu"]
     assert data["samples"] == 60
-    assert set(data["thresholds"]) == {"margin_pp", "confidence", "min_agreement", "max_mean_diff", "max_latency_ratio",
-                                       "latency_noise", "float_tolerance", "fp16_tolerance", "max_p50_ms", "max_p99_ms"}
+    assert set(data["thresholds"]) == {
+        "margin_pp",
+        "confidence",
+        "min_agreement",
+        "max_mean_diff",
+        "max_latency_ratio",
+        "latency_noise",
+        "float_tolerance",
+        "fp16_tolerance",
+        "max_p50_ms",
+        "max_p99_ms",
+    }
     int8 = data["artifacts"][0]
     confusion = np.array(int8["per_class"]["confusion"])
     assert confusion.shape == (3, 3) and confusion.sum() == 60
@@ -271,8 +330,12 @@ def test_artifact_without_checksum_is_refused(bundle_copy):
 
 @pytest.mark.parametrize(
     ("schema", "match"),
-    [("edgetl.bundle/2", "newer"), ("edgetl.bundle/0", "older"), ("something.else/1", "not an edgetl bundle"),
-     (None, "not an edgetl bundle")],
+    [
+        ("edgetl.bundle/2", "newer"),
+        ("edgetl.bundle/0", "older"),
+        ("something.else/1", "not an edgetl bundle"),
+        (None, "not an edgetl bundle"),
+    ],
 )
 def test_incompatible_schema(bundle_copy, schema, match):
     edit_bundle_json(bundle_copy, lambda m: m.update(schema=schema))
@@ -282,11 +345,19 @@ def test_incompatible_schema(bundle_copy, schema, match):
 
 @pytest.mark.parametrize(
     ("edit", "expect"),
-    [(lambda m: m["artifacts"][0].update(quantization="int4"), "`artifacts[0].quantization` should be 'fp32', 'fp16'"),
-     (lambda m: m["artifacts"][2].update(input_quant=None), "`artifacts[2]` artifact 'model_ptq_int8_tflite' has a uint8"),
-     (lambda m: m["input"].update(range=[0, True]), "`input.range[1]` should be a valid number (got True)"),
-     (lambda m: m["sample"].pop("labels"), "`sample.labels` is missing"),
-     (lambda m: m["files"].update({"labels.txt": "abc"}), "`files.labels.txt` is not a sha256 hex digest")],
+    [
+        (
+            lambda m: m["artifacts"][0].update(quantization="int4"),
+            "`artifacts[0].quantization` should be 'fp32', 'fp16'",
+        ),
+        (
+            lambda m: m["artifacts"][2].update(input_quant=None),
+            "`artifacts[2]` artifact 'model_ptq_int8_tflite' has a uint8",
+        ),
+        (lambda m: m["input"].update(range=[0, True]), "`input.range[1]` should be a valid number (got True)"),
+        (lambda m: m["sample"].pop("labels"), "`sample.labels` is missing"),
+        (lambda m: m["files"].update({"labels.txt": "abc"}), "`files.labels.txt` is not a sha256 hex digest"),
+    ],
 )
 def test_schema_error_names_the_field(bundle_copy, edit, expect):
     """bundle.json is read with edgetl.schema.Bundle: the first problem, as one line naming the field."""
@@ -584,8 +655,14 @@ def test_cli_threads_side_by_side(bundle_copy, tmp_path):
 
 
 def test_threads_sweep_is_what_the_latency_check_reads(honest_bundle):
-    report = verify(honest_bundle, threads="1,2", thresholds=replace(LENIENT, max_latency_ratio=1e-3), runs=20,
-                    warmup=2, artifacts=["model_ptq_int8_tflite"])
+    report = verify(
+        honest_bundle,
+        threads="1,2",
+        thresholds=replace(LENIENT, max_latency_ratio=1e-3),
+        runs=20,
+        warmup=2,
+        artifacts=["model_ptq_int8_tflite"],
+    )
     (int8,) = report.artifacts
     assert int8.latency_ratio == int8.latency_ratio_by_threads[1] and 2 in int8.latency_ratio_by_threads
     assert any(f.startswith("latency: p50") for f in int8.failures)
@@ -602,18 +679,30 @@ def test_cli_bad_threads_exit_2(bundle_copy, tmp_path, value):
 def test_cli_bad_runtime_exit_2(bundle_copy, tmp_path):
     code, out, err = _cli(bundle_copy, "--runtime", "tensorrt", "--report", tmp_path / "r")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "onnxruntime or openvino" in err
-    code, out, err = _cli(bundle_copy, "--runtime", "openvino", "--only", "model_fp32_tflite", "--report", tmp_path / "r")
+    code, out, err = _cli(
+        bundle_copy, "--runtime", "openvino", "--only", "model_fp32_tflite", "--report", tmp_path / "r"
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no ONNX artifact" in err
     assert not (tmp_path / "r").exists()
 
 
 def test_cli_runtime_openvino_not_installed_exit_2(bundle_copy, tmp_path):
-    code = ("import sys; sys.modules['openvino'] = None\n"  # what Python does when the package is absent
-            "from edgetl.cli import app; app(['verify', sys.argv[1], '--runtime', 'openvino', '--report', sys.argv[2]])")
-    proc = subprocess.run([sys.executable, "-c", code, str(bundle_copy), str(tmp_path / "r")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "import sys; sys.modules['openvino'] = None\n"  # what Python does when the package is absent
+        "from edgetl.cli import app; app(['verify', sys.argv[1], '--runtime', 'openvino', '--report', sys.argv[2]])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(bundle_copy), str(tmp_path / "r")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert proc.stderr.strip() == "error: --runtime openvino: OpenVINO is not installed; pip install 'edgetl[openvino]'."
+    assert (
+        proc.stderr.strip() == "error: --runtime openvino: OpenVINO is not installed; pip install 'edgetl[openvino]'."
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -624,9 +713,27 @@ def test_cli_help():
 
     result = CliRunner().invoke(app, ["verify", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for flag in ("--data", "--threads", "--runs", "--warmup", "--margin-pp", "--confidence", "--min-agreement",
-                 "--max-mean-diff", "--max-latency-ratio", "--latency-noise", "--max-p50-ms", "--max-p99-ms",
-                 "--float-tolerance", "--fp16-tolerance", "--report", "--json", "--only", "--bundle-sample", "--runtime"):
+    for flag in (
+        "--data",
+        "--threads",
+        "--runs",
+        "--warmup",
+        "--margin-pp",
+        "--confidence",
+        "--min-agreement",
+        "--max-mean-diff",
+        "--max-latency-ratio",
+        "--latency-noise",
+        "--max-p50-ms",
+        "--max-p99-ms",
+        "--float-tolerance",
+        "--fp16-tolerance",
+        "--report",
+        "--json",
+        "--only",
+        "--bundle-sample",
+        "--runtime",
+    ):
         assert flag in result.stdout
     assert "4 INCONCLUSIVE" in " ".join(result.stdout.split())
 
@@ -652,7 +759,9 @@ def test_verifying_a_bundle_imports_no_tensorflow(honest_bundle, tmp_path):
         "sys.exit(0 if r.passed and not bad else 1)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -665,7 +774,7 @@ def test_paired_accuracy_interval_and_verdicts():
 
     y = np.zeros(300, np.int64)
     same = paired_accuracy(y, y, y, margin_pp=2.0, confidence=0.95)
-    z2 = 1.959964 ** 2  # all right, no discordant pair: Wilson's bound z^2/(n+z^2) on each side
+    z2 = 1.959964**2  # all right, no discordant pair: Wilson's bound z^2/(n+z^2) on each side
     assert same.ci_high_pp == pytest.approx(100 * z2 / (300 + z2), abs=1e-3) == -same.ci_low_pp
     assert same.verdict == "PASS" and same.drop_pp == 0.0
     small = paired_accuracy(y[:60], y[:60], y[:60], margin_pp=2.0, confidence=0.95)
@@ -688,10 +797,22 @@ def test_paired_accuracy_interval_and_verdicts():
 def _result(quantization="qat_int8", **kw):
     from edgetl.verify.checks import ArtifactResult, LatencyStats
 
-    base = dict(name="a", file="a", format="tflite", quantization=quantization, runtime="r", accuracy=0.9,
-                accuracy_drop_pp=0.0, top1_agreement=1.0, max_abs_diff=0.01, mean_abs_diff=0.001,
-                latency=LatencyStats(1.0, 1.0, 1.2, 1.0, 10), latency_ratio=1.0, size_bytes=1,
-                latency_baseline="tflite_fp32")
+    base = dict(
+        name="a",
+        file="a",
+        format="tflite",
+        quantization=quantization,
+        runtime="r",
+        accuracy=0.9,
+        accuracy_drop_pp=0.0,
+        top1_agreement=1.0,
+        max_abs_diff=0.01,
+        mean_abs_diff=0.001,
+        latency=LatencyStats(1.0, 1.0, 1.2, 1.0, 10),
+        latency_ratio=1.0,
+        size_bytes=1,
+        latency_baseline="tflite_fp32",
+    )
     base.update(kw)
     return ArtifactResult(**base)
 
@@ -746,8 +867,9 @@ def test_qat_artifact_is_checked_against_the_qat_model(factory, tmp_path):
     qat_model = factory.variant("perturbed")  # stands in for a QAT model that differs from the float model
     qat_outputs = factory.predict(qat_model, factory.sample_images)
     art = replace(factory.tflite_int8(qat_model, name="qat_like_int8_tflite"), source="qat.h5")
-    bundle = factory.write_bundle(tmp_path / "b", [factory.tflite_fp32(), art], reference="model_fp32_tflite",
-                                  qat_outputs=qat_outputs)
+    bundle = factory.write_bundle(
+        tmp_path / "b", [factory.tflite_fp32(), art], reference="model_fp32_tflite", qat_outputs=qat_outputs
+    )
     report = verify(bundle, thresholds=LENIENT, **FAST)
     result = next(a for a in report.artifacts if a.name == "qat_like_int8_tflite")
     assert result.source == "qat.h5" and not any(f.startswith("fidelity") for f in result.failures), result.failures
@@ -765,8 +887,9 @@ def test_qat_artifact_is_checked_against_the_qat_model(factory, tmp_path):
 
 
 def test_inconclusive_exit_4(honest_bundle, tmp_path):
-    code, out, err = _cli(honest_bundle, "--max-latency-ratio", "8", "--runs", "10", "--warmup", "1", "--json",
-                          "--report", tmp_path / "r")
+    code, out, err = _cli(
+        honest_bundle, "--max-latency-ratio", "8", "--runs", "10", "--warmup", "1", "--json", "--report", tmp_path / "r"
+    )
     data = json.loads(out)
     assert code == 4 and data["verdict"] == "INCONCLUSIVE" and data["exit_code"] == 4 and not data["failures"]
     assert all("inconclusive: 60 images" in item and "--data DIR" in item for item in data["inconclusive"])

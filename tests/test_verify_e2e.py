@@ -18,8 +18,13 @@ FLAGS = ["--runs", "10", "--warmup", "2", "--json"]
 
 
 def _verify(*args):
-    proc = subprocess.run([sys.executable, "-m", "edgetl", "verify", *map(str, args), *FLAGS], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgetl", "verify", *map(str, args), *FLAGS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode in (0, 1, 4), proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert proc.returncode == report["exit_code"] == {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 4}[report["verdict"]]
@@ -29,8 +34,12 @@ def _verify(*args):
 def test_cli_run_export_verify_on_the_host(cli_run, tmp_path):
     bundle = load_bundle(cli_run / "export")
     sources = {a.name: a.source for a in bundle.artifacts}
-    assert sources == {"tflite_fp32": "float.keras", "tflite_qat_int8": "qat.h5", "onnx_fp32": "float.keras",
-                       "onnx_qat_int8": "qat.h5"}
+    assert sources == {
+        "tflite_fp32": "float.keras",
+        "tflite_qat_int8": "qat.h5",
+        "onnx_fp32": "float.keras",
+        "onnx_qat_int8": "qat.h5",
+    }
     assert set(bundle.sample.source_outputs) == {"float.keras", "qat.h5"}
     assert not np.allclose(bundle.sample.source_outputs["qat.h5"], bundle.sample.reference_outputs, atol=1e-6)
 

@@ -72,8 +72,9 @@ def log(msg: str) -> None:
     print(f"[arm64 {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def sh(cmd: list[str], *, env: dict | None = None, timeout: float = 3600, cwd: Path | None = None,
-       check: bool = True) -> subprocess.CompletedProcess:
+def sh(
+    cmd: list[str], *, env: dict | None = None, timeout: float = 3600, cwd: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
     if check and proc.returncode != 0:
         tail = (proc.stdout[-1500:] + "\n" + proc.stderr[-2500:]).strip()
@@ -90,8 +91,11 @@ def ensure_tools() -> None:
     if not shutil.which("qemu-aarch64-static") or not shutil.which("debootstrap"):
         log("installing qemu-user-static, debootstrap, binfmt-support (apt)")
         sh(["apt-get", "update", "-qq"], timeout=900)
-        sh(["apt-get", "install", "-y", "-qq", "qemu-user-static", "debootstrap", "binfmt-support"],
-           env=os.environ | {"DEBIAN_FRONTEND": "noninteractive"}, timeout=1800)
+        sh(
+            ["apt-get", "install", "-y", "-qq", "qemu-user-static", "debootstrap", "binfmt-support"],
+            env=os.environ | {"DEBIAN_FRONTEND": "noninteractive"},
+            timeout=1800,
+        )
     binfmt = Path("/proc/sys/fs/binfmt_misc")
     if not (binfmt / "register").exists():
         sh(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)])
@@ -138,8 +142,19 @@ def build_root(root: Path | None = None) -> None:
         shutil.rmtree(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     log(f"arm64 root: debootstrap --foreign bookworm from {MIRROR}")
-    sh(["debootstrap", "--arch=arm64", "--foreign", "--variant=minbase", f"--include={ROOT_PACKAGES}",
-        "bookworm", str(root), MIRROR], timeout=1800)
+    sh(
+        [
+            "debootstrap",
+            "--arch=arm64",
+            "--foreign",
+            "--variant=minbase",
+            f"--include={ROOT_PACKAGES}",
+            "bookworm",
+            str(root),
+            MIRROR,
+        ],
+        timeout=1800,
+    )
     debs = sorted((root / "var" / "cache" / "apt" / "archives").glob("*.deb"))
     for deb in debs:
         sh(["dpkg-deb", "-x", str(deb), str(root)])
@@ -163,31 +178,45 @@ def _pip_env() -> dict[str, str]:
 
 
 def _host_ca() -> Path:
-    for candidate in (os.environ.get("PIP_CERT"), os.environ.get("SSL_CERT_FILE"), "/etc/ssl/certs/ca-certificates.crt"):
+    for candidate in (
+        os.environ.get("PIP_CERT"),
+        os.environ.get("SSL_CERT_FILE"),
+        "/etc/ssl/certs/ca-certificates.crt",
+    ):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     raise Failed("no CA certificate bundle on the host (PIP_CERT or /etc/ssl/certs/ca-certificates.crt)")
 
 
 def chroot_env(core: str) -> dict[str, str]:
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8", "QEMU_CPU": core,
-            "COLUMNS": "160", "TERM": "dumb", **_pip_env()}
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "QEMU_CPU": core,
+        "COLUMNS": "160",
+        "TERM": "dumb",
+        **_pip_env(),
+    }
 
 
-def in_root(core: str, argv: list[str], work: Path, timeout: float = 3600,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def in_root(
+    core: str, argv: list[str], work: Path, timeout: float = 3600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run ``argv`` in the root, emulating ``core``, in a private mount namespace with that core's cpuinfo."""
     cpuinfo = HERE / "cpuinfo" / f"{core}.txt"
     (ROOT / "work").mkdir(exist_ok=True)
-    script = "\n".join([
-        "set -e",
-        f"mount -t proc proc '{ROOT}/proc'",
-        f"mount --bind '{cpuinfo}' '{ROOT}/proc/cpuinfo'",
-        f"mount --rbind /dev '{ROOT}/dev'",
-        f"mount --rbind /sys '{ROOT}/sys'",  # XNNPACK's cpuinfo reads /sys/devices/system/cpu: no delegate without it
-        f"mount --bind '{work}' '{ROOT}/work'",
-        f'exec {shutil.which("chroot") or "/usr/sbin/chroot"} "$0" "$@"',
-    ])
+    script = "\n".join(
+        [
+            "set -e",
+            f"mount -t proc proc '{ROOT}/proc'",
+            f"mount --bind '{cpuinfo}' '{ROOT}/proc/cpuinfo'",
+            f"mount --rbind /dev '{ROOT}/dev'",
+            f"mount --rbind /sys '{ROOT}/sys'",  # XNNPACK's cpuinfo reads /sys/devices/system/cpu: no delegate without it
+            f"mount --bind '{work}' '{ROOT}/work'",
+            f'exec {shutil.which("chroot") or "/usr/sbin/chroot"} "$0" "$@"',
+        ]
+    )
     cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(ROOT), *argv]
     return subprocess.run(cmd, capture_output=True, text=True, env=chroot_env(core) | (env or {}), timeout=timeout)
 
@@ -222,8 +251,22 @@ def host_resolved_site(work: Path) -> dict[str, str]:
     key = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:16]
     site = ROOT / "opt" / f"site-{key}"
     plat = [arg for tag in AARCH64_TAGS for arg in ("--platform", tag)]
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--only-binary=:all:",
-           "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", *plat]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.11",
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp311",
+        *plat,
+    ]
     wheel = _wheel(work)
     if not (site / ".complete").is_file():
         shutil.rmtree(site, ignore_errors=True)
@@ -246,19 +289,34 @@ def build_venv(work: Path) -> None:
         t0 = time.monotonic()
         log(f"arm64 venv: {VENV} with edgetl[device] (downloads aarch64 wheels; minutes under emulation)")
         shutil.rmtree(ROOT / VENV.lstrip("/"), ignore_errors=True)
-        for argv in (["/usr/bin/python3", "-m", "venv", VENV],
-                     [f"{VENV}/bin/python", "-m", "pip", "install", "--quiet", f"/work/wheel/{wheel.name}[device]"]):
+        for argv in (
+            ["/usr/bin/python3", "-m", "venv", VENV],
+            [f"{VENV}/bin/python", "-m", "pip", "install", "--quiet", f"/work/wheel/{wheel.name}[device]"],
+        ):
             proc = in_root(core, argv, work)
             if proc.returncode != 0:
                 raise Failed(f"arm64 venv: `{' '.join(argv)}` exited {proc.returncode}:\n{proc.stderr[-3000:]}")
         stamp.write_text(wheel.name + "\n")
         log(f"arm64 venv: built in {time.monotonic() - t0:.0f} s")
-    proc = in_root(core, [f"{VENV}/bin/python", "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall",
-                          f"/work/wheel/{wheel.name}"], work)
+    proc = in_root(
+        core,
+        [
+            f"{VENV}/bin/python",
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--force-reinstall",
+            f"/work/wheel/{wheel.name}",
+        ],
+        work,
+    )
     if proc.returncode != 0:
         raise Failed(f"arm64 venv: reinstalling edgetl failed:\n{proc.stderr[-3000:]}")
-    proc = in_root(core, [f"{VENV}/bin/python", "-c",
-                          "import importlib.util as u; print(u.find_spec('tensorflow') is None)"], work)
+    proc = in_root(
+        core, [f"{VENV}/bin/python", "-c", "import importlib.util as u; print(u.find_spec('tensorflow') is None)"], work
+    )
     if proc.stdout.strip() != "True":
         raise Failed(f"arm64 venv: TensorFlow is installed there (it must not be): {proc.stdout}{proc.stderr}")
 
@@ -277,19 +335,50 @@ def make_bundle(work: Path, weights_dir: Path | None, image_size: int) -> Path:
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     weights = ["--weights", "imagenet", "--weights-dir", str(weights_dir)] if weights_dir else ["--weights", "none"]
-    log(f"host: edgetl finetune ({'ImageNet weights from ' + str(weights_dir) if weights_dir else 'weights none'}), "
-        f"{image_size} px")
-    edgetl_host("finetune", "--data", str(data), "--backbone", "mobilenet_v3_small", *weights,
-                "--image-size", str(image_size), "--epochs", "8", "--fine-tune-epochs", "0", "--qat-epochs", "2",
-                "--seed", "0", "--out", str(run))
+    log(
+        f"host: edgetl finetune ({'ImageNet weights from ' + str(weights_dir) if weights_dir else 'weights none'}), "
+        f"{image_size} px"
+    )
+    edgetl_host(
+        "finetune",
+        "--data",
+        str(data),
+        "--backbone",
+        "mobilenet_v3_small",
+        *weights,
+        "--image-size",
+        str(image_size),
+        "--epochs",
+        "8",
+        "--fine-tune-epochs",
+        "0",
+        "--qat-epochs",
+        "2",
+        "--seed",
+        "0",
+        "--out",
+        str(run),
+    )
     log("host: edgetl export --format all")
     edgetl_host("export", str(run), "--format", "all")
     return run / "export"
 
 
 def host_reference(bundle: Path, work: Path) -> tuple[dict, dict]:
-    report = json.loads(sh([str(Path(sys.executable).parent / "edgetl"), "verify", str(bundle), "--json",
-                            "--report", str(work / "reports" / "host"), *VERIFY_FLAGS], check=False).stdout)
+    report = json.loads(
+        sh(
+            [
+                str(Path(sys.executable).parent / "edgetl"),
+                "verify",
+                str(bundle),
+                "--json",
+                "--report",
+                str(work / "reports" / "host"),
+                *VERIFY_FLAGS,
+            ],
+            check=False,
+        ).stdout
+    )
     probe = sh([sys.executable, str(HERE / "probe.py"), str(bundle), str(work / "host.npz")]).stdout
     return report, json.loads(probe.strip().splitlines()[-1])
 
@@ -362,10 +451,14 @@ def compare_predict(name: str, quant: str, host: dict, dev: dict, int8_tol: floa
     agree = float(np.mean(np.nanargmax(h, 1) == np.nanargmax(d, 1)))
     if quant in FLOAT_TOLERANCE:
         if not diff.max() <= FLOAT_TOLERANCE[quant]:
-            problems.append(f"{name}: predict scores differ from the host's by {diff.max():.2e} > {FLOAT_TOLERANCE[quant]:g}")
+            problems.append(
+                f"{name}: predict scores differ from the host's by {diff.max():.2e} > {FLOAT_TOLERANCE[quant]:g}"
+            )
     elif not (diff.mean() <= int8_tol and agree >= INT8_MIN_AGREEMENT):
-        problems.append(f"{name}: predict int8 scores vs the host's: mean |dp| {diff.mean():.4f} (max {int8_tol}), "
-                        f"top-1 agreement {agree:.3f} (min {INT8_MIN_AGREEMENT})")
+        problems.append(
+            f"{name}: predict int8 scores vs the host's: mean |dp| {diff.mean():.4f} (max {int8_tol}), "
+            f"top-1 agreement {agree:.3f} (min {INT8_MIN_AGREEMENT})"
+        )
     if quant in FLOAT_TOLERANCE and agree < 1.0:
         problems.append(f"{name}: predict top-1 differs from the host's on {1 - agree:.0%} of the images")
     return {"predict_top1_host": agree, "predict_max_diff_host": float(diff.max())}, problems
@@ -378,8 +471,9 @@ def _accuracies(report: dict) -> dict[str, float | None]:
     return {a["name"]: a.get("accuracy") for a in report["artifacts"]}
 
 
-def compare(core: str, host_report: dict, dev_report: dict, host_npz: Path, dev_npz: Path, dev_probe: dict,
-            int8_tol: float) -> tuple[list[dict], list[str]]:
+def compare(
+    core: str, host_report: dict, dev_report: dict, host_npz: Path, dev_npz: Path, dev_probe: dict, int8_tol: float
+) -> tuple[list[dict], list[str]]:
     """Per-artifact rows for the table, and every difference from the host that breaks the device contract."""
     host_out, dev_out = np.load(host_npz), np.load(dev_npz)
     host_pass = {a["name"]: a["passed"] for a in host_report["artifacts"]}
@@ -394,12 +488,21 @@ def compare(core: str, host_report: dict, dev_report: dict, host_npz: Path, dev_
         agree = float(np.mean(h.argmax(1) == d.argmax(1)))
         parts = dev_probe["partitions"].get(name)
         fmt = dev_probe["format"][name]
-        row = {"core": core, "artifact": name, "format": fmt, "quantization": quant, "accuracy": dev_acc.get(name),
-               "host_accuracy": host_acc.get(name), "passed": dev_pass.get(name), "host_passed": host_pass.get(name),
-               "top1_agreement_host": agree, "max_abs_diff_host": float(diff.max()),
-               "mean_abs_diff_host": float(diff.mean()),
-               "xnnpack_partitions": None if parts is None else parts[0],
-               "one_partition": None if parts is None else parts[1]}
+        row = {
+            "core": core,
+            "artifact": name,
+            "format": fmt,
+            "quantization": quant,
+            "accuracy": dev_acc.get(name),
+            "host_accuracy": host_acc.get(name),
+            "passed": dev_pass.get(name),
+            "host_passed": host_pass.get(name),
+            "top1_agreement_host": agree,
+            "max_abs_diff_host": float(diff.max()),
+            "mean_abs_diff_host": float(diff.mean()),
+            "xnnpack_partitions": None if parts is None else parts[0],
+            "one_partition": None if parts is None else parts[1],
+        }
         rows.append(row)
         if dev_acc.get(name) != host_acc.get(name):
             problems.append(f"{name}: accuracy {dev_acc.get(name)} != host {host_acc.get(name)}")
@@ -407,10 +510,14 @@ def compare(core: str, host_report: dict, dev_report: dict, host_npz: Path, dev_
             problems.append(f"{name}: passed {dev_pass.get(name)} != host {host_pass.get(name)}")
         if quant in FLOAT_TOLERANCE:
             if diff.max() > FLOAT_TOLERANCE[quant]:
-                problems.append(f"{name}: outputs differ from the host's by {diff.max():.2e} > {FLOAT_TOLERANCE[quant]:g}")
+                problems.append(
+                    f"{name}: outputs differ from the host's by {diff.max():.2e} > {FLOAT_TOLERANCE[quant]:g}"
+                )
         elif diff.mean() > int8_tol or agree < INT8_MIN_AGREEMENT:
-            problems.append(f"{name}: int8 outputs vs the host's: mean |dp| {diff.mean():.4f} (max {int8_tol}), "
-                            f"top-1 agreement {agree:.3f} (min {INT8_MIN_AGREEMENT})")
+            problems.append(
+                f"{name}: int8 outputs vs the host's: mean |dp| {diff.mean():.4f} (max {int8_tol}), "
+                f"top-1 agreement {agree:.3f} (min {INT8_MIN_AGREEMENT})"
+            )
         if quant == "qat_int8" and fmt == "tflite" and parts != [1, True]:
             problems.append(f"{name}: {parts[0]} XNNPACK partitions on {core} (expected one whole-graph partition)")
     if dev_probe["tensorflow_imported"]:
@@ -418,13 +525,25 @@ def compare(core: str, host_report: dict, dev_report: dict, host_npz: Path, dev_
     return rows, problems
 
 
-def run_core(core: str, bundle: Path, work: Path, host_report: dict, int8_tol: float, host_predict: dict,
-             images: Path, tool: tuple[list[str], list[str], dict[str, str]]) -> tuple[list[dict], dict]:
+def run_core(
+    core: str,
+    bundle: Path,
+    work: Path,
+    host_report: dict,
+    int8_tol: float,
+    host_predict: dict,
+    images: Path,
+    tool: tuple[list[str], list[str], dict[str, str]],
+) -> tuple[list[dict], dict]:
     edgetl, python, env = tool
     t0 = time.monotonic()
     rel = bundle.relative_to(work)
-    proc = in_root(core, [*edgetl, "verify", f"/work/{rel}", "--json", "--report",
-                          f"/work/reports/{core}", *VERIFY_FLAGS], work, env=env)
+    proc = in_root(
+        core,
+        [*edgetl, "verify", f"/work/{rel}", "--json", "--report", f"/work/reports/{core}", *VERIFY_FLAGS],
+        work,
+        env=env,
+    )
     if proc.returncode not in (0, 1, 4) or not proc.stdout.strip():
         raise Failed(f"{core}: edgetl verify exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     dev_report = json.loads(proc.stdout)
@@ -433,18 +552,32 @@ def run_core(core: str, bundle: Path, work: Path, host_report: dict, int8_tol: f
     if proc.returncode != 0:
         raise Failed(f"{core}: probe exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     dev_probe = json.loads(proc.stdout.strip().splitlines()[-1])
-    rows, problems = compare(core, host_report, dev_report, work / "host.npz", work / f"{core}.npz", dev_probe, int8_tol)
+    rows, problems = compare(
+        core, host_report, dev_report, work / "host.npz", work / f"{core}.npz", dev_probe, int8_tol
+    )
     t1 = time.monotonic()
-    dev_predict = predict_all(lambda argv: in_root(core, [*edgetl, *argv], work, env=env, timeout=900), f"/work/{rel}",
-                              f"/work/{images.relative_to(work)}", list(host_predict), len(host_report["labels"]))
+    dev_predict = predict_all(
+        lambda argv: in_root(core, [*edgetl, *argv], work, env=env, timeout=900),
+        f"/work/{rel}",
+        f"/work/{images.relative_to(work)}",
+        list(host_predict),
+        len(host_report["labels"]),
+    )
     for row in rows:
         name = row["artifact"]
         extra, bad = compare_predict(name, row["quantization"], host_predict[name], dev_predict[name], int8_tol)
         row.update(extra)
         problems += bad
-    info = {"core": core, "cpu": dev_report["machine"]["cpu"], "arch": dev_report["machine"]["arch"],
-            "verify_s": round(t_verify, 1), "predict_s": round(time.monotonic() - t1, 1),
-            "total_s": round(time.monotonic() - t0, 1), "passed": dev_report["passed"], "problems": problems}
+    info = {
+        "core": core,
+        "cpu": dev_report["machine"]["cpu"],
+        "arch": dev_report["machine"]["arch"],
+        "verify_s": round(t_verify, 1),
+        "predict_s": round(time.monotonic() - t1, 1),
+        "total_s": round(time.monotonic() - t0, 1),
+        "passed": dev_report["passed"],
+        "problems": problems,
+    }
     return rows, info
 
 
@@ -452,18 +585,38 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cores", default=",".join(CORES))
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a fresh one under .device/)")
-    ap.add_argument("--weights-dir", type=Path, default=None,
-                    help="folder with Keras's MobileNetV3-Small ImageNet file (default: weights none)")
+    ap.add_argument(
+        "--weights-dir",
+        type=Path,
+        default=None,
+        help="folder with Keras's MobileNetV3-Small ImageNet file (default: weights none)",
+    )
     ap.add_argument("--image-size", type=int, default=96)
-    ap.add_argument("--int8-tolerance", type=float, default=0.02,
-                    help="max mean |probability difference| of an int8 artifact between ARM and the host")
-    ap.add_argument("--cache", type=Path, default=None,
-                    help="folder with the cached arm64 root (default .device/arm64 of this checkout)")
-    ap.add_argument("--install", choices=("root", "host"), default="root",
-                    help="root: pip in the emulated root installs edgetl[device] into a venv there (what a user does); "
-                    "host: the host's pip resolves the aarch64 wheels (quick; leaves the root's venv alone)")
-    ap.add_argument("--bundle", type=Path, default=None,
-                    help="check this bundle (made by `edgetl export` on the host) instead of training and exporting one")
+    ap.add_argument(
+        "--int8-tolerance",
+        type=float,
+        default=0.02,
+        help="max mean |probability difference| of an int8 artifact between ARM and the host",
+    )
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="folder with the cached arm64 root (default .device/arm64 of this checkout)",
+    )
+    ap.add_argument(
+        "--install",
+        choices=("root", "host"),
+        default="root",
+        help="root: pip in the emulated root installs edgetl[device] into a venv there (what a user does); "
+        "host: the host's pip resolves the aarch64 wheels (quick; leaves the root's venv alone)",
+    )
+    ap.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="check this bundle (made by `edgetl export` on the host) instead of training and exporting one",
+    )
     args = ap.parse_args()
     if args.cache is not None:
         use_cache(args.cache)
@@ -493,8 +646,13 @@ def main() -> int:
         host_report, _ = host_reference(bundle, work)
         images = predict_images(bundle, work)
         log("host: edgetl predict, every artifact")
-        host_predict = predict_all(lambda argv: edgetl_host(*argv), str(bundle), str(images),
-                                   [a["name"] for a in host_report["artifacts"]], len(host_report["labels"]))
+        host_predict = predict_all(
+            lambda argv: edgetl_host(*argv),
+            str(bundle),
+            str(images),
+            [a["name"] for a in host_report["artifacts"]],
+            len(host_report["labels"]),
+        )
         t_host = time.monotonic() - t0
         log(f"host: verdict {host_report['verdict']} ({t_host:.0f} s)")
         t0 = time.monotonic()
@@ -507,35 +665,48 @@ def main() -> int:
             r, info = run_core(core, bundle, work, host_report, args.int8_tolerance, host_predict, images, tool)
             rows += r
             infos.append(info)
-            log(f"{core}: {len(info['problems'])} difference(s) from the host ({info['total_s']:.0f} s; cpu: {info['cpu']})")
+            log(
+                f"{core}: {len(info['problems'])} difference(s) from the host ({info['total_s']:.0f} s; cpu: {info['cpu']})"
+            )
     except Failed as exc:
         print(f"device-test-arm64: FAIL: {exc}", file=sys.stderr)
         return 1
     print_tables(rows, infos)
     stages = "copy of --bundle" if args.bundle is not None else "finetune, export"
-    print(f"\nhost ({stages}, verify, probe, predict): {t_host:.0f} s; root + venv: {t_root:.0f} s; "
-          f"total {time.monotonic() - t_all:.0f} s. Emulated latency is not a device figure.")
+    print(
+        f"\nhost ({stages}, verify, probe, predict): {t_host:.0f} s; root + venv: {t_root:.0f} s; "
+        f"total {time.monotonic() - t_all:.0f} s. Emulated latency is not a device figure."
+    )
     (work / "summary.json").write_text(json.dumps({"rows": rows, "cores": infos}, indent=1))
     problems = [f"{i['core']}: {p}" for i in infos for p in i["problems"]]
     for p in problems:
         print(f"  - {p}", file=sys.stderr)
     verdict = "FAIL" if problems else "PASS"
-    print(f"device-test-arm64: {verdict} ({len(cores)} cores, {len(problems)} difference(s) from the host; "
-          f"{work}/summary.json)")
+    print(
+        f"device-test-arm64: {verdict} ({len(cores)} cores, {len(problems)} difference(s) from the host; "
+        f"{work}/summary.json)"
+    )
     return 1 if problems else 0
 
 
 def print_tables(rows: list[dict], infos: list[dict]) -> None:
-    print("\n| core | artifact | accuracy (host) | passed (host) | top-1 = host | mean / max abs diff vs host | "
-          "XNNPACK partitions | predict top-1 = host | predict max abs diff |")
+    print(
+        "\n| core | artifact | accuracy (host) | passed (host) | top-1 = host | mean / max abs diff vs host | "
+        "XNNPACK partitions | predict top-1 = host | predict max abs diff |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        parts = "" if r["xnnpack_partitions"] is None else (
-            f"{r['xnnpack_partitions']}{' (whole graph)' if r['one_partition'] else ''}")
-        print(f"| {r['core']} | {r['artifact']} | {r['accuracy']:.4f} ({r['host_accuracy']:.4f}) | "
-              f"{r['passed']} ({r['host_passed']}) | {r['top1_agreement_host']:.3f} | "
-              f"{r['mean_abs_diff_host']:.1e} / {r['max_abs_diff_host']:.1e} | {parts} | "
-              f"{_opt(r.get('predict_top1_host'), '.3f')} | {_opt(r.get('predict_max_diff_host'), '.1e')} |")
+        parts = (
+            ""
+            if r["xnnpack_partitions"] is None
+            else (f"{r['xnnpack_partitions']}{' (whole graph)' if r['one_partition'] else ''}")
+        )
+        print(
+            f"| {r['core']} | {r['artifact']} | {r['accuracy']:.4f} ({r['host_accuracy']:.4f}) | "
+            f"{r['passed']} ({r['host_passed']}) | {r['top1_agreement_host']:.3f} | "
+            f"{r['mean_abs_diff_host']:.1e} / {r['max_abs_diff_host']:.1e} | {parts} | "
+            f"{_opt(r.get('predict_top1_host'), '.3f')} | {_opt(r.get('predict_max_diff_host'), '.1e')} |"
+        )
     print("\n| core | verify's machine line | verify s | predict s | verify + probe + predict s |")
     print("| --- | --- | --- | --- | --- |")
     for i in infos:

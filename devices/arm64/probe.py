@@ -35,13 +35,17 @@ def main(bundle_dir: str, out: str) -> None:
             count, whole = xnnpack_partitions(spec.path.read_bytes())
             partitions[spec.name] = [count, bool(whole)]
     np.savez(out, **arrays)
-    print(json.dumps({
-        "machine": machine_info(1) | {"arch": platform.machine()},
-        "partitions": partitions,
-        "quantization": {s.name: s.quantization for s in bundle.artifacts},
-        "format": {s.name: s.format for s in bundle.artifacts},
-        "tensorflow_imported": "tensorflow" in sys.modules,
-    }))
+    print(
+        json.dumps(
+            {
+                "machine": machine_info(1) | {"arch": platform.machine()},
+                "partitions": partitions,
+                "quantization": {s.name: s.quantization for s in bundle.artifacts},
+                "format": {s.name: s.format for s in bundle.artifacts},
+                "tensorflow_imported": "tensorflow" in sys.modules,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ class _OneLineErrors(TyperGroup):
         from typer import _click as click
 
         try:
-            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
-                              **extra)
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as exc:
             if not standalone_mode:
                 raise
@@ -75,7 +74,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
-    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
 ) -> None:
     if debug:
         os.environ["EDGETL_DEBUG"] = "1"

@@ -49,7 +49,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     # typer.Exit/Abort are RuntimeErrors and usage errors are TyperExceptions: CLI control flow, not failures.
     passthrough = tuple(
-        t for t in (getattr(typer, "Exit", None), getattr(typer, "Abort", None), getattr(typer, "TyperException", None))
+        t
+        for t in (getattr(typer, "Exit", None), getattr(typer, "Abort", None), getattr(typer, "TyperException", None))
         if isinstance(t, type)
     )
 
@@ -87,8 +88,9 @@ def print_json(obj: Any) -> None:
 _FROM_MODEL: Any = object()
 
 
-def option(model: Any, key: str, *param_decls: str, default: Any = _FROM_MODEL, help: str | None = None,
-           **kwargs: Any) -> Any:
+def option(
+    model: Any, key: str, *param_decls: str, default: Any = _FROM_MODEL, help: str | None = None, **kwargs: Any
+) -> Any:
     """A ``typer.Option`` for ``model``'s field ``key``: its default and help are the field's (default, description),
     so every default lives once, in edgetl.config. ``param_decls`` default to ``--key-with-dashes``; ``default``
     overrides only the form (e.g. a list for a repeatable flag), never the value; ``help`` is appended."""

@@ -72,19 +72,26 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def export_cmd(
         run_dir: Path = typer.Argument(..., help="Run directory written by `edgetl finetune`.", show_default=False),
-        fmt: list[str] = option(ExportConfig, "format", "--format", "-f", default=[_EXPORT_DEFAULTS.format],
-                                metavar="FORMAT"),
+        fmt: list[str] = option(
+            ExportConfig, "format", "--format", "-f", default=[_EXPORT_DEFAULTS.format], metavar="FORMAT"
+        ),
         quantization: list[str] = option(ExportConfig, "quantization", "--quantization", "-q", metavar="NAME"),
         out_dir: Optional[Path] = option(ExportConfig, "out", "--out", "-o", metavar="DIR"),
         force: bool = typer.Option(
-            False, "--force", help="Replace an earlier bundle at --out (with its verify reports). Refused anyway if "
-            "the folder is not an edgetl bundle or holds files edgetl did not write."
+            False,
+            "--force",
+            help="Replace an earlier bundle at --out (with its verify reports). Refused anyway if "
+            "the folder is not an edgetl bundle or holds files edgetl did not write.",
         ),
         samples: int = option(ExportConfig, "samples", min=1),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Seed for picking sample/calibration images (default: the run's seed)."),
+        seed: Optional[int] = typer.Option(
+            None, "--seed", help="Seed for picking sample/calibration images (default: the run's seed)."
+        ),
         calibration: int = option(ExportConfig, "calibration_images", min=1, metavar="N"),
         data_root: Optional[Path] = typer.Option(
-            None, "--data-root", metavar="DIR",
+            None,
+            "--data-root",
+            metavar="DIR",
             help="Where the run's images are now, if the data folder moved since finetune (paths in splits.json "
             "are relative to it).",
         ),
@@ -95,8 +102,16 @@ def register(app: typer.Typer) -> None:
 
         reporter = RichReporter(console)
         result = export_run(
-            run_dir, fmt, quantization, out_dir, samples, seed,
-            calibration=calibration, data_root=data_root, reporter=_Quiet(reporter), force=force,
+            run_dir,
+            fmt,
+            quantization,
+            out_dir,
+            samples,
+            seed,
+            calibration=calibration,
+            data_root=data_root,
+            reporter=_Quiet(reporter),
+            force=force,
         )
         render_export(result, as_json)
 

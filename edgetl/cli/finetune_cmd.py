@@ -32,8 +32,10 @@ def render_run(result, as_json: bool) -> None:
         if as_json:
             print_json({"run_dir": None, "chief_run_dir": str(result.run_dir), "distribution": d})
         else:
-            out.print(f"worker done ({d['strategy']}, {d['workers']} workers): the chief ({d['chief']}) writes "
-                      f"the run directory {result.run_dir}")
+            out.print(
+                f"worker done ({d['strategy']}, {d['workers']} workers): the chief ({d['chief']}) writes "
+                f"the run directory {result.run_dir}"
+            )
         return
     if as_json:
         print_json({"run_dir": str(result.run_dir), "manifest": m})
@@ -55,15 +57,20 @@ def render_run(result, as_json: bool) -> None:
     w = m["weights"]
     out.print(f"weights: {w['source']}" + (f" ({w['path']}, sha256 {w['sha256'][:12]}…)" if w.get("sha256") else ""))
     f = m["freeze"]
-    out.print(f"freeze: {f['frozen_layers']} frozen / {f['trainable_layers']} trainable layers with weights, "
-              f"boundary {f['boundary_layer']} — {f['reason']}")
+    out.print(
+        f"freeze: {f['frozen_layers']} frozen / {f['trainable_layers']} trainable layers with weights, "
+        f"boundary {f['boundary_layer']} — {f['reason']}"
+    )
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(help=(
-        "Fine-tune a pretrained backbone on a folder of class sub-folders: train the head on cached features of the "
-        "frozen backbone, optionally fine-tune the top of the backbone at a 10-100x lower learning rate, then run "
-        "quantization-aware training. Writes a run directory (model, labels, curves, manifest.json)."))
+    @app.command(
+        help=(
+            "Fine-tune a pretrained backbone on a folder of class sub-folders: train the head on cached features of the "
+            "frozen backbone, optionally fine-tune the top of the backbone at a 10-100x lower learning rate, then run "
+            "quantization-aware training. Writes a run directory (model, labels, curves, manifest.json)."
+        )
+    )
     @handle_errors
     def finetune(
         data: Path = option(FinetuneConfig, "data", show_default=False, rich_help_panel=_DATA),
@@ -95,26 +102,60 @@ def register(app: typer.Typer) -> None:
         seed: int = option(FinetuneConfig, "seed", rich_help_panel=_TRAINING),
         name: Optional[str] = option(FinetuneConfig, "name", rich_help_panel=_OUTPUT),
         out_dir: Optional[Path] = option(
-            FinetuneConfig, "out", "--out", help="Built in a hidden .NAME.partial folder beside it and swapped in "
+            FinetuneConfig,
+            "out",
+            "--out",
+            help="Built in a hidden .NAME.partial folder beside it and swapped in "
             "when complete; a killed run resumes from its last finished phase when the same command is rerun. An "
-            "existing folder is never replaced unless it is an edgetl run and --force is given.", rich_help_panel=_OUTPUT),
-        force: bool = typer.Option(False, "--force", help="Replace an earlier edgetl run at --out (with its export/ "
-                                   "bundle and verify reports). Refused anyway if the folder is not an edgetl run "
-                                   "or holds files edgetl did not write.", rich_help_panel=_OUTPUT),
+            "existing folder is never replaced unless it is an edgetl run and --force is given.",
+            rich_help_panel=_OUTPUT,
+        ),
+        force: bool = typer.Option(
+            False,
+            "--force",
+            help="Replace an earlier edgetl run at --out (with its export/ "
+            "bundle and verify reports). Refused anyway if the folder is not an edgetl run "
+            "or holds files edgetl did not write.",
+            rich_help_panel=_OUTPUT,
+        ),
         skip_bad_images: bool = option(FinetuneConfig, "skip_bad_images", rich_help_panel=_DATA),
         as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON.", rich_help_panel=_OUTPUT),
     ) -> None:
         from edgetl.finetune import finetune as run_finetune
         from edgetl.progress import RichReporter
 
-        cfg = finetune_config_from_flags(dict(
-            data=str(data), val_data=str(val_data) if val_data else None, val_split=val_split, backbone=backbone,
-            weights=weights, weights_dir=str(weights_dir) if weights_dir else None, image_size=image_size,
-            epochs=epochs, fine_tune_epochs=fine_tune_epochs, head_lr=head_lr, fine_tune_lr=fine_tune_lr,
-            freeze=freeze, domain=domain, batch_size=batch_size, dropout=dropout, label_smoothing=label_smoothing,
-            augment=dict(flip=augment_flip, rotation=augment_rotation, zoom=augment_zoom, contrast=augment_contrast),
-            feature_views=feature_views, patience=patience, qat=qat, qat_epochs=qat_epochs, qat_lr=qat_lr,
-            calibration_images=calibration_images, seed=seed, name=name, out=str(out_dir) if out_dir else None,
-            skip_bad_images=skip_bad_images))
+        cfg = finetune_config_from_flags(
+            dict(
+                data=str(data),
+                val_data=str(val_data) if val_data else None,
+                val_split=val_split,
+                backbone=backbone,
+                weights=weights,
+                weights_dir=str(weights_dir) if weights_dir else None,
+                image_size=image_size,
+                epochs=epochs,
+                fine_tune_epochs=fine_tune_epochs,
+                head_lr=head_lr,
+                fine_tune_lr=fine_tune_lr,
+                freeze=freeze,
+                domain=domain,
+                batch_size=batch_size,
+                dropout=dropout,
+                label_smoothing=label_smoothing,
+                augment=dict(
+                    flip=augment_flip, rotation=augment_rotation, zoom=augment_zoom, contrast=augment_contrast
+                ),
+                feature_views=feature_views,
+                patience=patience,
+                qat=qat,
+                qat_epochs=qat_epochs,
+                qat_lr=qat_lr,
+                calibration_images=calibration_images,
+                seed=seed,
+                name=name,
+                out=str(out_dir) if out_dir else None,
+                skip_bad_images=skip_bad_images,
+            )
+        )
         result = run_finetune(cfg, RichReporter(), force=force)
         render_run(result, as_json)

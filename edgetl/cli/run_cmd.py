@@ -28,7 +28,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: {part} is not a section", "set a key inside a section, e.g. finetune.epochs")
+                raise ConfigError(
+                    f"--set {key}: {part} is not a section", "set a key inside a section, e.g. finetune.epochs"
+                )
             node = child
         try:
             node[parts[-1]] = yaml.safe_load(value)
@@ -113,9 +115,17 @@ def run_recipe(path: Path, overrides: list[str], reporter, as_json: bool = False
 
         console.rule("[bold]export")
         ex = recipe.export
-        result = export_run(run_dir, format=ex.format, quantization=ex.quantization,
-                            out=Path(ex.out) if ex.out else None, samples=ex.samples, seed=ft.seed,
-                            calibration=ex.calibration_images, reporter=reporter, force=force)
+        result = export_run(
+            run_dir,
+            format=ex.format,
+            quantization=ex.quantization,
+            out=Path(ex.out) if ex.out else None,
+            samples=ex.samples,
+            seed=ft.seed,
+            calibration=ex.calibration_images,
+            reporter=reporter,
+            force=force,
+        )
         if not as_json:
             render_export(result, False)
         summary["bundle"] = str(result.bundle_dir)
@@ -125,13 +135,25 @@ def run_recipe(path: Path, overrides: list[str], reporter, as_json: bool = False
 
         console.rule("[bold]verify")
         vc = recipe.verify
-        report = verify(run_dir, data=vc.data, threads=vc.threads, runs=vc.runs, warmup=vc.warmup,
-                        thresholds=vc.thresholds(), bundle_sample=vc.bundle_sample)
+        report = verify(
+            run_dir,
+            data=vc.data,
+            threads=vc.threads,
+            runs=vc.runs,
+            warmup=vc.warmup,
+            thresholds=vc.thresholds(),
+            bundle_sample=vc.bundle_sample,
+        )
         written = report.write(Path(vc.report) if vc.report else default_report_dir(run_dir))
         render(report, console if as_json else out)
         console.print(f"report: {written / 'report.md'}", highlight=False)
-        summary["verify"] = {"verdict": report.verdict, "passed": report.passed, "report": str(written),
-                             "failures": report.failures, "inconclusive": report.undecided}
+        summary["verify"] = {
+            "verdict": report.verdict,
+            "passed": report.passed,
+            "report": str(written),
+            "failures": report.failures,
+            "inconclusive": report.undecided,
+        }
         if as_json:
             print_json(summary)
         return report.exit_code
@@ -141,18 +163,27 @@ def run_recipe(path: Path, overrides: list[str], reporter, as_json: bool = False
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(help=(
-        "Run every stage declared in a YAML recipe (finetune -> export -> verify). Each stage's keys are the long "
-        "flag names of its command, with underscores (val_split: --val-split; nested augment.rotation: "
-        "--augment-rotation), same defaults (see recipes/quickstart.yaml); misspelt keys fail with a suggestion. `data: builtin:shapes` "
-        "uses the embedded offline demo data set. Exit 0 when verify passes, 1 when a check fails, 4 when a check is inconclusive, 2 on bad input."))
+    @app.command(
+        help=(
+            "Run every stage declared in a YAML recipe (finetune -> export -> verify). Each stage's keys are the long "
+            "flag names of its command, with underscores (val_split: --val-split; nested augment.rotation: "
+            "--augment-rotation), same defaults (see recipes/quickstart.yaml); misspelt keys fail with a suggestion. `data: builtin:shapes` "
+            "uses the embedded offline demo data set. Exit 0 when verify passes, 1 when a check fails, 4 when a check is inconclusive, 2 on bad input."
+        )
+    )
     @handle_errors
     def run(
         recipe: Path = typer.Argument(..., help="Path of the YAML recipe."),
-        set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a key: --set finetune.epochs=3 (repeatable)."),
+        set_: Optional[list[str]] = typer.Option(
+            None, "--set", help="Override a key: --set finetune.epochs=3 (repeatable)."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
-        force: bool = typer.Option(False, "--force", help="Replace an earlier run and bundle at the recipe's output "
-                                   "folders (as finetune/export --force); without it a rerun is refused."),
+        force: bool = typer.Option(
+            False,
+            "--force",
+            help="Replace an earlier run and bundle at the recipe's output "
+            "folders (as finetune/export --force); without it a rerun is refused.",
+        ),
     ) -> None:
         from edgetl.progress import RichReporter
 

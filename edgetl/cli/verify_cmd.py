@@ -28,12 +28,17 @@ def register(app: typer.Typer) -> None:
         target: Path = typer.Argument(..., help="Bundle folder (device) or run directory (host).", show_default=False),
         data: Optional[Path] = option(VerifyConfig, "data", metavar="DIR"),
         threads: str = option(
-            VerifyConfig, "threads", default=str(VerifyConfig.model_fields["threads"].default), metavar="N[,M...]",
+            VerifyConfig,
+            "threads",
+            default=str(VerifyConfig.model_fields["threads"].default),
+            metavar="N[,M...]",
             help="A comma list (e.g. 1,2 or 1,all; all = this machine's cores) times every model at each count side "
             "by side in the same run; the FIRST is your deployment count: the latency check uses it.",
         ),
         runtime: Optional[list[str]] = typer.Option(
-            None, "--runtime", metavar="NAME",
+            None,
+            "--runtime",
+            metavar="NAME",
             help="Run the ONNX artifacts in this runtime: onnxruntime (default) or openvino (Intel CPUs; pip install "
             "'edgetl\\[openvino]'); repeat or comma-separate for both, side by side (OpenVINO rows are NAME@openvino: "
             "static batch 1, f32 precision, no CPU pinning). TFLite files always run in LiteRT.",
@@ -52,7 +57,9 @@ def register(app: typer.Typer) -> None:
         max_p99_ms: Optional[float] = option(VerifyConfig, "max_p99_ms", metavar="MS"),
         bundle_sample: bool = option(VerifyConfig, "bundle_sample"),
         report: Optional[Path] = option(VerifyConfig, "report", metavar="DIR"),
-        as_json: bool = typer.Option(False, "--json", help="Print the report JSON on stdout (the table goes to stderr)."),
+        as_json: bool = typer.Option(
+            False, "--json", help="Print the report JSON on stdout (the table goes to stderr)."
+        ),
         only: Optional[list[str]] = typer.Option(
             None, "--only", metavar="NAME", help="Verify only this artifact (repeat, or comma-separate, for several)."
         ),
@@ -63,9 +70,16 @@ def register(app: typer.Typer) -> None:
         runtimes = parse_runtimes(runtime)
 
         thresholds = Thresholds(
-            margin_pp=margin_pp, confidence=confidence, min_agreement=min_agreement, max_mean_diff=max_mean_diff,
-            float_tolerance=float_tolerance, fp16_tolerance=fp16_tolerance, max_latency_ratio=max_latency_ratio,
-            latency_noise=latency_noise, max_p50_ms=max_p50_ms, max_p99_ms=max_p99_ms,
+            margin_pp=margin_pp,
+            confidence=confidence,
+            min_agreement=min_agreement,
+            max_mean_diff=max_mean_diff,
+            float_tolerance=float_tolerance,
+            fp16_tolerance=fp16_tolerance,
+            max_latency_ratio=max_latency_ratio,
+            latency_noise=latency_noise,
+            max_p50_ms=max_p50_ms,
+            max_p99_ms=max_p99_ms,
         )
         report_dir = report if report is not None else default_report_dir(target)
         from edgetl.verify.report import check_report_dir

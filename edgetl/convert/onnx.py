@@ -108,7 +108,9 @@ def _quantize_weights(proto) -> int:
             ]
         )
         new_nodes.append(
-            helper.make_node("DequantizeLinear", [base + "_q", base + "_scale", base + "_zp"], [base], name=base, **attrs)
+            helper.make_node(
+                "DequantizeLinear", [base + "_q", base + "_scale", base + "_zp"], [base], name=base, **attrs
+            )
         )
         n.input[1] = base
         done[name] = base
@@ -174,7 +176,10 @@ def _qdq_constants(proto) -> int:
             )
             new_nodes.append(
                 helper.make_node(
-                    "DequantizeLinear", [base + "_value", base + "_scale", base + "_zp"], [base + "_dq"], name=base + "_dq"
+                    "DequantizeLinear",
+                    [base + "_value", base + "_scale", base + "_zp"],
+                    [base + "_dq"],
+                    name=base + "_dq",
                 )
             )
             n.input[k] = base + "_dq"

@@ -64,22 +64,44 @@ class Variant:
 #: The export table: every variant edgetl can produce, in build order (fp32 first: it is the size baseline and
 #: ort_static_int8 quantizes the fp32 ONNX).
 VARIANTS: tuple[Variant, ...] = (
-    Variant("tflite", "fp32", tflite_export.build_fp32, False, "always",
-            "float32 reference (input float32 0..255)"),
-    Variant("tflite", "fp16", tflite_export.build_fp16, False, None,
-            "float16 weights, float32 compute and I/O"),
-    Variant("tflite", "dynamic_int8", tflite_export.build_dynamic_int8, False, None,
-            "int8 weights, float activations and I/O (no calibration)"),
-    Variant("tflite", "ptq_int8", tflite_export.build_ptq_int8, False, "no_qat",
-            "full int8 post-training quantization, uint8 input, calibrated on training images"),
-    Variant("tflite", "qat_int8", tflite_export.build_qat_int8, True, "qat",
-            "full int8 from the QAT model, uint8 input"),
-    Variant("onnx", "fp32", onnx_export.build_fp32, False, "always",
-            f"float32 reference via tf2onnx (opset {onnx_export.OPSET}); the bundle's reference"),
-    Variant("onnx", "qat_int8", onnx_export.build_qat_int8, True, "qat",
-            "QDQ int8 from the QAT model (float32 input)"),
-    Variant("onnx", "ort_static_int8", onnx_export.build_ort_static_int8, False, "no_qat",
-            "onnxruntime static int8 (QDQ, per-channel), calibrated on training images; a comparison"),
+    Variant("tflite", "fp32", tflite_export.build_fp32, False, "always", "float32 reference (input float32 0..255)"),
+    Variant("tflite", "fp16", tflite_export.build_fp16, False, None, "float16 weights, float32 compute and I/O"),
+    Variant(
+        "tflite",
+        "dynamic_int8",
+        tflite_export.build_dynamic_int8,
+        False,
+        None,
+        "int8 weights, float activations and I/O (no calibration)",
+    ),
+    Variant(
+        "tflite",
+        "ptq_int8",
+        tflite_export.build_ptq_int8,
+        False,
+        "no_qat",
+        "full int8 post-training quantization, uint8 input, calibrated on training images",
+    ),
+    Variant(
+        "tflite", "qat_int8", tflite_export.build_qat_int8, True, "qat", "full int8 from the QAT model, uint8 input"
+    ),
+    Variant(
+        "onnx",
+        "fp32",
+        onnx_export.build_fp32,
+        False,
+        "always",
+        f"float32 reference via tf2onnx (opset {onnx_export.OPSET}); the bundle's reference",
+    ),
+    Variant("onnx", "qat_int8", onnx_export.build_qat_int8, True, "qat", "QDQ int8 from the QAT model (float32 input)"),
+    Variant(
+        "onnx",
+        "ort_static_int8",
+        onnx_export.build_ort_static_int8,
+        False,
+        "no_qat",
+        "onnxruntime static int8 (QDQ, per-channel), calibrated on training images; a comparison",
+    ),
 )
 assert {v.quantization for v in VARIANTS} == set(QUANTIZATIONS), "edgetl.schema.QUANTIZATIONS and VARIANTS disagree"
 
@@ -140,7 +162,9 @@ def select_variants(
     if quants == ["default"]:
         quants = []
     elif "default" in quants:
-        raise ConfigError("--quantization default cannot be combined with other names", "use default alone, or list names")
+        raise ConfigError(
+            "--quantization default cannot be combined with other names", "use default alone, or list names"
+        )
     notes: list[str] = []
     chosen: list[Variant] = []
     if not quants:
@@ -296,9 +320,7 @@ def _predict(model, images: np.ndarray, batch: int = 32) -> np.ndarray:
 def _check_out(out: Path, run: RunInfo, force: bool) -> None:
     resolved = out.resolve()
     if resolved == run.path or resolved in run.path.parents:
-        raise ConfigError(
-            f"--out {out} would replace the run directory itself", "pick a new folder, e.g. <run>/export"
-        )
+        raise ConfigError(f"--out {out} would replace the run directory itself", "pick a new folder, e.g. <run>/export")
     # the one ownership scheme of edgetl.fsutil: only an edgetl bundle holding only edgetl's files, with --force
     check_target(out, BUNDLE_FOLDER, force, "--out")
 
@@ -451,8 +473,9 @@ def _build(job: _Job, steps: _Steps) -> ExportResult:
     )
 
 
-def _write_sample(job: _Job, ctx: BuildContext, val_items: list[tuple[Path, int]], tmp: Path,
-                  steps: _Steps) -> tuple[int, dict[str, str]]:
+def _write_sample(
+    job: _Job, ctx: BuildContext, val_items: list[tuple[Path, int]], tmp: Path, steps: _Steps
+) -> tuple[int, dict[str, str]]:
     """sample/: held-out images, labels, and each source model's outputs on them (verify's evidence on a device)."""
     steps.tick(f"sample: {len(val_items)} held-out images + reference outputs")
     loaded = _load(val_items, job.run.image_size, "validation")
@@ -471,8 +494,9 @@ def _write_sample(job: _Job, ctx: BuildContext, val_items: list[tuple[Path, int]
     return int(len(loaded.images)), source_outputs
 
 
-def _write_artifact(job: _Job, ctx: BuildContext, v: Variant, tmp: Path, labels_text: str,
-                    fp32_size: dict[str, int]) -> tuple[ArtifactResult, dict[str, Any]]:
+def _write_artifact(
+    job: _Job, ctx: BuildContext, v: Variant, tmp: Path, labels_text: str, fp32_size: dict[str, int]
+) -> tuple[ArtifactResult, dict[str, Any]]:
     """Build one variant, embed its metadata, write it and check that it loads; its result and bundle record."""
     run = job.run
     t0 = time.time()
@@ -507,23 +531,48 @@ def _write_artifact(job: _Job, ctx: BuildContext, v: Variant, tmp: Path, labels_
     base = fp32_size.get(v.format)
     digest = sha256_file(path)
     artifact = ArtifactResult(
-        name=v.name, file=v.file, path=job.out / v.file, format=v.format, quantization=v.quantization,
-        size_bytes=len(data), ratio_to_fp32=(len(data) / base) if base else None,
-        input_dtype=io["input_dtype"], input_quant=io["input_quant"], output_dtype=io["output_dtype"],
-        output_quant=io["output_quant"], sha256=digest, seconds=round(time.time() - t0, 2),
+        name=v.name,
+        file=v.file,
+        path=job.out / v.file,
+        format=v.format,
+        quantization=v.quantization,
+        size_bytes=len(data),
+        ratio_to_fp32=(len(data) / base) if base else None,
+        input_dtype=io["input_dtype"],
+        input_quant=io["input_quant"],
+        output_dtype=io["output_dtype"],
+        output_quant=io["output_quant"],
+        sha256=digest,
+        seconds=round(time.time() - t0, 2),
     )
     record = ArtifactRecord(
-        name=v.name, file=v.file, format=v.format, quantization=v.quantization,
-        input_name=io["input_name"], input_shape=io["input_shape"], input_dtype=io["input_dtype"],
-        input_quant=io["input_quant"], output_name=io["output_name"], output_dtype=io["output_dtype"],
-        output_quant=io["output_quant"], size_bytes=len(data), sha256=digest, source=meta["source"],
+        name=v.name,
+        file=v.file,
+        format=v.format,
+        quantization=v.quantization,
+        input_name=io["input_name"],
+        input_shape=io["input_shape"],
+        input_dtype=io["input_dtype"],
+        input_quant=io["input_quant"],
+        output_name=io["output_name"],
+        output_dtype=io["output_dtype"],
+        output_quant=io["output_quant"],
+        size_bytes=len(data),
+        sha256=digest,
+        source=meta["source"],
         **({"opset": io["opset"]} if "opset" in io else {}),
     ).dump()
     return artifact, record
 
 
-def _write_bundle_json(job: _Job, tmp: Path, reference: str, records: list[dict[str, Any]], sample_count: int,
-                       source_outputs: dict[str, str]) -> None:
+def _write_bundle_json(
+    job: _Job,
+    tmp: Path,
+    reference: str,
+    records: list[dict[str, Any]],
+    sample_count: int,
+    source_outputs: dict[str, str],
+) -> None:
     """The model card, then bundle.json (validated by schema.Bundle) with every file's checksum, written last."""
     run = job.run
     bundle = {
@@ -579,6 +628,16 @@ def _umask() -> int:
 
 
 __all__ = [
-    "VARIANTS", "QUANTIZATIONS", "FORMATS", "Variant", "ArtifactResult", "ExportResult", "export_run",
-    "select_variants", "parse_formats", "variant", "variants_help", "stratified_sample",
+    "VARIANTS",
+    "QUANTIZATIONS",
+    "FORMATS",
+    "Variant",
+    "ArtifactResult",
+    "ExportResult",
+    "export_run",
+    "select_variants",
+    "parse_formats",
+    "variant",
+    "variants_help",
+    "stratified_sample",
 ]

@@ -73,7 +73,9 @@ def load_float_model(path: Path):
     try:
         is_zip = zipfile.is_zipfile(path)
     except OSError as exc:
-        raise ModelFileError(f"cannot read the float model {path}: {exc.strerror or exc}", "check the run directory") from None
+        raise ModelFileError(
+            f"cannot read the float model {path}: {exc.strerror or exc}", "check the run directory"
+        ) from None
     if not is_zip:
         raise ModelFileError(
             f"cannot load the float model {path}: it is not a .keras (zip) archive (truncated, corrupt, or another "
@@ -108,11 +110,15 @@ def refuse_code_in_h5(path: Path, what: str) -> None:
         with h5py.File(path, "r") as fh:
             raw = fh.attrs.get("model_config")
     except (OSError, ValueError) as exc:
-        raise ModelFileError(f"cannot read the {what} {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
-                             "re-run `edgetl finetune` to rewrite it") from None
+        raise ModelFileError(
+            f"cannot read the {what} {path}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+            "re-run `edgetl finetune` to rewrite it",
+        ) from None
     if raw is None:
-        raise ModelFileError(f"cannot load the {what} {path}: it holds no readable model config",
-                             "re-run `edgetl finetune` to rewrite it")
+        raise ModelFileError(
+            f"cannot load the {what} {path}: it holds no readable model config",
+            "re-run `edgetl finetune` to rewrite it",
+        )
     check_h5_config(raw, path, what)
 
 
@@ -122,7 +128,9 @@ def check_model_fits(model: Any, run: RunInfo, path: Path) -> None:
         in_shape = tuple(model.input_shape)
         n_out = int(model.output_shape[-1])
     except (AttributeError, TypeError, ValueError, IndexError):
-        raise ModelFileError(f"{path} is not a single-input, single-output classifier", "re-run `edgetl finetune`") from None
+        raise ModelFileError(
+            f"{path} is not a single-input, single-output classifier", "re-run `edgetl finetune`"
+        ) from None
     if n_out != len(run.labels):
         raise ModelFileError(
             f"{path.name} outputs {n_out} classes but the run lists {len(run.labels)} labels (labels.txt / manifest.json)",

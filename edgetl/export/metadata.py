@@ -145,7 +145,9 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     except ModelFileError:
         raise
     except Exception as exc:  # protobuf DecodeError, ORT Fail... : a corrupt file
-        raise ModelFileError(f"{path} is not a readable ONNX model: {str(exc).splitlines()[0]}", "re-export it") from None
+        raise ModelFileError(
+            f"{path} is not a readable ONNX model: {str(exc).splitlines()[0]}", "re-export it"
+        ) from None
     return from_onnx_props(props, path)
 
 
@@ -171,8 +173,9 @@ def read_tflite_metadata(path: str | Path) -> dict[str, Any]:
     except (ValueError, struct.error) as exc:
         raise ModelFileError(f"{path} is not a readable TFLite model: {exc}", "re-export it") from None
     except ImportError:
-        raise ConfigError(f"reading {path.name} needs ai-edge-litert, which is not installed",
-                          "pip install 'edgetl[device]'") from None
+        raise ConfigError(
+            f"reading {path.name} needs ai-edge-litert, which is not installed", "pip install 'edgetl[device]'"
+        ) from None
     if TFLITE_METADATA_NAME not in entries:
         raise ModelFileError(f"{path} carries no edgetl metadata", "export it with `edgetl export`")
     try:

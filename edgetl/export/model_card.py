@@ -82,10 +82,14 @@ def model_card(bundle: dict[str, Any], manifest: dict[str, Any]) -> str:
     metrics = manifest.get("metrics") if isinstance(manifest.get("metrics"), dict) else {}
     shown = [(label, metrics[key]) for key, label in _METRICS if isinstance(metrics.get(key), (int, float))]
     if shown:
-        lines.append("- Validation top-1 accuracy (measured by `edgetl finetune`): "
-                     + "; ".join(f"{label} {100 * value:.1f}%" for label, value in shown))
-    lines.append(f"- Bundle sample: {bundle['sample']['count']} held-out validation images (`sample/`) with the "
-                 "original model's outputs")
+        lines.append(
+            "- Validation top-1 accuracy (measured by `edgetl finetune`): "
+            + "; ".join(f"{label} {100 * value:.1f}%" for label, value in shown)
+        )
+    lines.append(
+        f"- Bundle sample: {bundle['sample']['count']} held-out validation images (`sample/`) with the "
+        "original model's outputs"
+    )
     lines += [
         "",
         "## Verify on the target CPU",

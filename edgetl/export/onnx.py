@@ -242,7 +242,9 @@ def describe(data: bytes) -> dict[str, Any]:
     out = graph.output[0]
 
     def shape(value) -> list[int | str]:
-        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1) for d in value.type.tensor_type.shape.dim]
+        return [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or -1) for d in value.type.tensor_type.shape.dim
+        ]
 
     return {
         "input_name": inp.name,

@@ -32,11 +32,17 @@ def plot_curves(phases: dict, path: Path) -> None:
             if key in hist:
                 ax.plot(xs, hist[key], label=f"{name} train")
             if f"val_{key}" in hist:
-                line, = ax.plot(xs, hist[f"val_{key}"], "--", label=f"{name} val")
+                (line,) = ax.plot(xs, hist[f"val_{key}"], "--", label=f"{name} val")
                 if best and 1 <= best <= n:
-                    ax.plot([offset + best], [hist[f"val_{key}"][best - 1]], marker="*", markersize=13,
-                            color=line.get_color(), linestyle="none",
-                            label=f"{name} best (epoch {best})" if key == "accuracy" else None)
+                    ax.plot(
+                        [offset + best],
+                        [hist[f"val_{key}"][best - 1]],
+                        marker="*",
+                        markersize=13,
+                        color=line.get_color(),
+                        linestyle="none",
+                        label=f"{name} best (epoch {best})" if key == "accuracy" else None,
+                    )
                     ax.axvline(offset + best, color=line.get_color(), alpha=0.25, linewidth=1)
         offset += n
     for ax, title in zip(axes, ("accuracy", "loss")):

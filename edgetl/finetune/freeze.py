@@ -29,22 +29,27 @@ def auto_freeze_point(images_per_class: float, domain: str, pretrained: bool = T
     """The decision guide: no pretrained features -> freeze nothing; little data -> freeze more; data unlike
     ImageNet -> unfreeze more."""
     if not pretrained:
-        return "none", ("weights none: no pretrained features to transfer, so nothing is frozen "
-                        "(the whole backbone trains from scratch)")
+        return "none", (
+            "weights none: no pretrained features to transfer, so nothing is frozen "
+            "(the whole backbone trains from scratch)"
+        )
     n = images_per_class
     if n < 100:
-        return "all", (f"{n:.0f} images per class is small: feature extraction (whole backbone frozen) avoids "
-                       "overfitting")
+        return "all", (
+            f"{n:.0f} images per class is small: feature extraction (whole backbone frozen) avoids overfitting"
+        )
     if n < 1000:
         point = "late" if domain == "similar" else "mid"
-        return point, (f"{n:.0f} images per class and a {domain} domain: freeze up to the {point} point, "
-                       "fine-tune the top blocks")
+        return point, (
+            f"{n:.0f} images per class and a {domain} domain: freeze up to the {point} point, fine-tune the top blocks"
+        )
     point = "mid" if domain == "similar" else "early"
     return point, f"{n:.0f} images per class and a {domain} domain: freeze only up to the {point} point"
 
 
-def decide_freeze(backbone: Backbone, base, policy: str, images_per_class: float, domain: str,
-                  pretrained: bool = True) -> FreezeDecision:
+def decide_freeze(
+    backbone: Backbone, base, policy: str, images_per_class: float, domain: str, pretrained: bool = True
+) -> FreezeDecision:
     names = [layer.name for layer in base.layers]
     policy = str(policy).strip()
     reason = f"--freeze {policy}"

@@ -73,8 +73,9 @@ def base_inputs(model, images: np.ndarray) -> np.ndarray:
     from edgetl._tfenv import keras
 
     base = get_base(model)
-    front = [layer for layer in model.layers[: model.layers.index(base)]
-             if not isinstance(layer, keras().layers.InputLayer)]
+    front = [
+        layer for layer in model.layers[: model.layers.index(base)] if not isinstance(layer, keras().layers.InputLayer)
+    ]
     x = np.asarray(images, np.float32)
     for layer in front:
         x = layer(x).numpy()

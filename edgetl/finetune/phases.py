@@ -51,9 +51,18 @@ class HeadResult:
     val: ImageList
 
 
-def head_phase(cfg, model, train: ImageList, val: ImageList, reporter: Reporter, seed: int,
-               pretrained: bool = True, cache_dir: Path | None = None, logdir: Path | None = None,
-               on_checked=None) -> HeadResult:
+def head_phase(
+    cfg,
+    model,
+    train: ImageList,
+    val: ImageList,
+    reporter: Reporter,
+    seed: int,
+    pretrained: bool = True,
+    cache_dir: Path | None = None,
+    logdir: Path | None = None,
+    on_checked=None,
+) -> HeadResult:
     """Train the head on cached features of the frozen backbone (clean features only from a random backbone:
     augmented views of random features are not worth their time).
 
@@ -121,8 +130,9 @@ def head_phase(cfg, model, train: ImageList, val: ImageList, reporter: Reporter,
             train = train.without([p for p, _ in bad_train.reasons.values()])
             val = val.without([p for p, _ in bad_val.reasons.values()])
             if not len(train) or not len(val):
-                raise DataError("no readable images" if not len(train) else "no readable validation images",
-                                "check the data folder")
+                raise DataError(
+                    "no readable images" if not len(train) else "no readable validation images", "check the data folder"
+                )
             if on_checked is not None:
                 on_checked()
             for view in range(1, 1 + views):
@@ -143,8 +153,13 @@ def head_phase(cfg, model, train: ImageList, val: ImageList, reporter: Reporter,
         logs = (_TrainingLog(logdir),) if logdir is not None else ()
         t1 = time.perf_counter()
         with reporter.task("head phase", steps * cfg.epochs) as task:
-            hist = head.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, verbose=0,
-                            callbacks=[stopper, _EpochProgress(task, best, stopper, cfg.epochs), *logs])
+            hist = head.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=cfg.epochs,
+                verbose=0,
+                callbacks=[stopper, _EpochProgress(task, best, stopper, cfg.epochs), *logs],
+            )
         train_s = time.perf_counter() - t1
     finally:
         for f in files:
@@ -153,16 +168,35 @@ def head_phase(cfg, model, train: ImageList, val: ImageList, reporter: Reporter,
     model.get_layer("predictions").set_weights(head.get_layer("predictions").get_weights())
     val_acc = stream_accuracy(model, val, size[0], bs)
     record = {
-        "status": "done", "epochs": cfg.epochs, "epochs_run": best.get("epochs_run", cfg.epochs),
-        "best_epoch": best.get("best_epoch"), "lr": cfg.head_lr, "feature_views": views,
-        "cached_samples": int(len(y_train)), "cache_seconds": round(cache_s, 2), "train_seconds": round(train_s, 2),
-        "val_accuracy": val_acc, "history": _history(hist),
+        "status": "done",
+        "epochs": cfg.epochs,
+        "epochs_run": best.get("epochs_run", cfg.epochs),
+        "best_epoch": best.get("best_epoch"),
+        "lr": cfg.head_lr,
+        "feature_views": views,
+        "cached_samples": int(len(y_train)),
+        "cache_seconds": round(cache_s, 2),
+        "train_seconds": round(train_s, 2),
+        "val_accuracy": val_acc,
+        "history": _history(hist),
     }
     return HeadResult(record, train, val)
 
 
-def fit_phase(name, cfg, model, train: ImageList, val: ImageList, lr, epochs, reporter, seed, augment=True,
-              callbacks=(), logdir: Path | None = None) -> dict:
+def fit_phase(
+    name,
+    cfg,
+    model,
+    train: ImageList,
+    val: ImageList,
+    lr,
+    epochs,
+    reporter,
+    seed,
+    augment=True,
+    callbacks=(),
+    logdir: Path | None = None,
+) -> dict:
     """End-to-end training of the trainable layers (fine-tune or QAT), early stopping on val accuracy; images are
     decoded from their files a batch at a time (:func:`edgetl.stream.image_dataset`)."""
     from edgetl._tfenv import keras
@@ -172,9 +206,14 @@ def fit_phase(name, cfg, model, train: ImageList, val: ImageList, lr, epochs, re
     num_classes = model.output_shape[-1]
     size = tuple(int(d) for d in model.input_shape[1:3])
     model.compile(k.optimizers.Adam(lr), _loss(cfg, k), metrics=["accuracy"])
-    train_ds = image_dataset(train.items, size, cfg.batch_size, shuffle_seed=seed,
-                             targets=_targets(train.labels, cfg, num_classes),
-                             augment=make_augmenter(cfg, seed) if augment else None)
+    train_ds = image_dataset(
+        train.items,
+        size,
+        cfg.batch_size,
+        shuffle_seed=seed,
+        targets=_targets(train.labels, cfg, num_classes),
+        augment=make_augmenter(cfg, seed) if augment else None,
+    )
     val_ds = image_dataset(val.items, size, cfg.batch_size, targets=_targets(val.labels, cfg, num_classes))
     steps = -(-len(train) // cfg.batch_size)
     best: dict = {}
@@ -182,12 +221,21 @@ def fit_phase(name, cfg, model, train: ImageList, val: ImageList, lr, epochs, re
     logs = (_TrainingLog(logdir),) if logdir is not None else ()
     t0 = time.perf_counter()
     with reporter.task(f"{name} phase", steps * epochs) as task:
-        hist = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=0,
-                         callbacks=[stopper, _EpochProgress(task, best, stopper, epochs), *logs, *callbacks])
+        hist = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=epochs,
+            verbose=0,
+            callbacks=[stopper, _EpochProgress(task, best, stopper, epochs), *logs, *callbacks],
+        )
     return {
-        "status": "done", "epochs": epochs, "epochs_run": best.get("epochs_run", epochs),
-        "best_epoch": best.get("best_epoch"), "lr": lr,
-        "train_seconds": round(time.perf_counter() - t0, 2), "history": _history(hist),
+        "status": "done",
+        "epochs": epochs,
+        "epochs_run": best.get("epochs_run", epochs),
+        "best_epoch": best.get("best_epoch"),
+        "lr": lr,
+        "train_seconds": round(time.perf_counter() - t0, 2),
+        "history": _history(hist),
     }
 
 
@@ -208,20 +256,36 @@ def qat_phase(cfg, model, train: ImageList, val: ImageList, work: Path, reporter
         qat_model = qat.quantize_for_training(model)
         qat.calibrate(qat_model, calib, batch_size=cfg.batch_size)
     calibrated_acc = stream_accuracy(qat_model, val, size[0], cfg.batch_size)
-    rec = fit_phase("qat", cfg, qat_model, train, val, cfg.qat_lr, cfg.qat_epochs, reporter, cfg.seed + 2,
-                    logdir=work / "logs" / "qat")
+    rec = fit_phase(
+        "qat",
+        cfg,
+        qat_model,
+        train,
+        val,
+        cfg.qat_lr,
+        cfg.qat_epochs,
+        reporter,
+        cfg.seed + 2,
+        logdir=work / "logs" / "qat",
+    )
     fake_acc = stream_accuracy(qat_model, val, size[0], cfg.batch_size)
     qat.save_qat_model(qat_model, work / "qat.h5")
     with reporter.task("QAT: converting int8 TFLite (QAT and PTQ) to measure them", None):
         qat_int8 = tflite_accuracy(qat_to_tflite_int8(qat_model), val, image_size=size[0])
         ptq_int8 = tflite_accuracy(ptq_to_tflite_int8(model, calib), val, image_size=size[0])
-    rec.update({
-        "calibrated_val_accuracy": calibrated_acc,
-        "val_accuracy": fake_acc,
-        "calibration_images": int(len(calib)),
-        "seconds": round(time.perf_counter() - t0, 2),
-        "metrics": {"qat_val_accuracy": fake_acc, "qat_int8_val_accuracy": qat_int8, "ptq_int8_val_accuracy": ptq_int8},
-    })
+    rec.update(
+        {
+            "calibrated_val_accuracy": calibrated_acc,
+            "val_accuracy": fake_acc,
+            "calibration_images": int(len(calib)),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "metrics": {
+                "qat_val_accuracy": fake_acc,
+                "qat_int8_val_accuracy": qat_int8,
+                "ptq_int8_val_accuracy": ptq_int8,
+            },
+        }
+    )
     reporter.info(f"QAT: fake-quant val_accuracy {fake_acc:.4f}, int8 TFLite {qat_int8:.4f} (PTQ int8 {ptq_int8:.4f})")
     return rec
 
@@ -266,8 +330,10 @@ def _check_classes(folder: ImageFolder, train: ImageList) -> None:
     present = set(train.labels.tolist())
     if len(present) < len(folder.classes):
         missing = sorted(set(range(len(folder.classes))) - present)
-        raise DataError(f"class(es) {', '.join(folder.classes[i] for i in missing)} have no readable training image",
-                        "add images to them")
+        raise DataError(
+            f"class(es) {', '.join(folder.classes[i] for i in missing)} have no readable training image",
+            "add images to them",
+        )
 
 
 def run_phases(ctx: RunContext) -> Trained:
@@ -291,8 +357,9 @@ def run_phases(ctx: RunContext) -> Trained:
             model = load_float_model(work / "float.keras")  # safe mode, .keras (zip) only
             base = get_base(model)
         else:
-            model, base = build_classifier(ctx.backbone, ctx.image_size, len(ctx.folder.classes), ctx.weights,
-                                           cfg.dropout)
+            model, base = build_classifier(
+                ctx.backbone, ctx.image_size, len(ctx.folder.classes), ctx.weights, cfg.dropout
+            )
         # the BatchNorm images of a weights-none backbone: drawn by index, only those decoded
         pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(train))[:BN_RECALIBRATION_IMAGES])
         # (as the nested backbone sees them: through any preprocessing layers in front of it)
@@ -338,14 +405,25 @@ def run_phases(ctx: RunContext) -> Trained:
     return Trained(phases, metrics, freeze_info, determinism, train, val)
 
 
-def _head_step(ctx: RunContext, model, base, train: ImageList, val: ImageList, pretrained: bool,
-               on_checked) -> tuple[ImageList, ImageList]:
+def _head_step(
+    ctx: RunContext, model, base, train: ImageList, val: ImageList, pretrained: bool, on_checked
+) -> tuple[ImageList, ImageList]:
     """Phase 1 with the whole base frozen; records the unreadable images it found; checkpoint."""
     cfg, state, work = ctx.cfg, ctx.state, ctx.work
     for layer in base.layers:
         layer.trainable = False
-    head = head_phase(cfg, model, train, val, ctx.reporter, cfg.seed, pretrained,
-                      cache_dir=work / ".features.partial", logdir=work / "logs" / "head", on_checked=on_checked)
+    head = head_phase(
+        cfg,
+        model,
+        train,
+        val,
+        ctx.reporter,
+        cfg.seed,
+        pretrained,
+        cache_dir=work / ".features.partial",
+        logdir=work / "logs" / "head",
+        on_checked=on_checked,
+    )
     train, val = head.train, head.val
     _check_classes(ctx.folder, train)
     state["phases"]["head"] = head.record
@@ -355,18 +433,28 @@ def _head_step(ctx: RunContext, model, base, train: ImageList, val: ImageList, p
     return train, val
 
 
-def _fine_tune_step(ctx: RunContext, model, base, train: ImageList, val: ImageList, freeze_info: dict,
-                    pretrained: bool, bn_images) -> None:
+def _fine_tune_step(
+    ctx: RunContext, model, base, train: ImageList, val: ImageList, freeze_info: dict, pretrained: bool, bn_images
+) -> None:
     """Phase 2 (or its skipped record); the head's weights are kept when fine-tuning did not improve val accuracy;
     checkpoint."""
     cfg, phases = ctx.cfg, ctx.state["phases"]
     if cfg.fine_tune_epochs > 0 and freeze_info["trainable_layers"] > 0:
         before = phases["head"]["val_accuracy"]
         saved = model.get_weights()
-        rec = fit_phase("fine_tune", cfg, model, train, val, fine_tune_learning_rate(cfg, pretrained),
-                        cfg.fine_tune_epochs, ctx.reporter, cfg.seed + 1,
-                        callbacks=() if pretrained else (_BatchNormTracker(base, bn_images),),
-                        logdir=ctx.work / "logs" / "fine_tune")
+        rec = fit_phase(
+            "fine_tune",
+            cfg,
+            model,
+            train,
+            val,
+            fine_tune_learning_rate(cfg, pretrained),
+            cfg.fine_tune_epochs,
+            ctx.reporter,
+            cfg.seed + 1,
+            callbacks=() if pretrained else (_BatchNormTracker(base, bn_images),),
+            logdir=ctx.work / "logs" / "fine_tune",
+        )
         rec["val_accuracy"] = stream_accuracy(model, val, ctx.image_size, cfg.batch_size)
         if rec["val_accuracy"] < before:
             model.set_weights(saved)

@@ -100,9 +100,14 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None, force: bool 
         config = cfg.model_dump()
         config["image_size"] = image_size
         # the data's classes and per-class counts too: a resume must never continue on a changed data set
-        chash = config_hash({**{k: v for k, v in config.items() if k not in ("out", "name")},
-                             "data_classes": list(folder.classes), "data_counts": folder.counts,
-                             "split_sizes": [len(train_items), len(val_items)]})
+        chash = config_hash(
+            {
+                **{k: v for k, v in config.items() if k not in ("out", "name")},
+                "data_classes": list(folder.classes),
+                "data_counts": folder.counts,
+                "split_sizes": [len(train_items), len(val_items)],
+            }
+        )
 
         from edgetl.distribute import select_strategy
 
@@ -113,17 +118,29 @@ def finetune(cfg: FinetuneConfig, reporter: Reporter | None = None, force: bool 
         if state is None:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
-            state = {"config_hash": chash, "run_id": new_run_id(), "created": now_iso(), "completed": [],
-                     "phases": {}}
+            state = {"config_hash": chash, "run_id": new_run_id(), "created": now_iso(), "completed": [], "phases": {}}
         else:
             reporter.info(f"resuming {run_dir} after phase(s): {', '.join(state['completed'])}")
         if replacing:
             reporter.info(f"--force: the earlier run in {run_dir} will be replaced when this one is complete")
         try:
-            ctx = RunContext(cfg=cfg, reporter=reporter, backbone=backbone, image_size=image_size, weights=weights,
-                             run_dir=target if scratch else run_dir, folder=folder, train_items=train_items,
-                             val_items=val_items, config=config, work=work, state=state, force=force,
-                             strategy=strategy, role=role)
+            ctx = RunContext(
+                cfg=cfg,
+                reporter=reporter,
+                backbone=backbone,
+                image_size=image_size,
+                weights=weights,
+                run_dir=target if scratch else run_dir,
+                folder=folder,
+                train_items=train_items,
+                val_items=val_items,
+                config=config,
+                work=work,
+                state=state,
+                force=force,
+                strategy=strategy,
+                role=role,
+            )
             result = _write_run(ctx, run_phases(ctx))
         except BaseException as exc:
             if fresh and not state["completed"]:  # nothing worth resuming: leave no trace
@@ -178,13 +195,17 @@ def _manifest(ctx: RunContext, trained: Trained, skipped_images: int) -> dict:
     backbone, weights, work, state, image_size = ctx.backbone, ctx.weights, ctx.work, ctx.state, ctx.image_size
     strategy, role = ctx.strategy, ctx.role
     loaded = weights.path or (keras_download_path(backbone) if weights.source == "imagenet" else None)
-    files = {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.is_file() and not p.name.startswith(".")
-             and p.name not in ("manifest.json", "progress.json")}
+    files = {
+        p.name: sha256_file(p)
+        for p in sorted(work.iterdir())
+        if p.is_file() and not p.name.startswith(".") and p.name not in ("manifest.json", "progress.json")
+    }
     files.update(_log_files(work))
     distribution = {"strategy": type(strategy).__name__, "replicas": int(strategy.num_replicas_in_sync)}
     if role.workers > 1:  # (TensorFlow's class behind MultiWorkerMirroredStrategy is CollectiveAllReduceStrategy)
-        distribution.update({"strategy": "MultiWorkerMirroredStrategy", "workers": role.workers,
-                             "chief": role.chief_name})
+        distribution.update(
+            {"strategy": "MultiWorkerMirroredStrategy", "workers": role.workers, "chief": role.chief_name}
+        )
     return {
         "schema": RUN_SCHEMA,
         "edgetl_version": __version__,
@@ -194,8 +215,16 @@ def _manifest(ctx: RunContext, trained: Trained, skipped_images: int) -> dict:
         "backbone": backbone.name,
         "image_size": [image_size, image_size],
         "labels": list(ctx.folder.classes),
-        "input": {"layout": "NHWC", "height": image_size, "width": image_size, "channels": 3, "color": "RGB",
-                  "dtype": "float32", "range": [0, 255], "preprocessing": backbone.preprocessing},
+        "input": {
+            "layout": "NHWC",
+            "height": image_size,
+            "width": image_size,
+            "channels": 3,
+            "color": "RGB",
+            "dtype": "float32",
+            "range": [0, 255],
+            "preprocessing": backbone.preprocessing,
+        },
         "weights": weights_record(weights, loaded),
         "freeze": trained.freeze,
         "seed": ctx.cfg.seed,
@@ -203,8 +232,12 @@ def _manifest(ctx: RunContext, trained: Trained, skipped_images: int) -> dict:
         "distribution": distribution,
         "config": ctx.config,
         "versions": package_versions(),
-        "data": {"classes": ctx.folder.counts, "train_images": int(len(trained.train)),
-                 "val_images": int(len(trained.val)), "skipped_images": skipped_images},
+        "data": {
+            "classes": ctx.folder.counts,
+            "train_images": int(len(trained.train)),
+            "val_images": int(len(trained.val)),
+            "skipped_images": skipped_images,
+        },
         "phases": {name: {k2: v for k2, v in rec.items() if k2 != "history"} for name, rec in trained.phases.items()},
         "metrics": trained.metrics,
         "completed_phases": list(state["completed"]),

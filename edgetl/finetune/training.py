@@ -63,8 +63,11 @@ class _EpochProgress:
             def on_epoch_end(self, epoch, logs=None):
                 logs = logs or {}
                 best["epochs_run"] = epoch + 1
-                best["shown"] = dict(epoch=epoch + 1, loss=float(logs.get("loss", np.nan)),
-                                     val_acc=float(logs.get("val_accuracy", np.nan)))
+                best["shown"] = dict(
+                    epoch=epoch + 1,
+                    loss=float(logs.get("loss", np.nan)),
+                    val_acc=float(logs.get("val_accuracy", np.nan)),
+                )
                 task.update(**best["shown"])
 
             def on_train_end(self, logs=None):
@@ -91,7 +94,8 @@ class _TrainingLog:
         from tensorflow.core.framework import summary_pb2
 
         metadata = summary_pb2.SummaryMetadata(
-            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+        ).SerializeToString()
         shutil.rmtree(logdir, ignore_errors=True)  # a resumed phase starts its logs again
         logdir.mkdir(parents=True)
 
@@ -132,6 +136,7 @@ def _history(h) -> dict[str, list[float]]:
 def _early_stopping(k, cfg):
     return k.callbacks.EarlyStopping("val_accuracy", patience=cfg.patience, mode="max", restore_best_weights=True)
 
+
 def _loss(cfg: FinetuneConfig, k):
     if cfg.label_smoothing:
         return k.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
@@ -159,6 +164,7 @@ def predict_stream(model, ds) -> np.ndarray:
 
     fn = _PREDICT_FNS.get(model)
     if fn is None:  # one traced function per model (not per call)
+
         def forward(x):
             return model(x, training=False)
 
@@ -174,8 +180,9 @@ def stream_accuracy(model, images: ImageList, image_size: int, batch_size: int) 
     return float(np.mean(np.argmax(probs, axis=1) == images.labels))
 
 
-def tflite_accuracy(content: bytes, images, labels: np.ndarray | None = None, image_size: int | None = None,
-                    chunk: int = 256) -> float:
+def tflite_accuracy(
+    content: bytes, images, labels: np.ndarray | None = None, image_size: int | None = None, chunk: int = 256
+) -> float:
     """Accuracy of a .tflite flatbuffer, run with LiteRT exactly as a device would (batch 1). ``images``: an array
     (with ``labels``) or an :class:`ImageList` decoded ``chunk`` images at a time."""
     from edgetl.predict import tflite_predict

@@ -49,10 +49,22 @@ def calibrate(qat_model, images: np.ndarray, batch_size: int = 32) -> None:
     stats: dict[int, list] = {}
     orig = quant_ops.MovingAvgQuantize
 
-    def recording(inputs, min_var, max_var, per_channel=False, ema_decay=0.999, name_prefix="", is_training=True,
-                  num_bits=8, narrow_range=False, symmetric=False):
+    def recording(
+        inputs,
+        min_var,
+        max_var,
+        per_channel=False,
+        ema_decay=0.999,
+        name_prefix="",
+        is_training=True,
+        num_bits=8,
+        narrow_range=False,
+        symmetric=False,
+    ):
         if per_channel:
-            return orig(inputs, min_var, max_var, per_channel, ema_decay, name_prefix, False, num_bits, narrow_range, symmetric)
+            return orig(
+                inputs, min_var, max_var, per_channel, ema_decay, name_prefix, False, num_bits, narrow_range, symmetric
+            )
         lo = min(float(_TF.reduce_min(inputs)), 0.0)
         hi = max(float(_TF.reduce_max(inputs)), 0.0)
         if symmetric:
@@ -63,7 +75,9 @@ def calibrate(qat_model, images: np.ndarray, batch_size: int = 32) -> None:
         entry = stats.setdefault(id(min_var), [min_var, max_var, [], []])
         entry[2].append(lo)
         entry[3].append(hi)
-        return _TF.quantization.fake_quant_with_min_max_vars(inputs, lo, hi, num_bits=num_bits, narrow_range=narrow_range)
+        return _TF.quantization.fake_quant_with_min_max_vars(
+            inputs, lo, hi, num_bits=num_bits, narrow_range=narrow_range
+        )
 
     quant_ops.MovingAvgQuantize = recording
     try:
@@ -74,4 +88,3 @@ def calibrate(qat_model, images: np.ndarray, batch_size: int = 32) -> None:
     for min_var, max_var, los, his in stats.values():
         min_var.assign(float(np.mean(los)))
         max_var.assign(float(np.mean(his)))
-

@@ -176,7 +176,9 @@ class QATWrapper(QuantizeWrapperV2):
         if self.trainable:
             return super().non_trainable_weights
         return self._dedup_weights(
-            self._trainable_weights + self.layer.trainable_weights + self.layer.non_trainable_weights
+            self._trainable_weights
+            + self.layer.trainable_weights
+            + self.layer.non_trainable_weights
             + self._non_trainable_weights
         )
 
@@ -185,8 +187,9 @@ class QATWrapper(QuantizeWrapperV2):
 #: (``["activation"]``, or ``[]`` when a FusedReLU after it quantizes the fused output).
 WEIGHT_CONFIGS = {
     "Conv2D": lambda acts: ChannelQuantizeConfig(["kernel"], acts, False, WEIGHT_LEVELS["Conv2D"]),
-    "DepthwiseConv2D": lambda acts: ChannelQuantizeConfig(["depthwise_kernel"], acts, False,
-                                                          WEIGHT_LEVELS["DepthwiseConv2D"]),
+    "DepthwiseConv2D": lambda acts: ChannelQuantizeConfig(
+        ["depthwise_kernel"], acts, False, WEIGHT_LEVELS["DepthwiseConv2D"]
+    ),
     "Dense": lambda acts: ChannelQuantizeConfig(["kernel"], acts, False, WEIGHT_LEVELS["Dense"], per_tensor=True),
 }
 
@@ -202,12 +205,22 @@ def custom_objects() -> dict:
     for d in scope.custom_objects if hasattr(scope, "custom_objects") else []:
         objs.update(d)
     objs.update(LAYERS)
-    objs.update(_by_names(OutputQuantizeConfig, NoOpQuantizeConfig, AffineQuantizeConfig, QATWrapper,
-                          ChannelWeightsQuantizer, ChannelQuantizeConfig))
-    objs.update({
-        "Default8BitConvQuantizeConfig": registry.Default8BitConvQuantizeConfig,
-        "Default8BitQuantizeConfig": registry.Default8BitQuantizeConfig,
-    })
+    objs.update(
+        _by_names(
+            OutputQuantizeConfig,
+            NoOpQuantizeConfig,
+            AffineQuantizeConfig,
+            QATWrapper,
+            ChannelWeightsQuantizer,
+            ChannelQuantizeConfig,
+        )
+    )
+    objs.update(
+        {
+            "Default8BitConvQuantizeConfig": registry.Default8BitConvQuantizeConfig,
+            "Default8BitQuantizeConfig": registry.Default8BitQuantizeConfig,
+        }
+    )
     # tfmot public objects (explicit, in case quantize_scope changes what it exposes)
     objs.update(
         {

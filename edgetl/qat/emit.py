@@ -38,8 +38,14 @@ class Plan:
 def _fused_relu_source(op: Op, prod: dict[str, Op], cons: dict[str, list[Op]]) -> Op | None:
     """The Conv/Depthwise/Dense a quantized ReLU op fuses into (the ReLU is its only consumer), else None."""
     src = prod.get(op.inputs[0])
-    fused = (src is not None and not op.float_ and src.kind is OpKind.LAYER and type(src.layer).__name__ in LINEAR_PRODUCERS
-             and src.config.get("activation", "linear") == "linear" and len(cons.get(src.out, [])) == 1)
+    fused = (
+        src is not None
+        and not op.float_
+        and src.kind is OpKind.LAYER
+        and type(src.layer).__name__ in LINEAR_PRODUCERS
+        and src.config.get("activation", "linear") == "linear"
+        and len(cons.get(src.out, [])) == 1
+    )
     return src if fused else None
 
 
@@ -109,8 +115,9 @@ def emit(ops: list[Op], model_inputs, in_ids, out_ids, name) -> tuple[Any, Plan]
     plan = Plan()
     for op, new in emitted:
         plan.layers[new.name] = LayerPlan(
-            next=tuple(c.kind.value if c.kind is not OpKind.LAYER else type(c.layer).__name__
-                       for c in cons.get(op.out, [])),
+            next=tuple(
+                c.kind.value if c.kind is not OpKind.LAYER else type(c.layer).__name__ for c in cons.get(op.out, [])
+            ),
             float_=op.float_,
             # the last float op(s): their output is the first quantized tensor
             stem_out=op.float_ and (op.out in out_ids or any(not c.float_ for c in cons.get(op.out, []))),

@@ -91,12 +91,8 @@ class ChannelAffine(_K.layers.Layer):
         self.channels = int(channels)
 
     def build(self, input_shape):
-        self.scale = self.add_weight(
-            name="scale", shape=(self.channels,), initializer="ones", trainable=False
-        )
-        self.offset = self.add_weight(
-            name="offset", shape=(self.channels,), initializer="zeros", trainable=False
-        )
+        self.scale = self.add_weight(name="scale", shape=(self.channels,), initializer="ones", trainable=False)
+        self.offset = self.add_weight(name="offset", shape=(self.channels,), initializer="zeros", trainable=False)
         super().build(input_shape)
 
     def call(self, inputs):

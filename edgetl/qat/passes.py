@@ -37,7 +37,9 @@ def fold_affines(ops: list[Op], outputs: list[str]) -> list[Op]:
             p = prod.get(op.inputs[0])
             if p is None or len(cons.get(p.out, [])) != 1 or p.out in outputs:
                 continue
-            if op.kind is OpKind.SCALE_CONST and not (p.kind is OpKind.LAYER and type(p.layer).__name__ in LINEAR_PRODUCERS):
+            if op.kind is OpKind.SCALE_CONST and not (
+                p.kind is OpKind.LAYER and type(p.layer).__name__ in LINEAR_PRODUCERS
+            ):
                 continue  # a lone ScaleConst (1/6 after ReLU6) stays: it is a quantization point
             if p.kind is OpKind.AFFINE and op.kind in (OpKind.AFFINE, OpKind.ADD_CONST):
                 if op.kind is OpKind.AFFINE:
@@ -45,8 +47,15 @@ def fold_affines(ops: list[Op], outputs: list[str]) -> list[Op]:
                     p.params["scale"] = p.params["scale"] * op.params["scale"]
                 else:
                     p.params["offset"] = p.params["offset"] + op.params["value"]
-            elif p.kind is OpKind.LAYER and type(p.layer).__name__ in LINEAR_PRODUCERS and p.config.get("activation") == "linear":
-                ch = int(p.weights[0].shape[-1] * (p.weights[0].shape[-2] if type(p.layer).__name__ == "DepthwiseConv2D" else 1))
+            elif (
+                p.kind is OpKind.LAYER
+                and type(p.layer).__name__ in LINEAR_PRODUCERS
+                and p.config.get("activation") == "linear"
+            ):
+                ch = int(
+                    p.weights[0].shape[-1]
+                    * (p.weights[0].shape[-2] if type(p.layer).__name__ == "DepthwiseConv2D" else 1)
+                )
                 if op.kind is OpKind.AFFINE:
                     scale, offset = op.params["scale"], op.params["offset"]
                 elif op.kind is OpKind.ADD_CONST:
@@ -163,7 +172,9 @@ def space_to_depth_stem(tr: Tracer, ops: list[Op], shapes: dict, outputs: list[s
                             k2[dp, dq, (2 * a + b) * c : (2 * a + b + 1) * c, :] = kernel[di, dj]
         src = conv.inputs[0]
         aff = prod.get(src)
-        move_affine = aff is not None and aff.kind is OpKind.AFFINE and len(cons.get(src, [])) == 1 and src not in outputs
+        move_affine = (
+            aff is not None and aff.kind is OpKind.AFFINE and len(cons.get(src, [])) == 1 and src not in outputs
+        )
         s2d_in = aff.inputs[0] if move_affine else src
         s2d = Op(OpKind.S2D, [s2d_in], tr.tid(), tr.uniq(conv.name + "_space_to_depth"), trainable=False)
         idx = ops.index(aff if move_affine else conv)
@@ -181,8 +192,13 @@ def space_to_depth_stem(tr: Tracer, ops: list[Op], shapes: dict, outputs: list[s
 
 def _is_permutation(w) -> bool:
     w = np.asarray(w)
-    return (w.ndim == 2 and w.shape[0] == w.shape[1] and bool(np.all((w == 0) | (w == 1)))
-            and bool(np.all(w.sum(0) == 1)) and bool(np.all(w.sum(1) == 1)))
+    return (
+        w.ndim == 2
+        and w.shape[0] == w.shape[1]
+        and bool(np.all((w == 0) | (w == 1)))
+        and bool(np.all(w.sum(0) == 1))
+        and bool(np.all(w.sum(1) == 1))
+    )
 
 
 def fold_channel_permutation(ops: list[Op], in_ids: list[str], outputs: list[str]) -> list[Op]:
@@ -201,9 +217,15 @@ def fold_channel_permutation(ops: list[Op], in_ids: list[str], outputs: list[str
             continue
         cfg = op.config
         kernel = np.asarray(op.weights[0])
-        if (tuple(cfg.get("kernel_size", ())) != (1, 1) or tuple(cfg.get("strides", (1, 1))) != (1, 1)
-                or cfg.get("groups", 1) != 1 or cfg.get("activation", "linear") != "linear"
-                or kernel.shape[:2] != (1, 1) or not _is_permutation(kernel[0, 0]) or op.out in outputs):
+        if (
+            tuple(cfg.get("kernel_size", ())) != (1, 1)
+            or tuple(cfg.get("strides", (1, 1))) != (1, 1)
+            or cfg.get("groups", 1) != 1
+            or cfg.get("activation", "linear") != "linear"
+            or kernel.shape[:2] != (1, 1)
+            or not _is_permutation(kernel[0, 0])
+            or op.out in outputs
+        ):
             continue
         # follow ZeroPadding2D (single consumers) to the conv that reads it
         t, path = op.out, []
@@ -221,8 +243,11 @@ def fold_channel_permutation(ops: list[Op], in_ids: list[str], outputs: list[str
         if not users or u.kind is not OpKind.LAYER or type(u.layer).__name__ != "Conv2D" or len(u.inputs) != 1:
             continue
         perm = kernel[0, 0].astype(np.float64)  # [in, out]
-        bias = np.asarray(op.weights[1], np.float64) if cfg.get("use_bias", True) and len(op.weights) > 1 \
+        bias = (
+            np.asarray(op.weights[1], np.float64)
+            if cfg.get("use_bias", True) and len(op.weights) > 1
             else np.zeros(perm.shape[1])
+        )
         k = np.asarray(u.weights[0], np.float64)
         u.weights = [np.einsum("ic,hwco->hwio", perm, k).astype(np.float32)] + list(u.weights[1:])
         offset = perm @ bias
@@ -273,17 +298,31 @@ def float_stem(ops: list[Op], in_ids: list[str], outputs: list[str]) -> list[Op]
         users = cons.get(aff.out, [])
         scale, offset = aff.params["scale"], aff.params["offset"]
         conv = users[0] if len(users) == 1 else None
-        if (conv is None or conv.kind is not OpKind.LAYER or type(conv.layer).__name__ != "Conv2D" or aff.out in outputs
-                or not np.all(scale == scale[0]) or not np.all(offset == offset[0]) or scale[0] == 0):
+        if (
+            conv is None
+            or conv.kind is not OpKind.LAYER
+            or type(conv.layer).__name__ != "Conv2D"
+            or aff.out in outputs
+            or not np.all(scale == scale[0])
+            or not np.all(offset == offset[0])
+            or scale[0] == 0
+        ):
             continue
-        conv.weights = [(np.asarray(conv.weights[0], np.float64) * float(scale[0])).astype(np.float32)] + list(conv.weights[1:])
+        conv.weights = [(np.asarray(conv.weights[0], np.float64) * float(scale[0])).astype(np.float32)] + list(
+            conv.weights[1:]
+        )
         aff.kind, aff.params = OpKind.ADD_CONST, {"value": float(offset[0]) / float(scale[0])}
     for conv in ops:
         if conv.float_ and conv.kind is OpKind.LAYER and type(conv.layer).__name__ == "Conv2D":
             users = cons.get(conv.out, [])
             relu = users[0] if len(users) == 1 else None
-            if (relu is not None and relu.kind is OpKind.RELU and relu.params["max_value"] in (None, 6.0)
-                    and conv.out not in outputs and conv.config.get("activation") == "linear"):
+            if (
+                relu is not None
+                and relu.kind is OpKind.RELU
+                and relu.params["max_value"] in (None, 6.0)
+                and conv.out not in outputs
+                and conv.config.get("activation") == "linear"
+            ):
                 conv.config = {**conv.config, "activation": "relu" if relu.params["max_value"] is None else "relu6"}
                 conv.out = relu.out
                 ops.remove(relu)
@@ -308,4 +347,3 @@ def _fold_into(p: Op, scale, offset):
     p.config = dict(p.config)
     p.config["use_bias"] = True
     p.weights = [kernel.astype(np.float32), bias.astype(np.float32)]
-

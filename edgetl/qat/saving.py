@@ -36,4 +36,6 @@ def load_qat_model(path: str | os.PathLike):
         with scope():
             return _K.models.load_model(path, custom_objects=custom_objects(), compile=False)
     except (OSError, ValueError, KeyError, TypeError) as e:  # h5/json errors
-        raise ModelFileError(f"cannot load QAT model {path!r}: {e}".splitlines()[0], "re-run the QAT step to recreate it") from e
+        raise ModelFileError(
+            f"cannot load QAT model {path!r}: {e}".splitlines()[0], "re-run the QAT step to recreate it"
+        ) from e

@@ -81,21 +81,35 @@ def _add_const_config(layer, plan: LayerPlan):
 #: The annotation rules, in order; a layer no rule matches is an ExportError.
 SCHEME: tuple[Rule, ...] = (
     Rule("input", lambda layer, plan: isinstance(layer, _K.layers.InputLayer), lambda layer, plan: FLOAT),
-    Rule("float stem: only its output is quantized", lambda layer, plan: plan.float_,
-         lambda layer, plan: configs.OutputQuantizeConfig() if plan.stem_out else FLOAT),
-    Rule("softmax: float SOFTMAX on the dequantized logits (XNNPACK runs it, int8 SOFTMAX it does not)",
-         lambda layer, plan: _cls(layer) == "Activation" and activation_name(layer) == "softmax",
-         lambda layer, plan: FLOAT),
+    Rule(
+        "float stem: only its output is quantized",
+        lambda layer, plan: plan.float_,
+        lambda layer, plan: configs.OutputQuantizeConfig() if plan.stem_out else FLOAT,
+    ),
+    Rule(
+        "softmax: float SOFTMAX on the dequantized logits (XNNPACK runs it, int8 SOFTMAX it does not)",
+        lambda layer, plan: _cls(layer) == "Activation" and activation_name(layer) == "softmax",
+        lambda layer, plan: FLOAT,
+    ),
     Rule("Conv2D/DepthwiseConv2D/Dense: edgetl's weight grid", _is(*configs.WEIGHT_CONFIGS), _weight_config),
     Rule("FusedReLU: the fused conv output", _is("FusedReLU"), lambda layer, plan: configs.OutputQuantizeConfig()),
     Rule("tfmot's defaults", _is(*TFMOT_DEFAULT), lambda layer, plan: DEFAULT),
     Rule("AddConst: its output, unless a ReLU follows", _is("AddConst"), _add_const_config),
-    Rule("ChannelAffine: int8 scale/offset and output", _is("ChannelAffine"),
-         lambda layer, plan: configs.AffineQuantizeConfig()),
-    Rule("SpaceToDepth: pure data movement, int8 in, same scale out", _is("SpaceToDepth"),
-         lambda layer, plan: configs.NoOpQuantizeConfig()),
-    Rule("ScaleConst/Multiply/Activation: their output", _is("ScaleConst", "Multiply", "Activation"),
-         lambda layer, plan: configs.OutputQuantizeConfig()),
+    Rule(
+        "ChannelAffine: int8 scale/offset and output",
+        _is("ChannelAffine"),
+        lambda layer, plan: configs.AffineQuantizeConfig(),
+    ),
+    Rule(
+        "SpaceToDepth: pure data movement, int8 in, same scale out",
+        _is("SpaceToDepth"),
+        lambda layer, plan: configs.NoOpQuantizeConfig(),
+    ),
+    Rule(
+        "ScaleConst/Multiply/Activation: their output",
+        _is("ScaleConst", "Multiply", "Activation"),
+        lambda layer, plan: configs.OutputQuantizeConfig(),
+    ),
 )
 
 

@@ -69,8 +69,9 @@ class Tracer:
     def affine(self, x, scale, offset, name, channels):
         scale = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (channels,)).copy()
         offset = np.broadcast_to(np.asarray(offset, np.float32).reshape(-1), (channels,)).copy()
-        return self.add(Op(OpKind.AFFINE, [x], self.tid(), name, params={"scale": scale, "offset": offset},
-                           trainable=False))
+        return self.add(
+            Op(OpKind.AFFINE, [x], self.tid(), name, params={"scale": scale, "offset": offset}, trainable=False)
+        )
 
     # ---- activations ---------------------------------------------------------------------
     def activation(self, x, act: str, name: str, channels: int, trainable: bool):
@@ -97,8 +98,9 @@ class Tracer:
     def _hard_swish(self, x, name, trainable):
         a = self.add(Op(OpKind.ADD_CONST, [x], self.tid(), name + "_add3", params={"value": 3.0}, trainable=trainable))
         r = self.add(Op(OpKind.RELU, [a], self.tid(), name + "_relu6", params={"max_value": 6.0}, trainable=trainable))
-        s = self.add(Op(OpKind.SCALE_CONST, [r], self.tid(), name + "_div6", params={"value": 1.0 / 6.0},
-                        trainable=trainable))
+        s = self.add(
+            Op(OpKind.SCALE_CONST, [r], self.tid(), name + "_div6", params={"value": 1.0 / 6.0}, trainable=trainable)
+        )
         return self.add(Op(OpKind.MULTIPLY, [x, s], self.tid(), name, trainable=trainable))
 
     # ---- main walk -----------------------------------------------------------------------

@@ -71,6 +71,7 @@ __all__ = [
     "verify",
 ]
 
+
 def resolve_target(target: str | Path) -> tuple[Path, Path | None]:
     """Return ``(bundle_dir, run_dir_or_None)`` for a bundle folder, its bundle.json, or a run directory."""
     path = Path(target)
@@ -79,13 +80,18 @@ def resolve_target(target: str | Path) -> tuple[Path, Path | None]:
     if not path.exists():
         raise BundleError(f"{path} does not exist", "pass a bundle folder (with bundle.json) or a run directory")
     if not path.is_dir():
-        raise BundleError(f"{path} is a file, not a bundle folder", "pass a bundle folder (with bundle.json) or a run directory")
+        raise BundleError(
+            f"{path} is a file, not a bundle folder", "pass a bundle folder (with bundle.json) or a run directory"
+        )
     if (path / "bundle.json").is_file():
         return path, None
     if (path / "manifest.json").is_file():
         bundle_dir = path / "export"
         if not (bundle_dir / "bundle.json").is_file():
-            raise RunDirError(f"run directory {path} has no export bundle ({bundle_dir}/bundle.json)", f"run `edgetl export {path}` first")
+            raise RunDirError(
+                f"run directory {path} has no export bundle ({bundle_dir}/bundle.json)",
+                f"run `edgetl export {path}` first",
+            )
         return bundle_dir, path
     raise BundleError(
         f"{path} is neither a bundle (no bundle.json) nor a run directory (no manifest.json)",
@@ -117,7 +123,9 @@ def _select(bundle: Bundle, only: Sequence[str] | None) -> list[ArtifactSpec]:
     known = [a.name for a in bundle.artifacts]
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ConfigError(f"--only: no artifact named {', '.join(unknown)} in the bundle", f"choose from: {', '.join(known)}")
+        raise ConfigError(
+            f"--only: no artifact named {', '.join(unknown)} in the bundle", f"choose from: {', '.join(known)}"
+        )
     return [a for a in bundle.artifacts if a.name in names]
 
 
@@ -163,8 +171,12 @@ def parse_threads(value: int | str | Sequence[int | str]) -> tuple[int, ...]:
     The first is the deployment count: the latency check and every verdict use it; the others are timed in the same
     interleaved run and shown beside it (information). Duplicates are dropped, order kept."""
     items = [value] if isinstance(value, (int, str)) else list(value)
-    parts = [p for item in items for p in (str(item).split(",") if isinstance(item, str) else [item])
-             if not (isinstance(p, str) and not p.strip())]
+    parts = [
+        p
+        for item in items
+        for p in (str(item).split(",") if isinstance(item, str) else [item])
+        if not (isinstance(p, str) and not p.strip())
+    ]
     counts: list[int] = []
     fix = "pass e.g. --threads 1 or --threads 1,all (the first is the deployment count the latency check uses)"
     for part in parts:
@@ -194,8 +206,10 @@ def parse_runtimes(value: str | Sequence[str] | None) -> tuple[str, ...]:
     onnx_engines = [e for e, f in ENGINES.items() if f == "onnx"]
     unknown = [n for n in names if n not in onnx_engines]
     if unknown or not names:
-        raise ConfigError(f"--runtime: unknown runtime {', '.join(unknown) or '(none)'}",
-                          f"use {' or '.join(onnx_engines)} (comma list for both; TFLite files always run in LiteRT)")
+        raise ConfigError(
+            f"--runtime: unknown runtime {', '.join(unknown) or '(none)'}",
+            f"use {' or '.join(onnx_engines)} (comma list for both; TFLite files always run in LiteRT)",
+        )
     if "openvino" in names:
         from edgetl.verify.openvino_runner import openvino_available
 
@@ -263,8 +277,13 @@ def verify(
         bundle=str(bundle.root),
         run_id=bundle.run_id,
         labels=bundle.labels,
-        reference=ReferenceInfo(ref.name, ref.kind, accuracy(ref.float_outputs, images.labels),
-                                stats.get((KERAS_KEY, threads_used)), ref.outputs_source),
+        reference=ReferenceInfo(
+            ref.name,
+            ref.kind,
+            accuracy(ref.float_outputs, images.labels),
+            stats.get((KERAS_KEY, threads_used)),
+            ref.outputs_source,
+        ),
         artifacts=results,
         thresholds=thresholds,
         machine=machine_info(threads_used, thread_counts),
@@ -300,17 +319,26 @@ class _Plan:
     warnings: list[str] = field(default_factory=list)
 
 
-def _open(bundle: Bundle, selected: list[ArtifactSpec], engines: tuple[str, ...], threads: int, *, limited: bool,
-          say: Callable[[str], None]) -> _Plan:
+def _open(
+    bundle: Bundle,
+    selected: list[ArtifactSpec],
+    engines: tuple[str, ...],
+    threads: int,
+    *,
+    limited: bool,
+    say: Callable[[str], None],
+) -> _Plan:
     units = [
         (_key(spec, engine), spec, engine)
         for spec in selected
         for engine in (engines if spec.format == "onnx" else (DEFAULT_ENGINE[spec.format],))
     ]
     if engines != (DEFAULT_ENGINE["onnx"],) and not any(spec.format == "onnx" for spec in selected):
-        raise ConfigError(f"--runtime {','.join(engines)}: no ONNX artifact to run "
-                          f"({'the selection' if limited else 'the bundle'} has {', '.join(s.name for s in selected)})",
-                          "verify a bundle exported with --format onnx (or all), or drop --runtime")
+        raise ConfigError(
+            f"--runtime {','.join(engines)}: no ONNX artifact to run "
+            f"({'the selection' if limited else 'the bundle'} has {', '.join(s.name for s in selected)})",
+            "verify a bundle exported with --format onnx (or all), or drop --runtime",
+        )
     plan = _Plan(bundle, threads, units, {}, {}, {}, {})
     for key, spec, engine in units:
         say(f"loading {key}")
@@ -343,8 +371,14 @@ class _Images:
         return self.desc == "bundle sample"
 
 
-def _pick_images(bundle: Bundle, run_dir: Path | None, data: str | Path | None, bundle_sample: bool,
-                 warnings: list[str], say: Callable[[str], None]) -> _Images:
+def _pick_images(
+    bundle: Bundle,
+    run_dir: Path | None,
+    data: str | Path | None,
+    bundle_sample: bool,
+    warnings: list[str],
+    say: Callable[[str], None],
+) -> _Images:
     """--data, else (host: ``run_dir`` given) the run's whole validation split, else the bundle sample."""
     if data is not None:
         say(f"loading images from {data}")
@@ -370,17 +404,30 @@ class _Reference:
     keras_runner: Runner | None = None
 
 
-def _sources(plan: _Plan, images: _Images, run_dir: Path | None, keras_path: Path | None,
-             selected: list[ArtifactSpec], data: str | Path | None, thresholds: Thresholds,
-             say: Callable[[str], None]) -> _Reference:
+def _sources(
+    plan: _Plan,
+    images: _Images,
+    run_dir: Path | None,
+    keras_path: Path | None,
+    selected: list[ArtifactSpec],
+    data: str | Path | None,
+    thresholds: Thresholds,
+    say: Callable[[str], None],
+) -> _Reference:
     bundle = plan.bundle
     if keras_path is not None:  # the host: run float.keras (and qat.h5)
         say("loading the original Keras model")
         keras_runner = KerasRunner("float.keras", keras_path, bundle.input, len(bundle.labels), threads=plan.threads)
         say("running the original Keras model")
         float_outputs = keras_runner.predict(images.images)
-        ref = _Reference("float.keras", "keras", f"float.keras on {images.desc}", float_outputs,
-                         {SOURCE_FLOAT: float_outputs}, keras_runner)
+        ref = _Reference(
+            "float.keras",
+            "keras",
+            f"float.keras on {images.desc}",
+            float_outputs,
+            {SOURCE_FLOAT: float_outputs},
+            keras_runner,
+        )
         if images.on_sample:
             stale = float(np.max(np.abs(float_outputs - bundle.sample.reference_outputs)))
             if stale > thresholds.float_tolerance:
@@ -407,15 +454,25 @@ def _sources(plan: _Plan, images: _Images, run_dir: Path | None, keras_path: Pat
             ref_runner = plan.extra[ref_spec.name] = make_runner(ref_spec, bundle.input, bundle.labels, plan.threads)
             plan.specs[ref_spec.name] = (ref_spec, DEFAULT_ENGINE[ref_spec.format])
         say(f"running {ref_spec.name} (the float model's stand-in)")
-        return _Reference(ref_spec.name, ref_spec.format,
-                          f"{ref_spec.name} on --data (fp32, checked against float.keras on the bundle sample)",
-                          ref_runner.predict(images.images), {})
-    return _Reference("reference_outputs.npy", "bundle", "sample/reference_outputs.npy (the original Keras model)",
-                      bundle.sample.reference_outputs, dict(bundle.sample.source_outputs))
+        return _Reference(
+            ref_spec.name,
+            ref_spec.format,
+            f"{ref_spec.name} on --data (fp32, checked against float.keras on the bundle sample)",
+            ref_runner.predict(images.images),
+            {},
+        )
+    return _Reference(
+        "reference_outputs.npy",
+        "bundle",
+        "sample/reference_outputs.npy (the original Keras model)",
+        bundle.sample.reference_outputs,
+        dict(bundle.sample.source_outputs),
+    )
 
 
-def _check_outputs(plan: _Plan, images: _Images, ref: _Reference, thresholds: Thresholds, *, is_host: bool,
-                   say: Callable[[str], None]) -> list[ArtifactResult]:
+def _check_outputs(
+    plan: _Plan, images: _Images, ref: _Reference, thresholds: Thresholds, *, is_host: bool, say: Callable[[str], None]
+) -> list[ArtifactResult]:
     """Each row's outputs on the images: fidelity against its source model, accuracy against the float model."""
     bundle, labels = plan.bundle, images.labels
     float_pred = np.argmax(ref.float_outputs, axis=1)
@@ -431,16 +488,22 @@ def _check_outputs(plan: _Plan, images: _Images, ref: _Reference, thresholds: Th
             fid = compare_outputs(sample_out, bundle.sample.source_outputs[spec.source], bundle.sample.labels)
         else:
             fid = compare_outputs(outputs, outputs, labels)
-            fidelity_note = (f"fidelity: not checked: the bundle carries no {spec.source} outputs "
-                             "(exported by an older edgetl; re-export it)")
+            fidelity_note = (
+                f"fidelity: not checked: the bundle carries no {spec.source} outputs "
+                "(exported by an older edgetl; re-export it)"
+            )
         pred = np.argmax(outputs, axis=1)
         paired = paired_accuracy(float_pred, pred, labels, thresholds.margin_pp, thresholds.confidence)
         classes = per_class(labels, pred, bundle.labels)
         wrong = np.flatnonzero(pred != labels)
         classes["misclassified"] = [
-            {"image": images.names[i] if images.names else f"{images.desc} #{i}", "index": int(i),
-             "true": bundle.labels[int(labels[i])], "predicted": bundle.labels[int(pred[i])],
-             "probability": float(outputs[i, pred[i]])}
+            {
+                "image": images.names[i] if images.names else f"{images.desc} #{i}",
+                "index": int(i),
+                "true": bundle.labels[int(labels[i])],
+                "predicted": bundle.labels[int(pred[i])],
+                "probability": float(outputs[i, pred[i]]),
+            }
             for i in wrong[:MAX_MISCLASSIFIED]
         ]
         classes["misclassified_count"] = int(wrong.size)
@@ -475,9 +538,17 @@ def _check_outputs(plan: _Plan, images: _Images, ref: _Reference, thresholds: Th
     return results
 
 
-def _time_and_judge(plan: _Plan, results: list[ArtifactResult], ref: _Reference, thread_counts: tuple[int, ...],
-                    image: np.ndarray, warmup: int, runs: int, thresholds: Thresholds,
-                    say: Callable[[str], None]) -> dict:
+def _time_and_judge(
+    plan: _Plan,
+    results: list[ArtifactResult],
+    ref: _Reference,
+    thread_counts: tuple[int, ...],
+    image: np.ndarray,
+    warmup: int,
+    runs: int,
+    thresholds: Thresholds,
+    say: Callable[[str], None],
+) -> dict:
     """Every model at every thread count, timed in one interleaved run (the Keras original at the deployment count
     only: TensorFlow fixes its thread pools once per process); then every check of each row. Returns the stats."""
     threads = plan.threads
@@ -498,8 +569,9 @@ def _time_and_judge(plan: _Plan, results: list[ArtifactResult], ref: _Reference,
             result.latency_by_threads[count] = stats[(result.name, count)]
             base_t = stats.get((result.latency_baseline, count)) if result.latency_baseline else None
             if base_t is not None and base_t.p50 > 0:
-                result.latency_ratio_by_threads[count] = paired_ratio(times[(result.name, count)],
-                                                                      times[(result.latency_baseline, count)])
+                result.latency_ratio_by_threads[count] = paired_ratio(
+                    times[(result.name, count)], times[(result.latency_baseline, count)]
+                )
         base = stats.get((result.latency_baseline, threads)) if result.latency_baseline else None
         result.latency_ratio = result.latency_ratio_by_threads.get(threads)
         failures, undecided = check(result, thresholds, base)
@@ -542,4 +614,3 @@ def default_report_dir(target: str | Path) -> Path:
     """``<bundle>/verify/`` for a bundle or a run directory (``RUN/export/verify/``)."""
     bundle_dir, _ = resolve_target(target)
     return Path(bundle_dir) / "verify"
-

@@ -118,8 +118,10 @@ def _load_npy(path: Path, relpath: str) -> np.ndarray:
             need = int(np.prod(shape, dtype=object)) * dtype.itemsize
             have = path.stat().st_size - fh.tell()
             if need != have:
-                raise _err(f"bundle file {relpath} is corrupt: its header says {dtype} {tuple(shape)} "
-                           f"({need:,} bytes) but it holds {have:,} bytes of data")
+                raise _err(
+                    f"bundle file {relpath} is corrupt: its header says {dtype} {tuple(shape)} "
+                    f"({need:,} bytes) but it holds {have:,} bytes of data"
+                )
         return np.load(path, allow_pickle=False)
     except BundleError:
         raise
@@ -128,8 +130,9 @@ def _load_npy(path: Path, relpath: str) -> np.ndarray:
         raise _err(f"bundle file {relpath} is not a plain .npy array ({reason[:160]})") from None
 
 
-def _load_sample(root: Path, raw: schema.SampleRecord, contract: InputContract,
-                 n_classes: int) -> tuple[Sample, dict[str, str]]:
+def _load_sample(
+    root: Path, raw: schema.SampleRecord, contract: InputContract, n_classes: int
+) -> tuple[Sample, dict[str, str]]:
     rel = {"images": raw.images, "labels": raw.labels, "reference_outputs": raw.reference_outputs}
     rel.update({f"source:{k}": v for k, v in (raw.source_outputs or {}).items() if k != SOURCE_FLOAT})
     paths = {key: _confine(root, value, f"sample.{key}") for key, value in rel.items()}
@@ -161,12 +164,15 @@ def _load_sample(root: Path, raw: schema.SampleRecord, contract: InputContract,
     for key in [k for k in rel if k.startswith("source:")]:
         out = _load_npy(paths[key], rel[key])
         if out.shape != (n, n_classes) or not np.issubdtype(out.dtype, np.floating) or not np.all(np.isfinite(out)):
-            raise _err(f"bundle file {rel[key]} holds {out.dtype} {out.shape}; expected finite float32 ({n}, {n_classes})")
+            raise _err(
+                f"bundle file {rel[key]} holds {out.dtype} {out.shape}; expected finite float32 ({n}, {n_classes})"
+            )
         sources[key.split(":", 1)[1]] = out.astype(np.float32)
     if raw.count is not None and raw.count != n:
         raise _err(f"bundle.json: sample.count is {raw.count} but {rel['images']} holds {n} images")
-    sample = Sample(images=images, labels=labels.astype(np.int64), reference_outputs=sources[SOURCE_FLOAT],
-                    source_outputs=sources)
+    sample = Sample(
+        images=images, labels=labels.astype(np.int64), reference_outputs=sources[SOURCE_FLOAT], source_outputs=sources
+    )
     return sample, {str(v): k for k, v in rel.items()}
 
 
@@ -281,13 +287,16 @@ def _load_bundle(path: Path) -> Bundle:
         raise BundleError(f"bundle folder {path} does not exist", "pass the folder `edgetl export` wrote")
     manifest = path / "bundle.json"
     if not manifest.is_file():
-        raise BundleError(f"{path} has no bundle.json; it is not an edgetl bundle", "pass the folder `edgetl export` wrote")
+        raise BundleError(
+            f"{path} has no bundle.json; it is not an edgetl bundle", "pass the folder `edgetl export` wrote"
+        )
     raw = schema.read_json(manifest, _err)
     _parse_schema(raw.get("schema"))
     doc = schema.parse(schema.Bundle, raw, "bundle.json", _err)
     root = path.resolve()
-    artifacts = tuple(ArtifactSpec(**a.model_dump(), path=_confine(root, a.file, f"artifact {a.name!r}"))
-                      for a in doc.artifacts)
+    artifacts = tuple(
+        ArtifactSpec(**a.model_dump(), path=_confine(root, a.file, f"artifact {a.name!r}")) for a in doc.artifacts
+    )
     files = _check_files(root, doc.files)
     listed = {str(confined(root, rel)) for rel in files}
 

@@ -79,13 +79,19 @@ class Thresholds:
                 raise ConfigError(f"{flag} must be a number >= 0 (got {value!r})", f"pass e.g. {flag} {default}")
         for name in ("min_agreement", "confidence"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be between 0 and 1 (got {getattr(self, name)!r})",
-                                  f"pass e.g. --{name.replace('_', '-')} {getattr(Thresholds, name)}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be between 0 and 1 (got {getattr(self, name)!r})",
+                    f"pass e.g. --{name.replace('_', '-')} {getattr(Thresholds, name)}",
+                )
         if not 0.5 <= self.confidence < 1.0:
-            raise ConfigError(f"--confidence must be in [0.5, 1) (got {self.confidence!r})", "pass e.g. --confidence 0.95")
+            raise ConfigError(
+                f"--confidence must be in [0.5, 1) (got {self.confidence!r})", "pass e.g. --confidence 0.95"
+            )
         for name in ("max_latency_ratio", "max_p50_ms", "max_p99_ms"):
             if getattr(self, name) == 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0", f"pass e.g. --{name.replace('_', '-')} 1.0")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be > 0", f"pass e.g. --{name.replace('_', '-')} 1.0"
+                )
 
     @property
     def latency_limit(self) -> float:
@@ -203,13 +209,16 @@ class PairedAccuracy:
 
     def describe(self) -> str:
         pct = round(self.confidence * 100)
-        return (f"drop {self.drop_pp:+.2f} pp, {pct}% CI [{self.ci_low_pp:+.2f}, {self.ci_high_pp:+.2f}] pp vs margin "
-                f"{self.margin_pp:g} pp on {self.n} images ({self.only_reference_right} broken, "
-                f"{self.only_artifact_right} fixed)")
+        return (
+            f"drop {self.drop_pp:+.2f} pp, {pct}% CI [{self.ci_low_pp:+.2f}, {self.ci_high_pp:+.2f}] pp vs margin "
+            f"{self.margin_pp:g} pp on {self.n} images ({self.only_reference_right} broken, "
+            f"{self.only_artifact_right} fixed)"
+        )
 
 
-def paired_accuracy(reference_pred: np.ndarray, artifact_pred: np.ndarray, labels: np.ndarray, margin_pp: float,
-                    confidence: float) -> PairedAccuracy:
+def paired_accuracy(
+    reference_pred: np.ndarray, artifact_pred: np.ndarray, labels: np.ndarray, margin_pp: float, confidence: float
+) -> PairedAccuracy:
     """Newcombe (1998) method 10 interval for p_ref - p_art on paired images; verdict against ``margin_pp``."""
     ref_ok = np.asarray(reference_pred) == labels
     art_ok = np.asarray(artifact_pred) == labels
@@ -312,7 +321,9 @@ def _json_float(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def check(result: ArtifactResult, thresholds: Thresholds, baseline: LatencyStats | None = None) -> tuple[list[str], list[str]]:
+def check(
+    result: ArtifactResult, thresholds: Thresholds, baseline: LatencyStats | None = None
+) -> tuple[list[str], list[str]]:
     """``(failures, inconclusive)`` for ``result`` as human strings, each starting with the check's name."""
     failures: list[str] = []
     undecided: list[str] = []
@@ -326,22 +337,32 @@ def check(result: ArtifactResult, thresholds: Thresholds, baseline: LatencyStats
     if tolerance is not None:
         if math.isfinite(result.max_abs_diff) and result.max_abs_diff > tolerance:
             flag = "--fp16-tolerance" if result.quantization == "fp16" else "--float-tolerance"
-            failures.append(f"fidelity: max |Δp| {result.max_abs_diff:.3g} vs {result.source} > {flag} {tolerance:g} "
-                            f"({result.quantization} outputs must match the model they were converted from)")
+            failures.append(
+                f"fidelity: max |Δp| {result.max_abs_diff:.3g} vs {result.source} > {flag} {tolerance:g} "
+                f"({result.quantization} outputs must match the model they were converted from)"
+            )
     else:
         if result.top1_agreement < t.min_agreement - 1e-12:
-            failures.append(f"fidelity: top-1 agreement with {result.source} {result.top1_agreement:.4f} < "
-                            f"--min-agreement {t.min_agreement:g}")
+            failures.append(
+                f"fidelity: top-1 agreement with {result.source} {result.top1_agreement:.4f} < "
+                f"--min-agreement {t.min_agreement:g}"
+            )
         if math.isfinite(result.mean_abs_diff) and result.mean_abs_diff > t.max_mean_diff:
-            failures.append(f"fidelity: mean |Δp| vs {result.source} {result.mean_abs_diff:.4f} > "
-                            f"--max-mean-diff {t.max_mean_diff:g}")
+            failures.append(
+                f"fidelity: mean |Δp| vs {result.source} {result.mean_abs_diff:.4f} > "
+                f"--max-mean-diff {t.max_mean_diff:g}"
+            )
     if result.paired is not None:
         if result.paired.verdict == FAIL:
-            failures.append(f"accuracy: {result.paired.describe()}: CI lower end {result.paired.ci_low_pp:+.2f} > "
-                            f"--margin-pp {result.paired.margin_pp:g}: worse than the float model")
+            failures.append(
+                f"accuracy: {result.paired.describe()}: CI lower end {result.paired.ci_low_pp:+.2f} > "
+                f"--margin-pp {result.paired.margin_pp:g}: worse than the float model"
+            )
         elif result.paired.verdict == INCONCLUSIVE:
-            undecided.append(f"accuracy: inconclusive: {result.paired.n} images ({result.paired.describe()}); "
-                             "pass --data DIR with more labelled images")
+            undecided.append(
+                f"accuracy: inconclusive: {result.paired.n} images ({result.paired.describe()}); "
+                "pass --data DIR with more labelled images"
+            )
     if result.latency_ratio is not None and result.latency_ratio > t.latency_limit:
         base = baseline.p50 if baseline is not None else float("nan")
         failures.append(

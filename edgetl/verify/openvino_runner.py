@@ -42,8 +42,10 @@ PRECISION = {"fp32": "f32", "qat_int8": "f32", "ort_static_int8": "f32", "ptq_in
 def precision_hint(quantization: str | None) -> str:
     """The ``INFERENCE_PRECISION_HINT`` for an artifact of this quantization (never OpenVINO's silent bf16)."""
     if quantization not in PRECISION:
-        raise ConfigError(f"the OpenVINO runner has no precision for {quantization!r} artifacts",
-                          f"verify it with onnxruntime (drop --runtime openvino); supported: {', '.join(PRECISION)}")
+        raise ConfigError(
+            f"the OpenVINO runner has no precision for {quantization!r} artifacts",
+            f"verify it with onnxruntime (drop --runtime openvino); supported: {', '.join(PRECISION)}",
+        )
     return PRECISION[quantization]
 
 
@@ -66,7 +68,8 @@ class OpenVinoRunner(Runner):
             import openvino as ov
         except ImportError:
             raise ConfigError(
-                f"cannot run {self.path.name} with OpenVINO: openvino is not installed", "pip install 'edgetl[openvino]'"
+                f"cannot run {self.path.name} with OpenVINO: openvino is not installed",
+                "pip install 'edgetl[openvino]'",
             ) from None
         precision = precision_hint(self.quantization or "fp32")
         self.runtime = f"openvino {_version('openvino')} (CPU, {precision} precision)"
@@ -74,8 +77,9 @@ class OpenVinoRunner(Runner):
         try:
             model = core.read_model(str(self.path))
         except Exception as exc:
-            raise ModelFileError(f"{self.path.name} is not an ONNX model OpenVINO can read: {_first_line(exc)}",
-                                 _REEXPORT) from None
+            raise ModelFileError(
+                f"{self.path.name} is not an ONNX model OpenVINO can read: {_first_line(exc)}", _REEXPORT
+            ) from None
         _check_io_count(self.path, len(model.inputs), len(model.outputs))
         shape = [d.get_length() if d.is_static else None for d in model.inputs[0].get_partial_shape()]
         _check_hw(self.path, shape, self.contract)
@@ -85,8 +89,9 @@ class OpenVinoRunner(Runner):
         _check_claim(self.path, "input dtype", self.input_dtype, in_type)
         _check_claim(self.path, "output dtype", self.output_dtype, out_type)
         out_shape = list(model.outputs[0].get_partial_shape())
-        _check_classes(self.path, out_shape[-1].get_length() if out_shape and out_shape[-1].is_static else None,
-                       self.n_classes)
+        _check_classes(
+            self.path, out_shape[-1].get_length() if out_shape and out_shape[-1].is_static else None, self.n_classes
+        )
         self.config = {
             "INFERENCE_NUM_THREADS": int(threads),
             "NUM_STREAMS": 1,
@@ -97,7 +102,9 @@ class OpenVinoRunner(Runner):
         try:
             compiled = core.compile_model(model, "CPU", self.config)
         except Exception as exc:
-            raise ModelFileError(f"OpenVINO could not compile {self.path.name}: {_first_line(exc)}", _REEXPORT) from None
+            raise ModelFileError(
+                f"OpenVINO could not compile {self.path.name}: {_first_line(exc)}", _REEXPORT
+            ) from None
         got = compiled.get_property("INFERENCE_PRECISION_HINT")
         self.execution_precision = got.get_type_name() if hasattr(got, "get_type_name") else str(got)
         if self.execution_precision != precision:
@@ -123,5 +130,3 @@ def openvino_available() -> bool:
     except ImportError:
         return False
     return True
-
-

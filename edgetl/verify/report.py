@@ -127,11 +127,24 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """``report.json`` (:class:`edgetl.schema.Report`)."""
         return schema.Report(
-            schema=schema.REPORT_SCHEMA, verdict=self.verdict, exit_code=self.exit_code, passed=self.passed,
-            created=self.created, target=self.target, bundle=self.bundle, run_id=self.run_id, data=self.data,
-            samples=self.samples, labels=list(self.labels), reference=self.reference.to_dict(),
-            artifacts=[a.to_dict() for a in self.artifacts], failures=self.failures, inconclusive=self.undecided,
-            reference_per_class=self.reference_per_class, thresholds=self.thresholds.to_dict(), machine=self.machine,
+            schema=schema.REPORT_SCHEMA,
+            verdict=self.verdict,
+            exit_code=self.exit_code,
+            passed=self.passed,
+            created=self.created,
+            target=self.target,
+            bundle=self.bundle,
+            run_id=self.run_id,
+            data=self.data,
+            samples=self.samples,
+            labels=list(self.labels),
+            reference=self.reference.to_dict(),
+            artifacts=[a.to_dict() for a in self.artifacts],
+            failures=self.failures,
+            inconclusive=self.undecided,
+            reference_per_class=self.reference_per_class,
+            thresholds=self.thresholds.to_dict(),
+            machine=self.machine,
             warnings=list(self.warnings),
         ).dump()
 
@@ -153,7 +166,8 @@ class Report:
                 atomic_write_json(tmp / "report.json", self.to_dict())
         except OSError as exc:
             raise ConfigError(
-                f"cannot write the verify report to {directory}: {exc.strerror or exc}", "pass --report DIR (a writable folder)"
+                f"cannot write the verify report to {directory}: {exc.strerror or exc}",
+                "pass --report DIR (a writable folder)",
             ) from None
         return directory
 
@@ -198,8 +212,19 @@ def _row(a: ArtifactResult, threads: list[int] | None = None) -> list[str]:
 
 #: "agree"/"max Δp": vs the source model (fidelity); "drop pp [CI]": vs the float model (accuracy);
 #: "int8/fp32": p50 ratio to the same runtime's fp32 artifact (latency)
-HEADERS = ["artifact", "type", "acc", "drop pp [CI]", "agree", "max Δp", "p50 ms", "p99 ms", "int8/fp32", "KiB",
-           "verdict"]
+HEADERS = [
+    "artifact",
+    "type",
+    "acc",
+    "drop pp [CI]",
+    "agree",
+    "max Δp",
+    "p50 ms",
+    "p99 ms",
+    "int8/fp32",
+    "KiB",
+    "verdict",
+]
 
 
 def _threads(report: Report) -> list[int]:
@@ -244,8 +269,12 @@ def to_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
         f"- machine: {report.machine.get('cpu')} ({report.machine.get('arch')}), "
         f"python {report.machine.get('python')}, onnxruntime {report.machine.get('onnxruntime')}, "
         f"ai_edge_litert {report.machine.get('ai_edge_litert')}"
-        + (f", openvino {report.machine.get('openvino')}" if any(a.engine == "openvino" for a in report.artifacts)
-           else "") + f", {report.machine.get('os')}",
+        + (
+            f", openvino {report.machine.get('openvino')}"
+            if any(a.engine == "openvino" for a in report.artifacts)
+            else ""
+        )
+        + f", {report.machine.get('os')}",
         f"- {_threads_line(report)}",
         f"- created: {report.created}",
         "",
@@ -277,20 +306,31 @@ def _per_class_markdown(report: Report) -> list[str]:
     if not arts or report.reference_per_class is None:
         return []
     head = ["class", "images", f"{report.reference.name} P / R"] + [f"{a.name} P / R" for a in arts]
-    lines = ["", "## Per class (precision / recall)", "", "| " + " | ".join(head) + " |",
-             "|" + "|".join("---" for _ in head) + "|"]
+    lines = [
+        "",
+        "## Per class (precision / recall)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" for _ in head) + "|",
+    ]
     for name in report.labels:
         ref = report.reference_per_class["classes"][name]
         cells = [name, str(ref["support"]), _pr(ref)] + [_pr(a.per_class["classes"][name]) for a in arts]  # type: ignore[index]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Confusion matrices (rows true, columns predicted, order {', '.join(report.labels)}) are in "
-              "report.json (`artifacts[].per_class.confusion`).", ""]
+    lines += [
+        "",
+        f"Confusion matrices (rows true, columns predicted, order {', '.join(report.labels)}) are in "
+        "report.json (`artifacts[].per_class.confusion`).",
+        "",
+    ]
     chosen = _confusion_artifact(report)
     if chosen is not None and chosen.per_class:
         wrong = chosen.per_class.get("misclassified", [])
         lines += [f"### Misclassified by {chosen.name} ({chosen.per_class.get('misclassified_count', 0)} images)", ""]
-        lines += [f"- `{w['image']}`: true {w['true']}, predicted {w['predicted']} (p {w['probability']:.2f})"
-                  for w in wrong[:20]] or ["- none"]
+        lines += [
+            f"- `{w['image']}`: true {w['true']}, predicted {w['predicted']} (p {w['probability']:.2f})"
+            for w in wrong[:20]
+        ] or ["- none"]
     return lines
 
 
@@ -356,8 +396,15 @@ def write_plots(report: Report, directory: Path) -> dict[str, str]:
         if n <= 30:
             for i in range(n):
                 for j in range(n):
-                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(matrix[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if matrix[i, j] > matrix.max() / 2 else "black",
+                    )
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"Confusion: {chosen.name} (accuracy {chosen.accuracy:.3f})", fontsize=9)
@@ -376,8 +423,9 @@ def write_plots(report: Report, directory: Path) -> dict[str, str]:
             for ax, i in zip(axes.flat, wrong):
                 ax.imshow(report.images[i])
                 pred = int(np.argmax(chosen.predictions[i]))
-                ax.set_title(f"#{i} true {report.labels[int(report.labels_true[i])]}\npred {report.labels[pred]}",
-                             fontsize=7)
+                ax.set_title(
+                    f"#{i} true {report.labels[int(report.labels_true[i])]}\npred {report.labels[pred]}", fontsize=7
+                )
             fig.suptitle(f"Misclassified by {chosen.name}", fontsize=9)
             fig.tight_layout()
             with atomic_path(directory / MISCLASSIFIED_PLOT) as tmp:
@@ -394,15 +442,19 @@ def render(report: Report, console: Any) -> None:
 
     ref = report.reference
     title = f"edgetl verify — {report.samples} images from {report.data}"
-    table = Table(title=title, title_style="bold", header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1),
-                  pad_edge=False)
+    table = Table(
+        title=title, title_style="bold", header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False
+    )
     # Narrow terminals (a device's serial console): keep the columns that decide the verdict.
     narrow = getattr(console, "width", 200) < 118
     cols = headers(report)
     threads = _threads(report)
     extra_ratios = {f"int8/fp32 @{t}t" for t in threads[1:]}  # narrow: the other counts keep their p50 only
-    keep = [i for i, h in enumerate(cols)
-            if not (narrow and (h in ("type", "KiB", "agree", "max Δp") or h.startswith("p99 ms") or h in extra_ratios))]
+    keep = [
+        i
+        for i, h in enumerate(cols)
+        if not (narrow and (h in ("type", "KiB", "agree", "max Δp") or h.startswith("p99 ms") or h in extra_ratios))
+    ]
     for i in keep:
         header = cols[i]
         if header in ("artifact", "type"):
@@ -411,13 +463,24 @@ def render(report: Report, console: Any) -> None:
             table.add_column(header, justify="left" if header == "verdict" else "right", no_wrap=True)
     if ref.kind == "keras":
         lat = ref.latency
-        cells = [f"{ref.name} (original)", "keras fp32", f"{ref.accuracy:.4f}", "", "", "",
-                 _fmt(lat.p50 if lat else None, ".3f"), _fmt(lat.p99 if lat else None, ".3f"), ""]
+        cells = [
+            f"{ref.name} (original)",
+            "keras fp32",
+            f"{ref.accuracy:.4f}",
+            "",
+            "",
+            "",
+            _fmt(lat.p50 if lat else None, ".3f"),
+            _fmt(lat.p99 if lat else None, ".3f"),
+            "",
+        ]
         cells += ["-", ""] * (len(threads) - 1) + ["", "info"]
         table.add_row(*[cells[i] for i in keep], style="dim")
     for a in report.artifacts:
         cells = _row(a, threads)
-        cells[-1] = {PASS: "[bold green]PASS[/]", FAIL: "[bold red]FAIL[/]"}.get(a.verdict, "[bold yellow]INCONCLUSIVE[/]")
+        cells[-1] = {PASS: "[bold green]PASS[/]", FAIL: "[bold red]FAIL[/]"}.get(
+            a.verdict, "[bold yellow]INCONCLUSIVE[/]"
+        )
         table.add_row(*[cells[i] for i in keep])
     console.print(table)
     t = report.thresholds

@@ -126,11 +126,17 @@ class Runner:
             raise ModelFileError(f"{where} says input dtype {dtype}, bundle.json says {self.input_dtype}", _REEXPORT)
         quant = contract.get("quant")
         if isinstance(quant, (list, tuple)) and len(quant) == 2:
-            _check_quant(self.path, "input quantization [scale, zero_point] (embedded metadata vs bundle.json)",
-                         self.input_quant, (float(quant[0]), int(quant[1])))
+            _check_quant(
+                self.path,
+                "input quantization [scale, zero_point] (embedded metadata vs bundle.json)",
+                self.input_quant,
+                (float(quant[0]), int(quant[1])),
+            )
         for key, expected in (("height", self.contract.height), ("width", self.contract.width)):
             if key in contract and contract[key] != expected:
-                raise ModelFileError(f"{where} says input {key} {contract[key]}, bundle.json says {expected}", _REEXPORT)
+                raise ModelFileError(
+                    f"{where} says input {key} {contract[key]}, bundle.json says {expected}", _REEXPORT
+                )
         if contract.get("layout", "NHWC") != "NHWC":
             raise ModelFileError(f"{where} says input layout {contract.get('layout')}; verify supports NHWC", _REEXPORT)
         changes: dict[str, Any] = {}
@@ -205,8 +211,9 @@ def _check_quant(path: Path, what: str, claimed: tuple[float, int] | None, actua
 
 def _check_io_count(path: Path, n_inputs: int, n_outputs: int) -> None:
     if n_inputs != 1 or not n_outputs:
-        raise ModelFileError(f"{path.name} has {n_inputs} inputs and {n_outputs} outputs; expected 1 image input",
-                             _REEXPORT)
+        raise ModelFileError(
+            f"{path.name} has {n_inputs} inputs and {n_outputs} outputs; expected 1 image input", _REEXPORT
+        )
 
 
 def _check_classes(path: Path, classes: int | None, n_classes: int) -> None:
@@ -266,7 +273,12 @@ def _tflite_metadata(path: Path) -> dict[str, Any] | None:
 class OnnxRunner(Runner):
     format = "onnx"
 
-    _TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
+    _TYPES = {
+        "tensor(float)": "float32",
+        "tensor(float16)": "float16",
+        "tensor(uint8)": "uint8",
+        "tensor(int8)": "int8",
+    }
 
     def __init__(self, *args: Any, threads: int = 1, labels: tuple[str, ...] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -286,7 +298,9 @@ class OnnxRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises several private exception types
-            raise ModelFileError(f"{self.path.name} is not a loadable ONNX model: {_first_line(exc)}", _REEXPORT) from None
+            raise ModelFileError(
+                f"{self.path.name} is not a loadable ONNX model: {_first_line(exc)}", _REEXPORT
+            ) from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         _check_io_count(self.path, len(inputs), len(outputs))
         self._input_name = inputs[0].name
@@ -297,8 +311,9 @@ class OnnxRunner(Runner):
         _check_claim(self.path, "output dtype", self.output_dtype, out_type)
         _check_hw(self.path, list(inputs[0].shape), self.contract)
         out_shape = list(outputs[0].shape)
-        _check_classes(self.path, out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None,
-                       self.n_classes)
+        _check_classes(
+            self.path, out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None, self.n_classes
+        )
         try:
             props = dict(self.session.get_modelmeta().custom_metadata_map)
         except Exception:  # pragma: no cover - metadata is optional
@@ -339,7 +354,9 @@ class TfliteRunner(Runner):
         except ModelFileError:
             raise
         except Exception as exc:
-            raise ModelFileError(f"{self.path.name} is not a loadable TFLite model: {_first_line(exc)}", _REEXPORT) from None
+            raise ModelFileError(
+                f"{self.path.name} is not a loadable TFLite model: {_first_line(exc)}", _REEXPORT
+            ) from None
         inp = self.interpreter.get_input_details()[0]
         out = self.interpreter.get_output_details()[0]
         self._in_index, self._out_index = inp["index"], out["index"]
@@ -415,16 +432,19 @@ DEFAULT_ENGINE = {"onnx": "onnxruntime", "tflite": "litert", "keras": "tf_keras"
 ENGINES = {"onnxruntime": "onnx", "openvino": "onnx", "litert": "tflite"}  # engine -> the format it reads
 
 
-def make_runner(spec: ArtifactSpec, contract: InputContract, labels: tuple[str, ...], threads: int = 1,
-                engine: str | None = None) -> Runner:
+def make_runner(
+    spec: ArtifactSpec, contract: InputContract, labels: tuple[str, ...], threads: int = 1, engine: str | None = None
+) -> Runner:
     """Build the runner for one bundle artifact (checks the model against the bundle's claims).
 
     ``engine``: the runtime (default: the format's, :data:`DEFAULT_ENGINE`); ``"openvino"`` runs an ONNX file in
     OpenVINO (:mod:`edgetl.verify.openvino_runner`, imported only then)."""
     engine = engine or DEFAULT_ENGINE[spec.format]
     if ENGINES.get(engine) != spec.format:
-        raise ConfigError(f"runtime {engine} cannot run {spec.format} artifacts ({spec.name})",
-                          f"use --runtime {' or '.join(e for e, f in ENGINES.items() if f == spec.format)}")
+        raise ConfigError(
+            f"runtime {engine} cannot run {spec.format} artifacts ({spec.name})",
+            f"use --runtime {' or '.join(e for e, f in ENGINES.items() if f == spec.format)}",
+        )
     if engine == "openvino":
         from edgetl.verify.openvino_runner import OpenVinoRunner
 
