@@ -543,11 +543,12 @@ def _mediapipe_python() -> str:
 
     if importlib.util.find_spec("mediapipe") is not None:
         return sys.executable
-    from test_device_install import CACHE, PIP_TIMEOUT, _key, _locked, _run
+    from conftest import locked
+    from test_device_install import CACHE, PIP_TIMEOUT, _key, _run
 
     root = CACHE.parent / "edgetl-mediapipe-venv"
     venv = root / _key()
-    with _locked(root / ".lock"):
+    with locked(root / ".lock"):
         for old in root.iterdir():
             if old.is_dir() and old.name != venv.name:
                 shutil.rmtree(old, ignore_errors=True)
