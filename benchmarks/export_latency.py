@@ -65,21 +65,7 @@ def runners_for(run: Path, threads: list[int], openvino: bool) -> dict[tuple[str
             runtime = "litert" if spec.format == "tflite" else "onnxruntime"
             out[(spec.name, runtime, t)] = make_runner(spec, bundle.input, bundle.labels, threads=t)
             if openvino and spec.format == "onnx":
-                from edgetl.verify.openvino_runner import OpenVinoRunner
-
-                out[(spec.name, "openvino", t)] = OpenVinoRunner(
-                    spec.name,
-                    spec.path,
-                    bundle.input,
-                    len(bundle.labels),
-                    input_dtype=spec.input_dtype,
-                    input_quant=spec.input_quant,
-                    output_dtype=spec.output_dtype,
-                    output_quant=spec.output_quant,
-                    quantization=spec.quantization,
-                    threads=t,
-                    labels=bundle.labels,
-                )
+                out[(spec.name, "openvino", t)] = make_runner(spec, bundle.input, bundle.labels, t, engine="openvino")
     return out, bundle
 
 

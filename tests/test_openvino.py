@@ -28,25 +28,12 @@ def onnx_bundle(tmp_path_factory) -> Path:
 
 def _runners(bundle_dir: Path, name: str, threads: int = 1):
     from edgetl.verify import load_bundle
-    from edgetl.verify.openvino_runner import OpenVinoRunner
     from edgetl.verify.runners import make_runner
 
     bundle = load_bundle(bundle_dir)
     spec = bundle.artifact(name)
     ort = make_runner(spec, bundle.input, bundle.labels, threads=threads)
-    ov = OpenVinoRunner(
-        spec.name,
-        spec.path,
-        bundle.input,
-        len(bundle.labels),
-        input_dtype=spec.input_dtype,
-        input_quant=spec.input_quant,
-        output_dtype=spec.output_dtype,
-        output_quant=spec.output_quant,
-        quantization=spec.quantization,
-        threads=threads,
-        labels=bundle.labels,
-    )
+    ov = make_runner(spec, bundle.input, bundle.labels, threads=threads, engine="openvino")
     return bundle, ort, ov
 
 
