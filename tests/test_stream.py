@@ -118,8 +118,9 @@ def test_head_phase_streams_skips_bad_images_and_cleans_its_cache(shapes_dir, tm
     assert not (tmp_path / "cache").exists()
 
     cfg.skip_bad_images = True
+    model = _tiny_model()
     result = head_phase(
-        cfg, _tiny_model(), train, val, NullReporter(), 0, cache_dir=tmp_path / "cache", logdir=tmp_path / "logs"
+        cfg, model, train, val, NullReporter(), 0, cache_dir=tmp_path / "cache", logdir=tmp_path / "logs"
     )
     assert not (tmp_path / "cache").exists()  # cached features deleted after training
     skipped = result.train.skipped + result.val.skipped
@@ -130,6 +131,12 @@ def test_head_phase_streams_skips_bad_images_and_cleans_its_cache(shapes_dir, tm
     lines = (tmp_path / "logs" / "history.csv").read_text().splitlines()
     assert lines[0] == "epoch,accuracy,loss,val_accuracy,val_loss" and len(lines) == 3
     np.testing.assert_allclose([float(r.split(",")[3]) for r in lines[1:]], rec["history"]["val_accuracy"])
+    # the recorded accuracy (the head on the cached validation features) is the whole classifier's on the files
+    from edgetl.finetune.training import predict_stream
+    from edgetl.stream import image_dataset
+
+    probs = predict_stream(model, image_dataset(result.val.items, (32, 32), 8))
+    assert rec["val_accuracy"] == float(np.mean(np.argmax(probs, axis=1) == result.val.labels))
 
 
 def test_run_directory_has_training_logs_edgetl_owns(cli_run):
