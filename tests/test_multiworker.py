@@ -106,3 +106,45 @@ def test_a_cluster_that_never_forms_ends_with_one_line(shapes_dir, tmp_path):
     assert len(lines) == 1 and "did not form within 8 s" in lines[0], proc.stderr[-2000:]
     assert time.monotonic() - t0 < 200
     assert os.listdir(tmp_path) == ["tmp0"]  # no run directory, no partial folder
+
+
+def _history_files(root) -> list:
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f == "history.csv"]
+
+
+@pytest.mark.slow  # two TensorFlow processes; the survivor must notice the dead peer: ~2-3 min on 2 cores
+def test_a_worker_that_dies_mid_training_ends_the_other_with_one_line(shapes_dir, tmp_path):
+    ports = _free_ports(2)
+    out = tmp_path / "out" / "run"
+    many = [a if a != "1" else "100" for a in FAST] + ["--patience", "100"]  # a head phase that outlasts the kill
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "edgetl", "finetune", "--data", str(shapes_dir), "--out", str(out), *many],
+            cwd=REPO,
+            env=_env(ports, i, tmp_path / f"tmp{i}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 400
+        while not _history_files(tmp_path / "out") and time.monotonic() < deadline:  # the chief finished an epoch
+            assert procs[0].poll() is None, procs[0].communicate()[1][-2000:]
+            time.sleep(0.5)
+        assert _history_files(tmp_path / "out"), "the chief never finished a head epoch"
+        procs[1].kill()
+        killed = time.monotonic()
+        _stdout, stderr = procs[0].communicate(timeout=240)  # no hang: TimeoutExpired fails the test
+        noticed = time.monotonic() - killed
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode == 3, stderr[-3000:]  # ClusterError
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "another worker died or became unreachable" in lines[0], stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert not out.exists()  # no run directory from a failed cluster (the work folder stays, to resume)
+    print(f"the chief noticed the dead worker after {noticed:.0f} s")
