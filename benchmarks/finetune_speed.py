@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from edgetl.backbones import get_backbone  # noqa: E402
 from edgetl.config import FinetuneConfig  # noqa: E402
 from edgetl.data import ImageList, load_images, scan_folder, stratified_split  # noqa: E402
-from edgetl.finetune import build_classifier, evaluate_accuracy, head_phase, set_seeds  # noqa: E402
+from edgetl.finetune import PhaseContext, build_classifier, evaluate_accuracy, head_phase, set_seeds  # noqa: E402
 from edgetl.progress import NullReporter  # noqa: E402
 from edgetl.weights import resolve_weights  # noqa: E402
 
@@ -74,7 +74,8 @@ def main() -> None:
     base.trainable = False
     t0 = time.perf_counter()
     # streamed: decoded from the files, features cached on disk (the plain fit below gets the decoded arrays free)
-    rec = head_phase(cfg, model, ImageList(tuple(tr)), ImageList(tuple(va)), NullReporter(), args.seed).record
+    phase = PhaseContext(cfg, model, ImageList(tuple(tr)), ImageList(tuple(va)), NullReporter(), args.seed)
+    rec = head_phase(phase).record
     edgetl_s = time.perf_counter() - t0
     edgetl_acc = rec["val_accuracy"]
 

@@ -101,7 +101,7 @@ def test_head_phase_streams_skips_bad_images_and_cleans_its_cache(shapes_dir, tm
     import shutil
 
     from edgetl.config import FinetuneConfig
-    from edgetl.finetune import head_phase, set_seeds
+    from edgetl.finetune import PhaseContext, head_phase, set_seeds
     from edgetl.progress import NullReporter
 
     data = tmp_path / "data"
@@ -114,13 +114,13 @@ def test_head_phase_streams_skips_bad_images_and_cleans_its_cache(shapes_dir, tm
     cfg = FinetuneConfig(data=str(data), epochs=2, batch_size=8, feature_views=1, seed=0)
     set_seeds(0)
     with pytest.raises(DataError, match="1 unreadable image.*broken.jpg"):
-        head_phase(cfg, _tiny_model(), train, val, NullReporter(), 0, cache_dir=tmp_path / "cache")
+        head_phase(PhaseContext(cfg, _tiny_model(), train, val, NullReporter(), 0), cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
 
     cfg.skip_bad_images = True
     model = _tiny_model()
     result = head_phase(
-        cfg, model, train, val, NullReporter(), 0, cache_dir=tmp_path / "cache", logdir=tmp_path / "logs"
+        PhaseContext(cfg, model, train, val, NullReporter(), 0, logdir=tmp_path / "logs"), cache_dir=tmp_path / "cache"
     )
     assert not (tmp_path / "cache").exists()  # cached features deleted after training
     skipped = result.train.skipped + result.val.skipped

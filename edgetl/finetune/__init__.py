@@ -21,7 +21,8 @@ The modules, in the order things happen:
   for ``weights: none``;
 - ``freeze``: the freeze policy (``--freeze auto`` and the rest) and the fine-tune learning rate;
 - ``training``: what every phase shares (seeds, augmentation, callbacks and logs, accuracies);
-- ``phases``: head, fine-tune, QAT, and :func:`~edgetl.finetune.phases.run_phases` over a :class:`RunContext`;
+- ``phases``: head, fine-tune, QAT (each over a :class:`PhaseContext`; fine-tune and QAT with their
+  :class:`FitSettings`), and :func:`~edgetl.finetune.phases.run_phases` over a :class:`RunContext`;
 - ``resume``: progress.json and the per-phase checkpoint;
 - ``curves``: curves.png;
 - ``run``: :func:`finetune`, the stage: target checks, data split, resume, manifest, the swap.
@@ -46,7 +47,17 @@ from edgetl.finetune.model import (
     get_base,
     recalibrate_batchnorm,
 )
-from edgetl.finetune.phases import PHASES, HeadResult, RunContext, fit_phase, head_phase, qat_phase, run_phases
+from edgetl.finetune.phases import (
+    PHASES,
+    FitSettings,
+    HeadResult,
+    PhaseContext,
+    RunContext,
+    fit_phase,
+    head_phase,
+    qat_phase,
+    run_phases,
+)
 from edgetl.finetune.run import RunResult, default_run_dir, finetune
 from edgetl.finetune.training import (
     evaluate_accuracy,
@@ -62,8 +73,10 @@ __all__ = [
     "FROM_SCRATCH_FINE_TUNE_LR",
     "PHASES",
     "PRETRAINED_FINE_TUNE_LR",
+    "FitSettings",
     "FreezeDecision",
     "HeadResult",
+    "PhaseContext",
     "RunContext",
     "RunResult",
     "apply_freeze",

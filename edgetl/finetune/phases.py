@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,7 +42,34 @@ from edgetl.finetune.training import (
 from edgetl.progress import Reporter
 from edgetl.weights import WeightsChoice
 
+if TYPE_CHECKING:
+    from edgetl.stream import BadImages, FeatureFile
+
 PHASES = ("head", "fine_tune", "qat")
+
+
+@dataclass(frozen=True)
+class PhaseContext:
+    """What a training phase gets: the config, the model it trains, the splits, where it reports and logs."""
+
+    cfg: FinetuneConfig
+    model: Any  # the classifier (backbone + head), or its QAT rewrite
+    train: ImageList
+    val: ImageList
+    reporter: Reporter
+    seed: int  # shuffling and augmentation
+    logdir: Path | None = None  # history.csv and TensorBoard scalars (none: not written)
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """What differs between the phases that fit a model: name (in the progress task), learning rate, epochs."""
+
+    name: str
+    lr: float
+    epochs: int
+    augment: bool = True  # augment the training images (the head phase's augmentation is its cached views)
+    callbacks: tuple = ()  # after early stopping, progress and the training log
 
 
 @dataclass(frozen=True)
@@ -53,16 +80,7 @@ class HeadResult:
 
 
 def head_phase(
-    cfg,
-    model,
-    train: ImageList,
-    val: ImageList,
-    reporter: Reporter,
-    seed: int,
-    pretrained: bool = True,
-    cache_dir: Path | None = None,
-    logdir: Path | None = None,
-    on_checked=None,
+    ctx: PhaseContext, pretrained: bool = True, cache_dir: Path | None = None, on_checked=None
 ) -> HeadResult:
     """Train the head on cached features of the frozen backbone (clean features only from a random backbone:
     augmented views of random features are not worth their time).
@@ -73,19 +91,59 @@ def head_phase(
     ``cfg.skip_bad_images`` (then they are left out of every later pass and returned as skipped). ``on_checked``
     is called once every image was found readable (or skipped).
     """
+    cache = _feature_cache(ctx, pretrained, cache_dir)
+    try:
+        cached = _cache_features(ctx, cache, on_checked)
+        trained = _train_head(ctx, cache, cached)
+    finally:
+        cache.close()
+    ctx.model.get_layer("predictions").set_weights(trained.head.get_layer("predictions").get_weights())
+    return HeadResult(_head_record(cache, cached, trained), cached.train, cached.val)
+
+
+@dataclass(frozen=True)
+class _FeatureCache:
+    """The frozen backbone's pooled features of images, written batch by batch to one file per split and view in
+    ``folder``; :meth:`close` closes the files and deletes the folder."""
+
+    folder: Path
+    clean: Any  # tf.function: a batch of images -> their features
+    augmented: Any  # the same through the augmentation layers
+    views: int  # augmented views per training image
+    size: tuple[int, int]
+    width: int  # features per image
+    batch_size: int
+    files: list = field(default_factory=list)
+
+    def extract(self, images: ImageList, name: str, view: int, task, bad: BadImages | None = None) -> FeatureFile:
+        from edgetl.stream import FeatureFile, image_dataset
+
+        f = FeatureFile(self.folder / f"{name}-view{view}.f32", self.width)
+        self.files.append(f)
+        fn = self.augmented if view > 0 else self.clean
+        for batch in image_dataset(images.items, self.size, self.batch_size, bad=bad, as_float=False):
+            feats = fn(batch[0]).numpy()
+            f.append(feats if bad is None else feats[batch[2].numpy()])
+            task.advance(1)
+        f.finish()
+        return f
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _feature_cache(ctx: PhaseContext, pretrained: bool, cache_dir: Path | None) -> _FeatureCache:
+    """The feature model (the classifier up to its pooling) and its feature functions; an empty cache folder."""
     import tempfile
 
     from edgetl._tfenv import keras, tf
-    from edgetl.stream import BadImages, FeatureFile, feature_dataset, image_dataset
 
     k, tf = keras(), tf()
-    feature_model = k.Model(model.input, model.get_layer("pool").output)
-    augment = make_augmenter(cfg, seed)
-    views = cfg.feature_views if augment is not None and pretrained else 0
-    bs = cfg.batch_size
-    size = tuple(int(d) for d in model.input_shape[1:3])
-    num_classes = model.output_shape[-1]
-    width = int(feature_model.output_shape[-1])
+    feature_model = k.Model(ctx.model.input, ctx.model.get_layer("pool").output)
+    augment = make_augmenter(ctx.cfg, ctx.seed)
+    size = tuple(int(d) for d in ctx.model.input_shape[1:3])
 
     @tf.function(reduce_retracing=True)
     def clean_features(batch):
@@ -99,147 +157,169 @@ def head_phase(
         augment(tf.zeros((1,) + size + (3,)), training=True)
 
     if cache_dir is None:
-        cache = Path(tempfile.mkdtemp(prefix="edgetl-features-"))
+        folder = Path(tempfile.mkdtemp(prefix="edgetl-features-"))
     else:
-        cache = Path(cache_dir)
-        shutil.rmtree(cache, ignore_errors=True)
-        cache.mkdir(parents=True)
-    files: list = []
+        folder = Path(cache_dir)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    views = ctx.cfg.feature_views if augment is not None and pretrained else 0
+    width = int(feature_model.output_shape[-1])
+    return _FeatureCache(folder, clean_features, augmented_features, views, size, width, ctx.cfg.batch_size)
 
-    def extract(images: ImageList, name: str, view: int, task, bad: BadImages | None = None):
-        f = FeatureFile(cache / f"{name}-view{view}.f32", width)
-        files.append(f)
-        fn = augmented_features if view > 0 else clean_features
-        for batch in image_dataset(images.items, size, bs, bad=bad, as_float=False):
-            feats = fn(batch[0]).numpy()
-            f.append(feats if bad is None else feats[batch[2].numpy()])
-            task.advance(1)
-        f.finish()
-        return f
 
-    try:
-        t0 = time.perf_counter()
-        n_batches = -(-len(train) // bs) * (1 + views) + -(-len(val) // bs)
-        with reporter.task(f"caching features (1+{views} views)", n_batches) as task:
-            bad_train, bad_val = BadImages(), BadImages()
-            train_files = [extract(train, "train", 0, task, bad_train)]
-            val_file = extract(val, "val", 0, task, bad_val)
-            merged = BadImages()
-            for i, (path, why) in enumerate([*bad_train.reasons.values(), *bad_val.reasons.values()]):
-                merged.add(i, path, why)
-            merged.raise_unless(cfg.skip_bad_images)
-            train = train.without([p for p, _ in bad_train.reasons.values()])
-            val = val.without([p for p, _ in bad_val.reasons.values()])
-            if not len(train) or not len(val):
-                raise DataError(
-                    "no readable images" if not len(train) else "no readable validation images", "check the data folder"
-                )
-            if on_checked is not None:
-                on_checked()
-            for view in range(1, 1 + views):
-                train_files.append(extract(train, "train", view, task))
-        cache_s = time.perf_counter() - t0
+@dataclass(frozen=True)
+class _CachedFeatures:
+    train: ImageList  # the splits without unreadable images
+    val: ImageList
+    train_files: list  # FeatureFile per view: the clean one first
+    val_file: Any  # FeatureFile (clean)
+    seconds: float
 
-        y_train = np.tile(train.labels, 1 + views)
-        train_ds = feature_dataset(train_files, _targets(y_train, cfg, num_classes), bs, shuffle_seed=seed)
-        val_ds = feature_dataset([val_file], _targets(val.labels, cfg, num_classes), bs)
-        head_in = k.Input((width,), name="features")
-        h = k.layers.Dropout(cfg.dropout, name="dropout")(head_in)
-        head_out = k.layers.Dense(num_classes, activation="softmax", name="predictions")(h)
-        head = k.Model(head_in, head_out)
-        head.compile(k.optimizers.Adam(cfg.head_lr), _loss(cfg, k), metrics=["accuracy"])
-        best: dict = {}
-        steps = -(-len(y_train) // bs)
-        stopper = _early_stopping(k, cfg)
-        logs = (_TrainingLog(logdir),) if logdir is not None else ()
-        t1 = time.perf_counter()
-        with reporter.task("head phase", steps * cfg.epochs) as task:
-            hist = head.fit(
-                train_ds,
-                validation_data=val_ds,
-                epochs=cfg.epochs,
-                verbose=0,
-                callbacks=[stopper, _EpochProgress(task, best, stopper, cfg.epochs), *logs],
-            )
-        train_s = time.perf_counter() - t1
-        # The classifier is the feature model followed by this head (its dropout inactive at inference), so its
-        # validation accuracy is the head's on the cached validation features: no second decode and forward pass.
-        val_acc = float(np.mean(np.argmax(predict_stream(head, val_ds), axis=1) == val.labels))
-    finally:
-        for f in files:
-            f.close()
-        shutil.rmtree(cache, ignore_errors=True)
-    model.get_layer("predictions").set_weights(head.get_layer("predictions").get_weights())
-    record = {
-        "status": "done",
-        "epochs": cfg.epochs,
-        "epochs_run": best.get("epochs_run", cfg.epochs),
-        "best_epoch": best.get("best_epoch"),
-        "lr": cfg.head_lr,
-        "feature_views": views,
-        "cached_samples": int(len(y_train)),
-        "cache_seconds": round(cache_s, 2),
-        "train_seconds": round(train_s, 2),
-        "val_accuracy": val_acc,
-        "history": _history(hist),
+
+def _cache_features(ctx: PhaseContext, cache: _FeatureCache, on_checked) -> _CachedFeatures:
+    """The clean pass over both splits (finding the unreadable images), then the augmented views of the training
+    images that are left."""
+    from edgetl.stream import BadImages
+
+    t0 = time.perf_counter()
+    bs, views = ctx.cfg.batch_size, cache.views
+    n_batches = -(-len(ctx.train) // bs) * (1 + views) + -(-len(ctx.val) // bs)
+    with ctx.reporter.task(f"caching features (1+{views} views)", n_batches) as task:
+        bad_train, bad_val = BadImages(), BadImages()
+        train_files = [cache.extract(ctx.train, "train", 0, task, bad_train)]
+        val_file = cache.extract(ctx.val, "val", 0, task, bad_val)
+        train, val = _without_bad_images(ctx, bad_train, bad_val)
+        if on_checked is not None:
+            on_checked()
+        for view in range(1, 1 + views):
+            train_files.append(cache.extract(train, "train", view, task))
+    return _CachedFeatures(train, val, train_files, val_file, time.perf_counter() - t0)
+
+
+def _without_bad_images(ctx: PhaseContext, bad_train: BadImages, bad_val: BadImages) -> tuple[ImageList, ImageList]:
+    """The splits without the unreadable images; DataError naming them unless ``cfg.skip_bad_images``, or when a
+    split has none left."""
+    from edgetl.stream import BadImages
+
+    merged = BadImages()
+    for i, (path, why) in enumerate([*bad_train.reasons.values(), *bad_val.reasons.values()]):
+        merged.add(i, path, why)
+    merged.raise_unless(ctx.cfg.skip_bad_images)
+    train = ctx.train.without([p for p, _ in bad_train.reasons.values()])
+    val = ctx.val.without([p for p, _ in bad_val.reasons.values()])
+    if not len(train) or not len(val):
+        raise DataError(
+            "no readable images" if not len(train) else "no readable validation images", "check the data folder"
+        )
+    return train, val
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    settings: FitSettings
+    history: Any  # keras' History
+    best: dict  # epochs_run and best_epoch (_EpochProgress)
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _TrainedHead:
+    head: Any  # the head model: features -> dropout -> predictions
+    fitted: _Fitted
+    samples: int  # cached training samples (images x (1 + views))
+    val_accuracy: float
+
+
+def _train_head(ctx: PhaseContext, cache: _FeatureCache, cached: _CachedFeatures) -> _TrainedHead:
+    """Fit a dropout+softmax head on the cached features; its accuracy on the cached validation features."""
+    from edgetl._tfenv import keras
+    from edgetl.stream import feature_dataset
+
+    k, cfg, bs = keras(), ctx.cfg, ctx.cfg.batch_size
+    num_classes = ctx.model.output_shape[-1]
+    y_train = np.tile(cached.train.labels, 1 + cache.views)
+    train_ds = feature_dataset(cached.train_files, _targets(y_train, cfg, num_classes), bs, shuffle_seed=ctx.seed)
+    val_ds = feature_dataset([cached.val_file], _targets(cached.val.labels, cfg, num_classes), bs)
+    head_in = k.Input((cache.width,), name="features")
+    h = k.layers.Dropout(cfg.dropout, name="dropout")(head_in)
+    head_out = k.layers.Dense(num_classes, activation="softmax", name="predictions")(h)
+    head = k.Model(head_in, head_out)
+    head.compile(k.optimizers.Adam(cfg.head_lr), _loss(cfg, k), metrics=["accuracy"])
+    settings = FitSettings("head", cfg.head_lr, cfg.epochs, augment=False)
+    fitted = _fit(ctx, head, (train_ds, val_ds), -(-len(y_train) // bs), settings)
+    # The classifier is the feature model followed by this head (its dropout inactive at inference), so its
+    # validation accuracy is the head's on the cached validation features: no second decode and forward pass.
+    val_acc = float(np.mean(np.argmax(predict_stream(head, val_ds), axis=1) == cached.val.labels))
+    return _TrainedHead(head, fitted, int(len(y_train)), val_acc)
+
+
+def _head_record(cache: _FeatureCache, cached: _CachedFeatures, trained: _TrainedHead) -> dict:
+    fitted = trained.fitted
+    return {
+        **_fit_record(fitted),
+        "feature_views": cache.views,
+        "cached_samples": trained.samples,
+        "cache_seconds": round(cached.seconds, 2),
+        "train_seconds": fitted.seconds,
+        "val_accuracy": trained.val_accuracy,
+        "history": _history(fitted.history),
     }
-    return HeadResult(record, train, val)
 
 
-def fit_phase(
-    name,
-    cfg,
-    model,
-    train: ImageList,
-    val: ImageList,
-    lr,
-    epochs,
-    reporter,
-    seed,
-    augment=True,
-    callbacks=(),
-    logdir: Path | None = None,
-) -> dict:
+def _fit(ctx: PhaseContext, model, datasets: tuple, steps: int, settings: FitSettings) -> _Fitted:
+    """``model.fit`` on (train, validation) datasets of ``steps`` batches an epoch, early stopping on val accuracy,
+    with the phase's progress task and training log."""
+    from edgetl._tfenv import keras
+
+    train_ds, val_ds = datasets
+    best: dict = {}
+    stopper = _early_stopping(keras(), ctx.cfg)
+    logs = (_TrainingLog(ctx.logdir),) if ctx.logdir is not None else ()
+    t0 = time.perf_counter()
+    with ctx.reporter.task(f"{settings.name} phase", steps * settings.epochs) as task:
+        hist = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=settings.epochs,
+            verbose=0,
+            callbacks=[stopper, _EpochProgress(task, best, stopper, settings.epochs), *logs, *settings.callbacks],
+        )
+    return _Fitted(settings, hist, best, round(time.perf_counter() - t0, 2))
+
+
+def _fit_record(fitted: _Fitted) -> dict:
+    """A fitting phase's record, up to its learning rate."""
+    s, best = fitted.settings, fitted.best
+    return {
+        "status": "done",
+        "epochs": s.epochs,
+        "epochs_run": best.get("epochs_run", s.epochs),
+        "best_epoch": best.get("best_epoch"),
+        "lr": s.lr,
+    }
+
+
+def fit_phase(ctx: PhaseContext, settings: FitSettings) -> dict:
     """End-to-end training of the trainable layers (fine-tune or QAT), early stopping on val accuracy; images are
     decoded from their files a batch at a time (:func:`edgetl.stream.image_dataset`)."""
     from edgetl._tfenv import keras
     from edgetl.stream import image_dataset
 
-    k = keras()
+    k, cfg, model = keras(), ctx.cfg, ctx.model
     num_classes = model.output_shape[-1]
     size = tuple(int(d) for d in model.input_shape[1:3])
-    model.compile(k.optimizers.Adam(lr), _loss(cfg, k), metrics=["accuracy"])
+    model.compile(k.optimizers.Adam(settings.lr), _loss(cfg, k), metrics=["accuracy"])
     train_ds = image_dataset(
-        train.items,
+        ctx.train.items,
         size,
         cfg.batch_size,
-        shuffle_seed=seed,
-        targets=_targets(train.labels, cfg, num_classes),
-        augment=make_augmenter(cfg, seed) if augment else None,
+        shuffle_seed=ctx.seed,
+        targets=_targets(ctx.train.labels, cfg, num_classes),
+        augment=make_augmenter(cfg, ctx.seed) if settings.augment else None,
     )
-    val_ds = image_dataset(val.items, size, cfg.batch_size, targets=_targets(val.labels, cfg, num_classes))
-    steps = -(-len(train) // cfg.batch_size)
-    best: dict = {}
-    stopper = _early_stopping(k, cfg)
-    logs = (_TrainingLog(logdir),) if logdir is not None else ()
-    t0 = time.perf_counter()
-    with reporter.task(f"{name} phase", steps * epochs) as task:
-        hist = model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=epochs,
-            verbose=0,
-            callbacks=[stopper, _EpochProgress(task, best, stopper, epochs), *logs, *callbacks],
-        )
-    return {
-        "status": "done",
-        "epochs": epochs,
-        "epochs_run": best.get("epochs_run", epochs),
-        "best_epoch": best.get("best_epoch"),
-        "lr": lr,
-        "train_seconds": round(time.perf_counter() - t0, 2),
-        "history": _history(hist),
-    }
+    val_ds = image_dataset(ctx.val.items, size, cfg.batch_size, targets=_targets(ctx.val.labels, cfg, num_classes))
+    fitted = _fit(ctx, model, (train_ds, val_ds), -(-len(ctx.train) // cfg.batch_size), settings)
+    return {**_fit_record(fitted), "train_seconds": fitted.seconds, "history": _history(fitted.history)}
 
 
 def qat_phase(cfg, model, train: ImageList, val: ImageList, work: Path, reporter: Reporter) -> dict:
@@ -260,16 +340,8 @@ def qat_phase(cfg, model, train: ImageList, val: ImageList, work: Path, reporter
         qat.calibrate(qat_model, calib, batch_size=cfg.batch_size)
     calibrated_acc = stream_accuracy(qat_model, val, size[0], cfg.batch_size)
     rec = fit_phase(
-        "qat",
-        cfg,
-        qat_model,
-        train,
-        val,
-        cfg.qat_lr,
-        cfg.qat_epochs,
-        reporter,
-        cfg.seed + 2,
-        logdir=work / "logs" / "qat",
+        PhaseContext(cfg, qat_model, train, val, reporter, cfg.seed + 2, logdir=work / "logs" / "qat"),
+        FitSettings("qat", cfg.qat_lr, cfg.qat_epochs),
     )
     fake_acc = stream_accuracy(qat_model, val, size[0], cfg.batch_size)
     qat.save_qat_model(qat_model, work / "qat.h5")
@@ -416,15 +488,9 @@ def _head_step(
     for layer in base.layers:
         layer.trainable = False
     head = head_phase(
-        cfg,
-        model,
-        train,
-        val,
-        ctx.reporter,
-        cfg.seed,
+        PhaseContext(cfg, model, train, val, ctx.reporter, cfg.seed, logdir=work / "logs" / "head"),
         pretrained,
         cache_dir=work / ".features.partial",
-        logdir=work / "logs" / "head",
         on_checked=on_checked,
     )
     train, val = head.train, head.val
@@ -446,17 +512,13 @@ def _fine_tune_step(
         before = phases["head"]["val_accuracy"]
         saved = model.get_weights()
         rec = fit_phase(
-            "fine_tune",
-            cfg,
-            model,
-            train,
-            val,
-            fine_tune_learning_rate(cfg, pretrained),
-            cfg.fine_tune_epochs,
-            ctx.reporter,
-            cfg.seed + 1,
-            callbacks=() if pretrained else (_BatchNormTracker(base, bn_images),),
-            logdir=ctx.work / "logs" / "fine_tune",
+            PhaseContext(cfg, model, train, val, ctx.reporter, cfg.seed + 1, logdir=ctx.work / "logs" / "fine_tune"),
+            FitSettings(
+                "fine_tune",
+                fine_tune_learning_rate(cfg, pretrained),
+                cfg.fine_tune_epochs,
+                callbacks=() if pretrained else (_BatchNormTracker(base, bn_images),),
+            ),
         )
         rec["val_accuracy"] = stream_accuracy(model, val, ctx.image_size, cfg.batch_size)
         if rec["val_accuracy"] < before:
