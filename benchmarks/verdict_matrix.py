@@ -15,7 +15,9 @@ verified with the default thresholds (the device path: stored source outputs, th
     EDGETL_WEIGHTS_DIR=../shared/weights python benchmarks/verdict_matrix.py \
         --datasets demo,trashnet,flowers --sizes 96,128,224 --qat-epochs 1,default --seeds 0,1,2 --per-class 60
 
-Prints one row per run and a summary (false FAILs among honest runs, faults missed); exit 1 if any.
+Prints one row per run and a summary (false FAILs among honest runs, faults missed); exit 1 if any. With
+``--json FILE`` the rows are saved after every run, so the matrix can be split over processes (e.g. ``--datasets
+demo`` and ``--datasets trashnet,flowers``) and summarized together: ``--summarize A.json B.json``.
 """
 
 from __future__ import annotations
@@ -248,7 +250,16 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=50, help="timed inferences per model in verify")
     ap.add_argument("--out", default="/tmp/edgetl-verdict-matrix")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the rows here")
+    ap.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="JSON",
+        default=None,
+        help="only print the summary over rows saved with --json (e.g. parts of the matrix run in separate processes)",
+    )
     args = ap.parse_args()
+    if args.summarize:
+        return summarize([row for f in args.summarize for row in json.loads(Path(f).read_text())])
 
     from edgetl.config import FinetuneConfig
 
@@ -257,6 +268,11 @@ def main() -> int:
     weights_dir = os.environ.get("EDGETL_WEIGHTS_DIR")
     faults = [f for f in args.faults.split(",") if f]
     rows = []
+
+    def save(rows: list[dict]) -> None:  # after every run: a long matrix can be split over processes
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps(rows, indent=2))
+
     header = f"{'data':<9}{'px':>4} {'qat':>4} {'seed':>4}  {'weights':<9}{'n':>5}  {'honest':<13}" + "".join(
         f"{f:<12}" for f in faults
     )
@@ -300,6 +316,7 @@ def main() -> int:
                     if "error" in row:
                         print(f"{dataset:<9}{size:>4} {qat_epochs:>4} {seed:>4}  ERROR {row['error']}", flush=True)
                         rows.append(row)
+                        save(rows)
                         continue
                     proc = edgetl("verify", run, "--json", "--runs", args.runs, "--report", run / "verify-honest")
                     report = json.loads(proc.stdout) if proc.returncode in (0, 1, 4) else {}
@@ -319,6 +336,7 @@ def main() -> int:
                         ok, named = caught(fault, proc, artifact)
                         row["faults"][fault] = {"caught": ok, "named": named}
                     rows.append(row)
+                    save(rows)
                     cells = "".join(
                         f"{('ok ' if r['caught'] else 'MISS ') + r['named'][:8]:<12}" for r in row["faults"].values()
                     )
@@ -329,6 +347,11 @@ def main() -> int:
                     )
                     for failure in row["honest_failures"]:
                         print(f"    honest failure: {failure}", flush=True)
+    return summarize(rows)
+
+
+def summarize(rows: list[dict]) -> int:
+    """The summary lines over ``rows``; 1 if an honest run FAILed, a fault was missed or a run errored."""
     honest = [r for r in rows if "honest" in r]
     false_fails = [r for r in honest if r["honest"] == "FAIL"]
     inconclusive = [r for r in honest if r["honest"] == "INCONCLUSIVE"]
@@ -344,8 +367,6 @@ def main() -> int:
     )
     for r, f, v in missed:
         print(f"  missed: {r['data']} {r['size']} px qat {r['qat_epochs']} seed {r['seed']}: {f} -> {v['named']}")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(rows, indent=2))
     return 1 if false_fails or missed or len(rows) != len(honest) else 0
 
 
