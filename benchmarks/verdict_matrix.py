@@ -15,6 +15,9 @@ verified with the default thresholds (the device path: stored source outputs, th
     EDGETL_WEIGHTS_DIR=../shared/weights python benchmarks/verdict_matrix.py \
         --datasets demo,trashnet,flowers --sizes 96,128,224 --qat-epochs 1,default --seeds 0,1,2 --per-class 60
 
+An honest run that FAILs is verified again on the shared data set's images its subset left out (thousands the run
+never saw): the FAIL is real when that verdict is FAIL too (the artifact really is worse), false otherwise.
+
 Prints one row per run and a summary (false FAILs among honest runs, faults missed); exit 1 if any. With
 ``--json FILE`` the rows are saved after every run, so the matrix can be split over processes (e.g. ``--datasets
 demo`` and ``--datasets trashnet,flowers``) and summarized together: ``--summarize A.json B.json``.
@@ -82,6 +85,35 @@ def subset(name: str, dest: Path, per_class: int, seed: int) -> Path:
         for i in pick:
             (dest / cls.name / files[i].name).symlink_to(files[i].resolve())
     return dest
+
+
+def held_out(name: str, used: Path, dest: Path) -> Path | None:
+    """dest/CLASS/ with links to the shared data set's images that the run's subset ``used`` left out (None for the
+    generated demo set): the ground truth for a FAIL on an honest run."""
+    if name == "demo":
+        return None
+    if not dest.is_dir():
+        for cls in sorted(p for p in (SHARED / "data" / name).iterdir() if p.is_dir()):
+            taken = {f.name for f in (used / cls.name).iterdir()}
+            (dest / cls.name).mkdir(parents=True, exist_ok=True)
+            for f in sorted(cls.iterdir()):
+                if f.name not in taken:
+                    (dest / cls.name / f.name).symlink_to(f.resolve())
+    return dest
+
+
+def recheck(run: Path, data: Path | None, runs: int) -> dict:
+    """Verify ``run`` again on the held-out images ``data``: an honest FAIL that holds there too is real (the
+    artifact really is worse), one that does not is a false FAIL."""
+    if data is None:
+        return {"verdict": "not rechecked (no held-out images)"}
+    proc = edgetl("verify", run, "--json", "--data", data, "--runs", runs, "--report", run / "verify-held-out")
+    report = json.loads(proc.stdout) if proc.returncode in (0, 1, 4) else {}
+    return {
+        "verdict": report.get("verdict", f"exit {proc.returncode}"),
+        "n": report.get("samples"),
+        "failures": report.get("failures", [proc.stderr.strip()[-300:]]),
+    }
 
 
 # --- faults (ONNX graph edits and bundle edits; bundle.json checksums recomputed) -------------------------------
@@ -324,6 +356,9 @@ def main() -> int:
                     row["honest_failures"] = report.get("failures", [proc.stderr.strip()[-300:]])
                     row["honest_inconclusive"] = report.get("inconclusive", [])
                     row["n"] = report.get("samples")
+                    if row["honest"] == "FAIL":
+                        rest = held_out(dataset, data, out / f"held-out-{dataset}-{args.per_class}-{seed}")
+                        row["held_out"] = recheck(run, rest, args.runs)
                     n_classes = len(report.get("labels", [])) or 2
                     row["faults"] = {}
                     for fault in faults:
@@ -347,20 +382,35 @@ def main() -> int:
                     )
                     for failure in row["honest_failures"]:
                         print(f"    honest failure: {failure}", flush=True)
+                    if "held_out" in row:
+                        h = row["held_out"]
+                        print(f"    on {h.get('n')} held-out images: {h['verdict']}", flush=True)
+                        for failure in h.get("failures", []):
+                            print(f"      {failure}", flush=True)
     return summarize(rows)
 
 
 def summarize(rows: list[dict]) -> int:
     """The summary lines over ``rows``; 1 if an honest run FAILed, a fault was missed or a run errored."""
     honest = [r for r in rows if "honest" in r]
-    false_fails = [r for r in honest if r["honest"] == "FAIL"]
+    fails = [r for r in honest if r["honest"] == "FAIL"]
+    # a FAIL is real when the verdict on the data set's held-out images (thousands, unseen by the run) is FAIL too
+    real = [r for r in fails if r.get("held_out", {}).get("verdict") == "FAIL"]
+    false_fails = [r for r in fails if r not in real]
     inconclusive = [r for r in honest if r["honest"] == "INCONCLUSIVE"]
     planted = [(r, f, v) for r in honest for f, v in r["faults"].items()]
     missed = [(r, f, v) for r, f, v in planted if not v["caught"]]
     print(
         f"\nhonest runs: {len(honest)}; PASS {sum(r['honest'] == 'PASS' for r in honest)}, "
-        f"INCONCLUSIVE {len(inconclusive)}, false FAIL {len(false_fails)}; errors {len(rows) - len(honest)}"
+        f"INCONCLUSIVE {len(inconclusive)}, FAIL {len(fails)} (real, i.e. FAIL again on the held-out images: "
+        f"{len(real)}; false FAIL {len(false_fails)}); errors {len(rows) - len(honest)}"
     )
+    for r in fails:
+        h = r.get("held_out", {})
+        print(
+            f"  FAIL: {r['data']} {r['size']} px qat {r['qat_epochs']} seed {r['seed']}: held-out recheck on "
+            f"{h.get('n')} images: {h.get('verdict', 'none')}"
+        )
     print(
         f"planted faults: {len(planted)}; caught naming the right check {len(planted) - len(missed)}, "
         f"missed {len(missed)}"

@@ -142,6 +142,14 @@ class VerifyConfig(_Strict):
         "(float accuracy - its accuracy) on the same images lies below PP percentage points.",
     )
     confidence: float = Field(0.95, ge=0.5, lt=1, description="Two-sided level of that interval (0.5..1).")
+    fail_confidence: float = Field(
+        0.998,
+        ge=0.5,
+        lt=1,
+        description="An artifact fails the accuracy check only when the lower end of the interval at this stricter "
+        "two-sided level is above the margin (0.998: an honest artifact is called worse at most ~0.1% of the time; "
+        "between the two: inconclusive).",
+    )
     min_agreement: float = Field(
         0.70,
         ge=0,
@@ -191,6 +199,7 @@ class VerifyConfig(_Strict):
 THRESHOLD_KEYS = (
     "margin_pp",
     "confidence",
+    "fail_confidence",
     "min_agreement",
     "max_mean_diff",
     "float_tolerance",

@@ -183,3 +183,16 @@ def test_recipe_runs_every_stage_on_real_photos(trash_subset, weights_dir, tmp_p
     # 2 pp margin, which the verdict must say rather than pass or fail on noise
     assert not [f for f in report["failures"] if "latency" not in f], report["failures"]
     assert any("accuracy: inconclusive: 18 images" in u for u in report["inconclusive"]), report["inconclusive"]
+
+
+def test_finetune_warns_when_the_qat_int8_file_ends_below_the_float_model_by_more_than_the_margin():
+    from edgetl.config import VerifyConfig
+    from edgetl.finetune.phases import qat_loss_warning
+
+    assert VerifyConfig.model_fields["margin_pp"].default == 2.0
+    assert qat_loss_warning(0.600, 0.583, 60) is None  # 1.7 pp: within verify's margin
+    assert qat_loss_warning(0.600, 0.650, 60) is None  # better than float
+    assert qat_loss_warning(0.600, None, 60) is None  # no QAT int8 measured
+    line = qat_loss_warning(0.600, 0.483, 60)  # the flowers 224 px, 1 QAT epoch run of the verdict matrix
+    assert line.startswith("warning: the QAT int8 file's val accuracy 0.4830 is 11.7 pp below the float model's 0.6000")
+    assert "(60 images; verify's margin is 2 pp)" in line and "--qat-epochs" in line

@@ -52,21 +52,26 @@ def _env(ports, index, tmp):
     }
 
 
-@pytest.mark.slow  # two TensorFlow processes training together: ~4.5 min measured on 2 loaded cores
-def test_two_workers_on_localhost_train_one_run(shapes_dir, tmp_path):
-    ports = _free_ports(2)
-    out = tmp_path / "out" / "run"
-    procs = [
+def _start_workers(ports, data, out, args, tmp_path) -> list:
+    """One `edgetl finetune` process per port, each with its own TF_CONFIG task and temporary folder."""
+    return [
         subprocess.Popen(
-            [sys.executable, "-m", "edgetl", "finetune", "--data", str(shapes_dir), "--out", str(out), *FAST],
+            [sys.executable, "-m", "edgetl", "finetune", "--data", str(data), "--out", str(out), *args],
             cwd=REPO,
             env=_env(ports, i, tmp_path / f"tmp{i}"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for i in range(2)
+        for i in range(len(ports))
     ]
+
+
+@pytest.mark.slow  # two TensorFlow processes training together: ~4.5 min measured on 2 loaded cores
+def test_two_workers_on_localhost_train_one_run(shapes_dir, tmp_path):
+    ports = _free_ports(2)
+    out = tmp_path / "out" / "run"
+    procs = _start_workers(ports, shapes_dir, out, FAST, tmp_path)
     try:
         results = [p.communicate(timeout=540) for p in procs]
     finally:
@@ -117,17 +122,7 @@ def test_a_worker_that_dies_mid_training_ends_the_other_with_one_line(shapes_dir
     ports = _free_ports(2)
     out = tmp_path / "out" / "run"
     many = [a if a != "1" else "100" for a in FAST] + ["--patience", "100"]  # a head phase that outlasts the kill
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "edgetl", "finetune", "--data", str(shapes_dir), "--out", str(out), *many],
-            cwd=REPO,
-            env=_env(ports, i, tmp_path / f"tmp{i}"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    procs = _start_workers(ports, shapes_dir, out, many, tmp_path)
     try:
         deadline = time.monotonic() + 400
         while not _history_files(tmp_path / "out") and time.monotonic() < deadline:  # the chief finished an epoch

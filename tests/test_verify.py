@@ -244,6 +244,7 @@ def test_report_files(faulty_bundle, tmp_path):
     assert set(data["thresholds"]) == {
         "margin_pp",
         "confidence",
+        "fail_confidence",
         "min_agreement",
         "max_mean_diff",
         "max_latency_ratio",
@@ -792,6 +793,34 @@ def test_paired_accuracy_interval_and_verdicts():
     assert better.drop_pp == pytest.approx(-10.0) and better.verdict == "PASS"
     wider = paired_accuracy(ref, art, labels, margin_pp=2.0, confidence=0.99)
     assert wider.ci_high_pp - wider.ci_low_pp > bad.ci_high_pp - bad.ci_low_pp
+
+
+def test_a_fail_needs_the_stricter_level_so_thin_noisy_evidence_is_inconclusive():
+    """The verdict matrix's one false FAIL at 0.95 for both: flowers, 60 images, the QAT int8 file broke 8 and fixed
+    1 (lower end +2.34 pp > 2), yet on the 4,017 images that run never saw it was 0.05 pp below the float model."""
+    from edgetl.verify.checks import paired_accuracy
+
+    def counts(a, b, c, d):  # both right, only the float model right, only the artifact right, neither
+        labels = np.zeros(a + b + c + d, np.int64)
+        ref = np.array([0] * a + [0] * b + [1] * c + [1] * d)
+        art = np.array([0] * a + [1] * b + [0] * c + [1] * d)
+        return ref, art, labels
+
+    t = Thresholds()
+    assert (t.confidence, t.fail_confidence) == (0.95, 0.998)
+    flowers = counts(28, 8, 1, 23)
+    old = paired_accuracy(*flowers, margin_pp=2.0, confidence=0.95)
+    assert old.verdict == "FAIL" and old.ci_low_pp == pytest.approx(2.339, abs=1e-3)
+    now = paired_accuracy(*flowers, margin_pp=2.0, confidence=t.confidence, fail_confidence=t.fail_confidence)
+    assert now.verdict == "INCONCLUSIVE" and now.fail_low_pp < 2.0 < now.ci_low_pp
+    assert (now.ci_low_pp, now.ci_high_pp) == (old.ci_low_pp, old.ci_high_pp)  # the printed 95% interval is unchanged
+    # a real loss is still a FAIL at the stricter level: 30 of 60 broken, or 8 broken / 1 fixed on 600 images
+    gross = paired_accuracy(*counts(6, 30, 0, 24), margin_pp=2.0, confidence=0.95, fail_confidence=0.998)
+    assert gross.verdict == "FAIL" and gross.fail_low_pp > 2.0
+    many = paired_accuracy(*counts(280, 80, 10, 230), margin_pp=2.0, confidence=0.95, fail_confidence=0.998)
+    assert many.verdict == "FAIL"
+    with pytest.raises(ConfigError, match="--fail-confidence must be in"):
+        Thresholds(fail_confidence=0.9)  # below --confidence
 
 
 def _result(quantization="qat_int8", **kw):

@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
         warmup: int = option(VerifyConfig, "warmup", min=0),
         margin_pp: float = option(VerifyConfig, "margin_pp", metavar="PP"),
         confidence: float = option(VerifyConfig, "confidence", metavar="C"),
+        fail_confidence: float = option(VerifyConfig, "fail_confidence", metavar="C"),
         min_agreement: float = option(VerifyConfig, "min_agreement", metavar="F"),
         max_mean_diff: float = option(VerifyConfig, "max_mean_diff", metavar="D"),
         float_tolerance: float = option(VerifyConfig, "float_tolerance", metavar="T"),
@@ -72,6 +73,7 @@ def register(app: typer.Typer) -> None:
         thresholds = Thresholds(
             margin_pp=margin_pp,
             confidence=confidence,
+            fail_confidence=fail_confidence,
             min_agreement=min_agreement,
             max_mean_diff=max_mean_diff,
             float_tolerance=float_tolerance,

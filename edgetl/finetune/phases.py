@@ -365,6 +365,21 @@ def qat_phase(cfg, model, train: ImageList, val: ImageList, work: Path, reporter
     return rec
 
 
+def qat_loss_warning(float_acc: float, qat_int8_acc: float | None, n_val: int) -> str | None:
+    """A warning line when the QAT int8 file ends more than verify's accuracy margin below the float model on the
+    validation split (a weak model, too few QAT epochs): ``edgetl verify`` will then not pass it."""
+    from edgetl.config import VerifyConfig
+
+    margin = VerifyConfig.model_fields["margin_pp"].default
+    if qat_int8_acc is None or (float_acc - qat_int8_acc) * 100 <= margin:
+        return None
+    return (
+        f"warning: the QAT int8 file's val accuracy {qat_int8_acc:.4f} is {(float_acc - qat_int8_acc) * 100:.1f} pp "
+        f"below the float model's {float_acc:.4f} ({n_val} images; verify's margin is {margin:g} pp): train QAT "
+        "longer (--qat-epochs), add images, or ship a float file"
+    )
+
+
 # ------------------------------------------------------------------------------------------- the phases of one run
 
 
@@ -473,6 +488,9 @@ def run_phases(ctx: RunContext) -> Trained:
             state["completed"].append("qat")
             _save_state(work, state)
         metrics.update(phases["qat"].get("metrics", {}))
+        warning = qat_loss_warning(float_acc, metrics.get("qat_int8_val_accuracy"), len(val))
+        if warning:
+            ctx.reporter.info(warning)
     else:
         phases["qat"] = {"status": "skipped", "reason": "--no-qat"}
         (work / "qat.h5").unlink(missing_ok=True)

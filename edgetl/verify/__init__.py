@@ -493,7 +493,9 @@ def _check_outputs(
                 "(exported by an older edgetl; re-export it)"
             )
         pred = np.argmax(outputs, axis=1)
-        paired = paired_accuracy(float_pred, pred, labels, thresholds.margin_pp, thresholds.confidence)
+        paired = paired_accuracy(
+            float_pred, pred, labels, thresholds.margin_pp, thresholds.confidence, thresholds.fail_confidence
+        )
         classes = per_class(labels, pred, bundle.labels)
         wrong = np.flatnonzero(pred != labels)
         classes["misclassified"] = [
