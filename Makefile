@@ -46,7 +46,8 @@ lint: install
 	$(BIN)/ruff check edgetl tests benchmarks devices
 	$(BIN)/ruff format --check edgetl tests benchmarks devices
 
-# make bench: the product backbones (~25 min on 2 cores); the big comparison rows (ResNet50, VGG16, EfficientNet-B7:
+# make bench: the product backbones (export_latency took 4 min here, qat_accuracy ~10 min of CPU); the big comparison
+# rows (ResNet50, VGG16, EfficientNet-B7:
 # hours) are `benchmarks/export_latency.py --backbones resnet50 vgg16 efficientnet_b7 --threads 1`.
 bench: install
 	EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/python benchmarks/export_latency.py \
