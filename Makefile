@@ -47,8 +47,8 @@ lint: install
 	$(BIN)/ruff format --check edgetl tests benchmarks devices
 
 # make bench: the product backbones (export_latency took 4 min here, qat_accuracy ~10 min of CPU); the big comparison
-# rows (ResNet50, VGG16, EfficientNet-B7:
-# hours) are `benchmarks/export_latency.py --backbones resnet50 vgg16 efficientnet_b7 --threads 1`.
+# rows (ResNet50, VGG16, EfficientNet-B7: hours) are
+# `benchmarks/export_latency.py --backbones resnet50 vgg16 efficientnet_b7 --threads 1`.
 bench: install
 	EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/python benchmarks/export_latency.py \
 	  --backbones mobilenet_v3_small mobilenet_v3_large efficientnet_b0
