@@ -19,6 +19,19 @@ from edgetl.schema import Format
 #: (ptq_int8, ort_static_int8): one count, so export's PTQ files see as many images as the one finetune measured.
 CALIBRATION_IMAGES = 256
 
+#: The head phase's cached features are held in memory up to this many bytes (all views, both splits' own
+#: datasets counted apart) and read from their files above it: peak memory stays bounded on large data sets, while
+#: small ones train from RAM (a tf.data gather per batch instead of a Python read).
+FEATURES_IN_MEMORY_BYTES = 64 * 2**20
+
+#: Images per forward pass when the head phase caches features (or the batch size, if larger): inference only,
+#: so a larger batch is cheaper per image and its memory is still bounded.
+FEATURE_BATCH = 64
+
+#: Batches the head phase runs per call into TensorFlow: its steps are tiny (a dense layer on cached features), so
+#: Keras' per-step overhead would dominate them.
+HEAD_STEPS_PER_EXECUTION = 16
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)

@@ -92,7 +92,7 @@ def image_dataset(
     ds = tf.data.Dataset.range(len(paths))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    ds = ds.map(load, num_parallel_calls=os.cpu_count() or 1).batch(batch_size)
     if as_float:
         ds = ds.map(lambda x, y, ok: (tf.cast(x, tf.float32), y, ok), num_parallel_calls=tf.data.AUTOTUNE)
     if augment is not None:
@@ -140,8 +140,8 @@ class FeatureFile:
         return out
 
     def read_all(self) -> np.ndarray:
-        """Every row (tests, small files)."""
-        return self.read(np.arange(self.rows))
+        """Every row, in one read (files that fit the in-memory budget, tests)."""
+        return np.fromfile(self.path, np.float32, count=self.rows * self.width).reshape(self.rows, self.width)
 
     def close(self) -> None:
         if not self._fh.closed:
@@ -152,15 +152,26 @@ class FeatureFile:
 
 
 def feature_dataset(
-    files: Sequence[FeatureFile], targets: np.ndarray, batch_size: int, shuffle_seed: int | None = None
+    files: Sequence[FeatureFile],
+    targets: np.ndarray,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+    in_memory_bytes: int | None = None,
 ):
-    """Batches of ``(features, targets)`` over the rows of ``files`` (one after the other), read from disk."""
+    """Batches of ``(features, targets)`` over the rows of ``files`` (one after the other).
+
+    The rows are held in memory when they take at most ``in_memory_bytes`` (default
+    :data:`edgetl.config.FEATURES_IN_MEMORY_BYTES`), else read from disk a batch at a time. Both paths batch the
+    same index sequence, so they give the same batches in the same order."""
+    from edgetl.config import FEATURES_IN_MEMORY_BYTES
+
     tf = _tf()
     sizes = [f.rows for f in files]
     starts = np.cumsum([0] + sizes)
     total = int(starts[-1])
     assert len(targets) == total, (len(targets), total)
     width = files[0].width
+    budget = FEATURES_IN_MEMORY_BYTES if in_memory_bytes is None else in_memory_bytes
 
     def read(index_batch):
         idx = np.asarray(index_batch)
@@ -171,12 +182,20 @@ def feature_dataset(
             out[sel] = files[k].read(idx[sel] - starts[k])
         return out
 
-    def load(index_batch):
+    def load_from_disk(index_batch):
         x = tf.numpy_function(read, [index_batch], tf.float32, stateful=False)
         x.set_shape((None, width))
         return x, tf.gather(targets_t, index_batch)
 
+    def load_from_memory(index_batch):
+        return tf.gather(rows_t, index_batch), tf.gather(targets_t, index_batch)
+
     targets_t = tf.constant(targets)
+    if total * width * 4 <= budget:
+        rows_t = tf.constant(np.concatenate([f.read_all() for f in files]) if total else np.zeros((0, width)))
+        load = load_from_memory
+    else:
+        load = load_from_disk
     ds = tf.data.Dataset.range(total)
     if shuffle_seed is not None:
         ds = ds.shuffle(total, seed=shuffle_seed, reshuffle_each_iteration=True)

@@ -65,7 +65,7 @@ def test_shuffled_stream_is_seeded_and_keeps_image_label_pairs(items):
 def test_streamed_features_equal_features_of_directly_decoded_images(items, tmp_path):
     """The head phase's pipeline: stream -> feature model -> file on disk -> batches back; against the in-memory
     path (decode all, one forward pass)."""
-    from edgetl._tfenv import keras
+    from edgetl._tfenv import keras, tf
     from edgetl.stream import FeatureFile, feature_dataset, image_dataset
 
     model = _tiny_model()
@@ -93,8 +93,24 @@ def test_streamed_features_equal_features_of_directly_decoded_images(items, tmp_
     assert len(xs) == 2 * len(expected) and ys.tolist() != both_targets.tolist()
     by_row = {expected[i].round(5).tobytes(): int(targets[i]) for i in range(len(targets))}
     assert [by_row[row.round(5).tobytes()] for row in xs] == ys.tolist()
+
+    # under the in-memory budget (the default, for files this small) the rows are read once, up front; above it
+    # (budget 0) a batch at a time from disk: the same batches, shuffled alike
+    def batches(ds):
+        return [(x.numpy(), y.numpy()) for x, y in ds]
+
+    in_memory = feature_dataset([f, two], both_targets, 8, shuffle_seed=1)
+    from_disk = feature_dataset([f, two], both_targets, 8, shuffle_seed=1, in_memory_bytes=0)
+    for (xm, ym), (xd, yd) in zip(batches(in_memory), batches(from_disk), strict=True):
+        np.testing.assert_array_equal(xm, xd)
+        np.testing.assert_array_equal(ym, yd)
     f.close()
     two.close()
+    f.path.unlink()
+    two.path.unlink()
+    assert len(batches(in_memory)) == len(shuffled)  # needs no file any more
+    with pytest.raises(tf().errors.InvalidArgumentError):  # reads the (closed, deleted) files
+        batches(from_disk)
 
 
 def test_head_phase_streams_skips_bad_images_and_cleans_its_cache(shapes_dir, tmp_path):
@@ -170,9 +186,11 @@ def test_run_directory_has_training_logs_edgetl_owns(cli_run):
     assert check_target(cli_run, RUN_FOLDER, force=True) is True
 
 
-def test_progress_after_early_stopping_ends_at_what_ran_and_says_so():
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+def test_progress_after_early_stopping_ends_at_what_ran_and_says_so(steps_per_execution):
     """A real Keras fit stopped early: the bar ends full at the batches that ran, its status names the stop and the
-    best epoch (the one whose weights were kept)."""
+    best epoch (the one whose weights were kept). With several batches per call (the head phase compiles with
+    ``steps_per_execution``; 8 batches an epoch, 3 a call) every batch is still counted once."""
     from rich.console import Console
 
     from edgetl._tfenv import keras
@@ -184,7 +202,12 @@ def test_progress_after_early_stopping_ends_at_what_ran_and_says_so():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(64, 4)).astype(np.float32), rng.integers(0, 3, 64)
     model = k.Sequential([k.Input((4,)), k.layers.Dense(3, activation="softmax")])
-    model.compile(k.optimizers.SGD(0.0), "sparse_categorical_crossentropy", metrics=["accuracy"])  # lr 0: no gain
+    model.compile(
+        k.optimizers.SGD(0.0),  # lr 0: no gain
+        "sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+    )
     cfg = FinetuneConfig(data="unused", patience=2)
     console = Console(record=True, width=160, force_terminal=False)
     best: dict = {}

@@ -139,17 +139,21 @@ def _feature_cache(ctx: PhaseContext, pretrained: bool, cache_dir: Path | None) 
     import tempfile
 
     from edgetl._tfenv import keras, tf
+    from edgetl.config import FEATURE_BATCH
 
     k, tf = keras(), tf()
     feature_model = k.Model(ctx.model.input, ctx.model.get_layer("pool").output)
     augment = make_augmenter(ctx.cfg, ctx.seed)
     size = tuple(int(d) for d in ctx.model.input_shape[1:3])
 
-    @tf.function(reduce_retracing=True)
+    # one trace for every batch size (the last batch is smaller): uint8 images of any count
+    images = tf.TensorSpec((None, *size, 3), tf.uint8)
+
+    @tf.function(input_signature=[images])
     def clean_features(batch):
         return feature_model(tf.cast(batch, tf.float32), training=False)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[images])
     def augmented_features(batch):
         return feature_model(augment(tf.cast(batch, tf.float32), training=True), training=False)
 
@@ -164,7 +168,9 @@ def _feature_cache(ctx: PhaseContext, pretrained: bool, cache_dir: Path | None) 
         folder.mkdir(parents=True)
     views = ctx.cfg.feature_views if augment is not None and pretrained else 0
     width = int(feature_model.output_shape[-1])
-    return _FeatureCache(folder, clean_features, augmented_features, views, size, width, ctx.cfg.batch_size)
+    return _FeatureCache(
+        folder, clean_features, augmented_features, views, size, width, max(ctx.cfg.batch_size, FEATURE_BATCH)
+    )
 
 
 @dataclass(frozen=True)
@@ -182,7 +188,7 @@ def _cache_features(ctx: PhaseContext, cache: _FeatureCache, on_checked) -> _Cac
     from edgetl.stream import BadImages
 
     t0 = time.perf_counter()
-    bs, views = ctx.cfg.batch_size, cache.views
+    bs, views = cache.batch_size, cache.views
     n_batches = -(-len(ctx.train) // bs) * (1 + views) + -(-len(ctx.val) // bs)
     with ctx.reporter.task(f"caching features (1+{views} views)", n_batches) as task:
         bad_train, bad_val = BadImages(), BadImages()
@@ -233,6 +239,7 @@ class _TrainedHead:
 def _train_head(ctx: PhaseContext, cache: _FeatureCache, cached: _CachedFeatures) -> _TrainedHead:
     """Fit a dropout+softmax head on the cached features; its accuracy on the cached validation features."""
     from edgetl._tfenv import keras
+    from edgetl.config import HEAD_STEPS_PER_EXECUTION
     from edgetl.stream import feature_dataset
 
     k, cfg, bs = keras(), ctx.cfg, ctx.cfg.batch_size
@@ -244,7 +251,12 @@ def _train_head(ctx: PhaseContext, cache: _FeatureCache, cached: _CachedFeatures
     h = k.layers.Dropout(cfg.dropout, name="dropout")(head_in)
     head_out = k.layers.Dense(num_classes, activation="softmax", name="predictions")(h)
     head = k.Model(head_in, head_out)
-    head.compile(k.optimizers.Adam(cfg.head_lr), _loss(cfg, k), metrics=["accuracy"])
+    head.compile(
+        k.optimizers.Adam(cfg.head_lr),
+        _loss(cfg, k),
+        metrics=["accuracy"],
+        steps_per_execution=HEAD_STEPS_PER_EXECUTION,
+    )
     settings = FitSettings("head", cfg.head_lr, cfg.epochs, augment=False)
     fitted = _fit(ctx, head, (train_ds, val_ds), -(-len(y_train) // bs), settings)
     # The classifier is the feature model followed by this head (its dropout inactive at inference), so its

@@ -50,15 +50,23 @@ def make_augmenter(cfg: FinetuneConfig, seed: int):
 
 
 class _EpochProgress:
-    """A Keras callback driving a Reporter task: one tick per batch, metrics per epoch; after early stopping the
-    task's last status says so (the bar then ends at what was done, see RichReporter)."""
+    """A Keras callback driving a Reporter task: one tick per batch (also under ``steps_per_execution``), metrics
+    per epoch; after early stopping the task's last status says so (the bar then ends at what was done, see
+    RichReporter)."""
 
     def __new__(cls, task, best: dict, stopper=None, epochs: int | None = None):
         from edgetl._tfenv import keras
 
         class _Callback(keras().callbacks.Callback):
+            done = 0  # batches of this epoch counted so far
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.done = 0
+
             def on_train_batch_end(self, batch, logs=None):
-                task.advance(1)
+                # ``batch`` is the index of the last batch run: several per call with steps_per_execution
+                task.advance(batch + 1 - self.done)
+                self.done = batch + 1
 
             def on_epoch_end(self, epoch, logs=None):
                 logs = logs or {}
