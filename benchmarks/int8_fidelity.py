@@ -7,7 +7,10 @@ on the run's validation split:
   static QDQ quantization of the fp32 ONNX) and QAT int8 (TFLite in LiteRT with XNNPACK, ONNX in onnxruntime with its
   default graph optimizations ORT_ENABLE_ALL, 1 thread);
 * top-1 agreement and mean |dp| (over images and classes) of each int8 file with the model it came from (QAT int8
-  vs the QAT model, PTQ int8 vs the float model).
+  vs the QAT model, PTQ int8 vs the float model);
+* two yardsticks for those distances: the QAT model on every pixel + 0.01 (of 0..255) vs itself ("shift", the
+  model's own noise floor), and the QAT int8 TFLite file vs the QAT int8 ONNX file ("cross": two integer runtimes
+  computing the same int8 graph, each rounding its own way).
 
 Goals per (backbone, data set, size), median over seeds: QAT int8 agreement >= 0.99 and mean |dp| <= 0.01 in each
 runtime; QAT int8 accuracy >= float - 0.5 pp and >= PTQ int8 (same runtime). Printed as PASS/FAIL.
@@ -140,6 +143,7 @@ def one_run(
     }
     for name, p, ref in (
         ("qat_shift", p_qat_shift, p_qat),
+        ("qat_cross", p_qat_tfl, p_qat_onnx),
         ("qat_tflite", p_qat_tfl, p_qat),
         ("qat_onnx", p_qat_onnx, p_qat),
         ("ptq_tflite", p_ptq_tfl, p_float),
@@ -159,6 +163,8 @@ def report(rows: list[dict]) -> bool:
         "qat",
         "qat_shift_agree",
         "qat_shift_mdp",
+        "qat_cross_agree",
+        "qat_cross_mdp",
         "ptq_tflite",
         "qat_tflite",
         "qat_tflite_agree",
@@ -173,6 +179,8 @@ def report(rows: list[dict]) -> bool:
         "QAT fq",
         "shift ag",
         "shift dp",
+        "cross ag",
+        "cross dp",
         "PTQ tfl",
         "QAT tfl",
         "agree",
@@ -184,12 +192,12 @@ def report(rows: list[dict]) -> bool:
     )
     print(
         "\nper run (accuracy on the validation split; agree / m|dp| = QAT int8 file vs the QAT model;"
-        " shift = the QAT model on pixels + 0.01 vs itself: its own noise floor)"
+        " shift = the QAT model on pixels + 0.01 vs itself: its own noise floor; cross = QAT int8 TFLite vs QAT int8 ONNX)"
     )
     print(f"{'run':<42}" + "".join(f"{h:>9}" for h in heads))
     for r in rows:
         name = f"{r['backbone']} {r['dataset']} {r['size']} s{r['seed']}"
-        print(f"{name:<42}" + "".join(f"{r[c]:>9.4f}" for c in cols))
+        print(f"{name:<42}" + "".join(f"{r[c]:>9.4f}" if c in r else f"{'-':>9}" for c in cols))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["backbone"], r["dataset"], r["size"]), []).append(r)

@@ -19,9 +19,9 @@ from edgetl.schema import Format
 #: (ptq_int8, ort_static_int8): one count, so export's PTQ files see as many images as the one finetune measured.
 CALIBRATION_IMAGES = 256
 
-#: The head phase's cached features are held in memory up to this many bytes (all views, both splits' own
-#: datasets counted apart) and read from their files above it: peak memory stays bounded on large data sets, while
-#: small ones train from RAM (a tf.data gather per batch instead of a Python read).
+#: The head phase's cached features are held in memory up to this many bytes per dataset (the training split with
+#: all its views is one, the validation split another) and read from their files above it: peak memory stays
+#: bounded on large data sets, while small ones train from RAM (a tf.data gather per batch, not a Python read).
 FEATURES_IN_MEMORY_BYTES = 64 * 2**20
 
 #: Images per forward pass when the head phase caches features (or the batch size, if larger): inference only,
