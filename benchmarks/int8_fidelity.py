@@ -116,6 +116,8 @@ def one_run(
 
     float_model = load_float_model(run.float_model)
     qat_model = qat.load_qat_model(run.qat_model)
+    # runs QAT'd before snap_biases existed (--reuse) get it here, as finetune now does; 0 for newer runs
+    snapped_now = qat.snap_biases(qat_model)
     p_float = float_model.predict(images, batch_size=32, verbose=0)
     p_qat = qat_model.predict(images, batch_size=32, verbose=0)
     # the QAT model's own noise floor: the same model on every pixel + 0.01 (of 0..255)
@@ -140,6 +142,7 @@ def one_run(
         "qat_tflite": _accuracy(p_qat_tfl, labels),
         "qat_onnx": _accuracy(p_qat_onnx, labels),
         "seconds": round(time.perf_counter() - t0, 1),
+        "biases_snapped_at_measurement": snapped_now,
     }
     for name, p, ref in (
         ("qat_shift", p_qat_shift, p_qat),
@@ -233,7 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="where the runs go (default: a temp folder)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--reuse", action="store_true", help="measure existing runs in --out again instead of retraining")
+    ap.add_argument(
+        "--summarize",
+        nargs="+",
+        default=None,
+        metavar="ROWS.json",
+        help="print the table and goals of saved --json rows (no runs)",
+    )
     args = ap.parse_args(argv)
+    if args.summarize:
+        return 0 if report([r for f in args.summarize for r in json.loads(Path(f).read_text())]) else 1
     data_root = Path(args.data_root).resolve()
     out = Path(args.out or tempfile.mkdtemp(prefix="edgetl-fidelity-"))
     rows = []

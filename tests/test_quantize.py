@@ -640,3 +640,93 @@ def test_int8_onnx_gives_the_qdq_graph_result_under_default_optimizations():
     np.testing.assert_allclose(outs["ORT_ENABLE_ALL"], outs["ORT_DISABLE_ALL"], atol=tol)
     p_tfl = tflite_predict(qat_to_tflite_int8(qat, input_type="float32"), bright[:1])
     np.testing.assert_allclose(p_tfl.reshape(fq.shape), fq, atol=tol)
+
+
+def _tflite_int8_biases(blob) -> list[np.ndarray]:
+    """The bias of each int8 CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED of a TFLite file, as the runtime adds it
+    (int32 x its scale)."""
+    from edgetl import tflite_fb
+
+    obj = tflite_fb.read(blob)
+    g = obj.subgraphs[0]
+    out = []
+    for op in g.operators:
+        if tflite_fb.op_name(obj, op) not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            continue
+        if len(op.inputs) < 3 or int(op.inputs[2]) < 0:
+            continue
+        t = g.tensors[int(op.inputs[2])]
+        data = obj.buffers[t.buffer].data
+        if data is None or t.quantization is None or t.quantization.scale is None:
+            continue  # the float stem's bias
+        ints = np.asarray(data, np.uint8).view(np.int32).astype(np.float64)
+        out.append(ints * np.asarray(t.quantization.scale, np.float64).reshape(-1))
+    return out
+
+
+def _matched(files: list[np.ndarray], keras_biases: list[np.ndarray]) -> int:
+    """How many of the file's biases equal a Keras bias of the same length (to float32 rounding)."""
+    return sum(any(k.shape == b.shape and np.allclose(b, k, rtol=1e-5, atol=1e-9) for k in keras_biases) for b in files)
+
+
+def _onnx_bias_off_grid(blob) -> list[float]:
+    """Per int8 Conv/Gemm of a QDQ ONNX file: how far its float bias lies off the grid that onnxruntime rounds it
+    to (input scale x weight scale, from the DequantizeLinear nodes), in steps, float32 storage allowed."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_from_string(blob)
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+
+    def dq_scale(name):
+        while name in producer and producer[name].op_type in ("Pad", "Reshape", "Transpose", "Squeeze", "Flatten"):
+            name = producer[name].input[0]
+        node = producer.get(name)
+        if node is None or node.op_type != "DequantizeLinear":
+            return None
+        return inits[node.input[1]].astype(np.float64)
+
+    off = []
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        s_in, s_w = dq_scale(node.input[0]), dq_scale(node.input[1])
+        if s_in is None or s_w is None:
+            continue  # the float stem
+        b = inits[node.input[2]].astype(np.float64)
+        step = float(s_in.reshape(-1)[0]) * np.broadcast_to(s_w.reshape(-1), b.shape)
+        k = (b / np.where(step > 0, step, 1.0))[step > 0]
+        off.append(float((np.abs(k - np.round(k)) - 1e-6 * np.abs(k)).max(initial=0)))
+    return off
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_snapped_biases_are_what_the_int8_files_add(backbone):
+    """The int8 files add each conv/dense bias on the int32 grid input scale x weight scale. After ``snap_biases``
+    the QAT model's biases lie on that grid, so the TFLite file adds exactly the QAT model's bias (before, most are
+    up to half a step off) and the ONNX file's float biases are already on the grid onnxruntime rounds them to.
+    EfficientNet-B0 covers swish, squeeze-excite through Reshape and the Dense head."""
+    from edgetl.qat.bias import input_scale
+
+    qat = q.quantize_for_training(build_classifier(backbone))
+    q.calibrate(qat, images(32, seed=2), batch_size=16)
+
+    def keras_biases():
+        out = []
+        for w in qat.layers:
+            bias = {v.name.split("/")[-1]: v for v in w.weights}.get("bias:0")
+            if getattr(w, "layer", None) is not None and bias is not None and input_scale(w) is not None:
+                out.append(bias.numpy().astype(np.float64))
+        return out
+
+    before = _tflite_int8_biases(qat_to_tflite_int8(qat))
+    assert len(before) >= 10 and _matched(before, keras_biases()) < len(before) // 2  # rounded away from Keras's
+    assert max(_onnx_bias_off_grid(qat_to_onnx(qat))) > 0.1
+
+    assert q.snap_biases(qat) > len(before) // 2  # (an all-zero bias is on the grid already)
+    assert q.snap_biases(qat) == 0  # on the grid: a second pass changes nothing
+    after = _tflite_int8_biases(qat_to_tflite_int8(qat))
+    assert _matched(after, keras_biases()) == len(after)
+    off = _onnx_bias_off_grid(qat_to_onnx(qat))
+    assert len(off) >= 10 and max(off) < 1e-3, off  # (tf2onnx drops all-zero biases)

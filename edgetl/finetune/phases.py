@@ -355,6 +355,8 @@ def qat_phase(cfg, model, train: ImageList, val: ImageList, work: Path, reporter
         PhaseContext(cfg, qat_model, train, val, reporter, cfg.seed + 2, logdir=work / "logs" / "qat"),
         FitSettings("qat", cfg.qat_lr, cfg.qat_epochs),
     )
+    # the int8 files add each bias on the int32 grid input scale x weight scale: so does the QAT model from now on
+    snapped = qat.snap_biases(qat_model)
     fake_acc = stream_accuracy(qat_model, val, size[0], cfg.batch_size)
     qat.save_qat_model(qat_model, work / "qat.h5")
     with reporter.task("QAT: converting int8 TFLite (QAT and PTQ) to measure them", None):
@@ -365,6 +367,7 @@ def qat_phase(cfg, model, train: ImageList, val: ImageList, work: Path, reporter
             "calibrated_val_accuracy": calibrated_acc,
             "val_accuracy": fake_acc,
             "calibration_images": int(len(calib)),
+            "biases_snapped": snapped,
             "seconds": round(time.perf_counter() - t0, 2),
             "metrics": {
                 "qat_val_accuracy": fake_acc,

@@ -1,0 +1,103 @@
+"""Biases on the int32 grid the int8 runtimes store them on, so that the QAT model computes what the int8 files do.
+
+An int8 convolution (or dense layer) adds its bias in the int32 accumulator, as ``round(b / (s_in * s_w))`` steps
+of ``s_in * s_w`` (input scale times the channel's weight scale): the TFLite converter and onnxruntime's QDQ fusion
+both round the float bias that way. The fake-quant model adds the float bias itself. The difference is at most
+half a step of ``s_in * s_w``, but wherever a conv output lies that close to an output rounding boundary the int8
+file rounds it the other way, and MobileNetV3's squeeze-excite gates and hard-swish spread those one-step flips
+through the rest of the network (`benchmarks/int8_layers.py` measured 0.08% of the first depthwise conv's outputs
+one step off in onnxruntime, and more than half of the last blocks' values).
+
+:func:`snap_biases` rounds each bias to that grid once training is done, in the QAT model itself: from then on the
+fake-quant model, the TFLite file and the ONNX file add the same bias. A bias already on the grid survives both
+converters exactly (``round(k * step / step') == k`` for the nearly equal steps they compute, and for TFLite's
+7-bit re-expression in :func:`edgetl.tflite_fb.seven_bit_weights`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgetl.qat.configs import ChannelWeightsQuantizer
+
+#: Weights whose names end so hold a quantizer's range of the layer's output (tfmot's ``Default8BitQuantizeConfig``
+#: output quantizer, edgetl's ``OutputQuantizeConfig``; ``post_activation`` for a conv's own activation quantizer).
+_OUTPUT_RANGES = (("output_min", "output_max"), ("post_activation_min", "post_activation_max"))
+
+#: Layers an int8 tensor passes through unchanged (same scale in and out): look past them for the quantizer.
+_PASS_THROUGH = ("ZeroPadding2D", "Reshape", "Dropout", "Flatten", "SpaceToDepth")
+
+
+def _weights_by_suffix(layer) -> dict:
+    return {w.name.split("/")[-1].split(":")[0]: w for w in layer.weights}
+
+
+def _output_scale(layer) -> float | None:
+    """The activation scale of ``layer``'s output as the converters compute it from its fake-quant range
+    (``(max - min) / 255``), or None when the layer quantizes no output of its own."""
+    weights = _weights_by_suffix(layer)
+    for lo_name, hi_name in _OUTPUT_RANGES:
+        if lo_name in weights and hi_name in weights:
+            lo, hi = float(weights[lo_name].numpy()), float(weights[hi_name].numpy())
+            return (hi - lo) / 255.0
+    return None
+
+
+def _inbound(layer) -> list:
+    node = layer.inbound_nodes[0]
+    layers = node.inbound_layers
+    return list(layers) if isinstance(layers, (list, tuple)) else [layers]
+
+
+def input_scale(layer) -> float | None:
+    """The scale of the int8 tensor ``layer`` reads: the output range of the nearest layer upstream that quantizes
+    its output, looking past pass-through layers; None when the input is not an int8 tensor (the float stem)."""
+    (src,) = _inbound(layer)
+    while True:
+        scale = _output_scale(src)
+        if scale is not None:
+            return scale
+        inner = type(getattr(src, "layer", src)).__name__
+        if inner not in _PASS_THROUGH:
+            return None
+        (src,) = _inbound(src)
+
+
+def _weight_step(wrapper) -> np.ndarray | None:
+    """Each output channel's weight scale (the kernel's quantizer's ``max|w| / levels``), or None when the layer
+    has no edgetl weight quantizer."""
+    config = getattr(wrapper, "quantize_config", None)
+    quantizer = getattr(config, "weight_quantizer", None)
+    if not isinstance(quantizer, ChannelWeightsQuantizer):
+        return None
+    weights = _weights_by_suffix(wrapper)
+    kernel = weights.get("depthwise_kernel", weights.get("kernel"))
+    if kernel is None:
+        return None
+    k = kernel.numpy().astype(np.float64)
+    flat = k.reshape(-1, quantizer._channels(k.shape))
+    m = np.abs(flat).max(axis=0)
+    return np.where(m > 0, m / quantizer.levels, 0.0)
+
+
+def snap_biases(qat_model) -> int:
+    """Round the bias of every int8 Conv2D / DepthwiseConv2D / Dense in ``qat_model`` to its int32 grid
+    (``s_in * s_w`` per output channel), in place; returns how many layers it changed. Channels whose kernel is
+    all zero (dead squeeze-excite units) keep their bias."""
+    changed = 0
+    for wrapper in qat_model.layers:
+        inner = getattr(wrapper, "layer", None)
+        bias = _weights_by_suffix(wrapper).get("bias") if inner is not None else None
+        if bias is None:
+            continue
+        s_w = _weight_step(wrapper)
+        s_in = input_scale(wrapper) if s_w is not None else None
+        if s_w is None or s_in is None:
+            continue
+        b = bias.numpy().astype(np.float64)
+        step = s_in * np.broadcast_to(s_w, b.shape)
+        snapped = np.where(step > 0, np.round(b / np.where(step > 0, step, 1.0)) * step, b).astype(np.float32)
+        if not np.array_equal(snapped, bias.numpy()):
+            bias.assign(snapped)
+            changed += 1
+    return changed
