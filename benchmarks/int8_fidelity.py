@@ -116,8 +116,8 @@ def one_run(
 
     float_model = load_float_model(run.float_model)
     qat_model = qat.load_qat_model(run.qat_model)
-    # runs QAT'd before snap_biases existed (--reuse) get it here, as finetune now does; 0 for newer runs
-    snapped_now = qat.snap_biases(qat_model)
+    # runs QAT'd before snap_to_grid existed (--reuse) get it here, as finetune now does; zeros for newer runs
+    snapped_now = qat.snap_to_grid(qat_model)
     p_float = float_model.predict(images, batch_size=32, verbose=0)
     p_qat = qat_model.predict(images, batch_size=32, verbose=0)
     # the QAT model's own noise floor: the same model on every pixel + 0.01 (of 0..255)

@@ -707,7 +707,7 @@ def test_snapped_biases_are_what_the_int8_files_add(backbone):
     the QAT model's biases lie on that grid, so the TFLite file adds exactly the QAT model's bias (before, most are
     up to half a step off) and the ONNX file's float biases are already on the grid onnxruntime rounds them to.
     EfficientNet-B0 covers swish, squeeze-excite through Reshape and the Dense head."""
-    from edgetl.qat.bias import input_scale
+    from edgetl.qat.snap import input_scale
 
     qat = q.quantize_for_training(build_classifier(backbone))
     q.calibrate(qat, images(32, seed=2), batch_size=16)
@@ -730,3 +730,43 @@ def test_snapped_biases_are_what_the_int8_files_add(backbone):
     assert _matched(after, keras_biases()) == len(after)
     off = _onnx_bias_off_grid(qat_to_onnx(qat))
     assert len(off) >= 10 and max(off) < 1e-3, off  # (tf2onnx drops all-zero biases)
+
+
+def test_snapped_kernels_leave_no_weight_on_a_rounding_boundary():
+    """QAT drives weights onto the boundary between two grid points, where Keras in graph mode (``predict``) and
+    the exporters round them differently. After ``snap_kernels`` every weight is a grid value, and the kernel the
+    QAT model computes with in graph mode is the one the ONNX file stores."""
+    import onnx
+    from onnx import numpy_helper
+
+    qat = q.quantize_for_training(build_classifier("mobilenet_v3_small"))
+    q.calibrate(qat, images(32, seed=2), batch_size=16)
+    wrapper = next(w for w in qat.layers if type(getattr(w, "layer", None)).__name__ == "Conv2D" and "expand" in w.name)
+    kernel = next(v for v in wrapper.weights if v.name.split("/")[-1] == "kernel:0")
+    k = kernel.numpy()
+    step = np.abs(k).max(axis=(0, 1, 2)) / q.WEIGHT_LEVELS["Conv2D"]
+    k[0, 0, 0, :] = -31.5 * step  # a weight of every channel exactly on a boundary, as QAT leaves them
+    kernel.assign(k)
+
+    def off_grid():
+        w = kernel.numpy().astype(np.float64)
+        s = np.abs(w).max(axis=(0, 1, 2)) / q.WEIGHT_LEVELS["Conv2D"]
+        r = w / s
+        return float(np.abs(r - np.round(r)).max())
+
+    assert off_grid() > 0.49
+    assert q.snap_kernels(qat) >= 1
+    assert off_grid() < 1e-4 and q.snap_kernels(qat) == 0
+
+    cin = k.shape[2]
+    probe = tf().function(lambda x: wrapper(x, training=False))  # graph mode, as predict runs it
+    eye = tf().constant(np.eye(cin, dtype=np.float32).reshape(cin, 1, 1, cin))
+    bias = next(v for v in wrapper.weights if v.name.split("/")[-1] == "bias:0").numpy()
+    used = probe(eye).numpy().reshape(cin, -1) - bias
+    proto = onnx.load_from_string(qat_to_onnx(qat))
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    (conv,) = [n for n in proto.graph.node if n.op_type == "Conv" and wrapper.name + "/" in n.name]
+    dq = producer[conv.input[1]]
+    stored = inits[dq.input[0]].astype(np.float64) * inits[dq.input[1]].astype(np.float64).reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(used, stored[:, :, 0, 0].T, rtol=0, atol=1e-6)

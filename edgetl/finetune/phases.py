@@ -355,8 +355,8 @@ def qat_phase(cfg, model, train: ImageList, val: ImageList, work: Path, reporter
         PhaseContext(cfg, qat_model, train, val, reporter, cfg.seed + 2, logdir=work / "logs" / "qat"),
         FitSettings("qat", cfg.qat_lr, cfg.qat_epochs),
     )
-    # the int8 files add each bias on the int32 grid input scale x weight scale: so does the QAT model from now on
-    snapped = qat.snap_biases(qat_model)
+    # weights and biases as the int8 files hold them (on their grids), so the QAT model computes what they do
+    snapped = qat.snap_to_grid(qat_model)
     fake_acc = stream_accuracy(qat_model, val, size[0], cfg.batch_size)
     qat.save_qat_model(qat_model, work / "qat.h5")
     with reporter.task("QAT: converting int8 TFLite (QAT and PTQ) to measure them", None):

@@ -18,8 +18,9 @@ squeeze-excite ``Multiply``) and any model nested inside another. This package, 
    pooling, edgetl QuantizeConfigs (:mod:`~edgetl.qat.configs`) for the rest) and calls ``quantize_apply``.
 3. :func:`calibrate` (:mod:`~edgetl.qat.calibrate`) sets every activation range from data (tfmot's moving
    averages start at +-6 with EMA 0.999 and barely move in a short fine-tune).
-4. :func:`snap_biases` (:mod:`~edgetl.qat.bias`) puts each int8 layer's bias on the int32 grid the int8 files
-   store it on, once training is done, so that the QAT model adds the same bias as the TFLite and ONNX files.
+4. :func:`snap_to_grid` (:mod:`~edgetl.qat.snap`) stores each int8 layer's kernel and bias as the grid values the
+   int8 files hold, once training is done, so that the QAT model computes with the same weights and biases as the
+   TFLite and ONNX files.
 5. :func:`save_qat_model` / :func:`load_qat_model` (:mod:`~edgetl.qat.saving`): HDF5, no pickled code.
 
 Conversion to int8 TFLite / QDQ ONNX is :mod:`edgetl.convert`. See ``docs/qat.md``.
@@ -30,13 +31,13 @@ device paths never import it).
 
 from __future__ import annotations
 
-from edgetl.qat.bias import snap_biases
 from edgetl.qat.calibrate import INPUT_RANGE, calibrate
 from edgetl.qat.configs import WEIGHT_LEVELS, custom_objects, seven_bit
 from edgetl.qat.flatten import STEMS, flatten, flatten_for_qat
 from edgetl.qat.layers import AddConst, ChannelAffine, FusedReLU, ScaleConst, SpaceToDepth
 from edgetl.qat.saving import QAT_MODEL_SUFFIX, load_qat_model, save_qat_model
 from edgetl.qat.scheme import quantize_for_training
+from edgetl.qat.snap import snap_biases, snap_kernels, snap_to_grid
 
 __all__ = [
     "AddConst",
@@ -49,6 +50,8 @@ __all__ = [
     "quantize_for_training",
     "calibrate",
     "snap_biases",
+    "snap_kernels",
+    "snap_to_grid",
     "custom_objects",
     "save_qat_model",
     "load_qat_model",
