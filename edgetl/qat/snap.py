@@ -6,10 +6,10 @@ between two grid points and keeps them there (they oscillate around it): in a Mo
 trashnet, 2.5% of all weights (22,991 of 915,032) lay within 1e-6 of a half step. Which way such a weight rounds
 then depends on how the float arithmetic of ``w / scale`` happens to come out: Keras in graph mode (``predict``),
 eager mode and the exporters disagreed on them, so the ONNX file carried a kernel one step off from the one the QAT
-model computed with in 0.5% of a layer's outputs. :func:`snap_kernels` stores each kernel as its grid values
-(``round(w / scale) * scale``, ties to even): every later computation of ``w / scale`` lands within float
-rounding of an integer, so all of them agree. Each channel's largest weight is a grid end point, so the scales
-stay as they were.
+model computed with in 0.5% of a layer's outputs. :func:`snap_kernels` stores each kernel as the grid values the
+QAT model computes with (its quantizer in graph mode): every later computation of ``w / scale`` lands within float
+rounding of an integer, so all of them agree, and the QAT model's outputs do not change. Each channel's largest
+weight is a grid end point, so the scales stay as they were.
 
 **Biases.** An int8 convolution (or dense layer) adds its bias in the int32 accumulator, as ``round(b / (s_in * s_w))`` steps
 of ``s_in * s_w`` (input scale times the channel's weight scale): the TFLite converter and onnxruntime's QDQ fusion
@@ -92,18 +92,29 @@ def _grid(kernel, quantizer) -> tuple[np.ndarray, np.ndarray]:
     return flat, np.where(m > 0, m / quantizer.levels, 0.0)
 
 
+def _graph_mode_grid(tf, quantizer):
+    """``quantizer`` (inference) as a graph function of a kernel."""
+    return tf.function(lambda kernel: quantizer(kernel, training=False, weights={}))
+
+
 def snap_kernels(qat_model) -> int:
-    """Store every int8 Conv2D / DepthwiseConv2D / Dense kernel of ``qat_model`` as its grid values, in place;
-    returns how many kernels changed."""
+    """Store every int8 Conv2D / DepthwiseConv2D / Dense kernel of ``qat_model`` as the grid values the QAT model
+    computes with, in place; returns how many kernels changed.
+
+    The values come from the layer's own weight quantizer run in graph mode, as ``predict`` and training run it,
+    so a weight on a boundary keeps the side the trained model used (numpy's ties-to-even would flip some of
+    them and change the model)."""
+    from edgetl._tfenv import tf
+
     changed = 0
     for wrapper in qat_model.layers:
         kernel, quantizer = _kernel(wrapper)
         if kernel is None:
             continue
+        snapped = _graph_mode_grid(tf(), quantizer)(kernel).numpy().astype(np.float32)
         flat, step = _grid(kernel, quantizer)
-        safe = np.where(step > 0, step, 1.0)
-        snapped = np.where(step > 0, np.round(flat / safe) * safe, flat).reshape(kernel.shape).astype(np.float32)
-        if not np.array_equal(snapped, kernel.numpy()):
+        moved = np.abs(snapped.reshape(flat.shape) - flat) > 1e-3 * step  # (float rounding aside: on the grid)
+        if moved.any():
             kernel.assign(snapped)
             changed += 1
     return changed
