@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", nargs="+", type=int, default=[128, 224])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=10, help="head epochs (from scratch: also the fine-tune epochs)")
-    ap.add_argument("--qat-epochs", type=int, default=3)
+    ap.add_argument("--qat-epochs", type=int, default=None, help="QAT epochs (default: edgetl finetune's, 6)")
     ap.add_argument("--data-root", default=os.environ.get("EDGETL_SHARED_DATA", "../shared/data"))
     ap.add_argument("--out", default=None, help="where the runs go (default: a temp folder)")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
@@ -244,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         help="print the table and goals of saved --json rows (no runs)",
     )
     args = ap.parse_args(argv)
+    if args.qat_epochs is None:
+        from edgetl.config import FinetuneConfig
+
+        args.qat_epochs = FinetuneConfig.model_fields["qat_epochs"].default
     if args.summarize:
         return 0 if report([r for f in args.summarize for r in json.loads(Path(f).read_text())]) else 1
     data_root = Path(args.data_root).resolve()

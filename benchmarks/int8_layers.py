@@ -11,7 +11,11 @@ A fused kernel that computed something else would show up as the first tensor wi
 mean signed difference far from 0) while its inputs agree; rounding of values that lie on a step boundary shows up
 as a few one-step differences that later layers then spread.
 
-    python benchmarks/int8_layers.py RUN_DIR [--images 8]
+``--against keras`` compares the QAT Keras model itself (each quantizing layer's output, put on the ONNX file's grid
+for that tensor) with onnxruntime at ``--level`` instead: where the QAT model and the file compute different
+things.
+
+    python benchmarks/int8_layers.py RUN_DIR [--images 8] [--against keras --level ORT_DISABLE_ALL] [--snap]
 """
 
 from __future__ import annotations
@@ -45,32 +49,72 @@ def int8_tensor_outputs(data: bytes) -> tuple[bytes, list[tuple[str, str]]]:
     return model.SerializeToString(), named
 
 
-def compare(data: bytes, images: np.ndarray) -> list[dict]:
+def _session(probed: bytes, level: str):
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(probed, options, providers=["CPUExecutionProvider"])
+
+
+def _tally(rows: list[dict], a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    for row, x, y in zip(rows, a, b):
+        d = x.astype(np.int32) - y.astype(np.int32)
+        row["elements"] += d.size
+        row["differ"] += int(np.count_nonzero(d))
+        row["sum"] += int(d.sum())
+        row["max"] = max(row["max"], int(np.abs(d).max()))
+
+
+def compare(data: bytes, images: np.ndarray) -> list[dict]:
+    """Every int8 tensor: onnxruntime's fused kernels (ORT_ENABLE_ALL) minus the QDQ graph (ORT_DISABLE_ALL)."""
     probed, named = int8_tensor_outputs(data)
-
-    def session(level):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = level
-        options.intra_op_num_threads = 1
-        options.log_severity_level = 3
-        return ort.InferenceSession(probed, options, providers=["CPUExecutionProvider"])
-
-    fused = session(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    qdq = session(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    fused, qdq = _session(probed, "ORT_ENABLE_ALL"), _session(probed, "ORT_DISABLE_ALL")
     feed = fused.get_inputs()[0].name
     names = [name for name, _ in named]
     rows = [{"tensor": name, "op": op, "elements": 0, "differ": 0, "sum": 0, "max": 0} for name, op in named]
     for image in images:
-        a = fused.run(names, {feed: image[None]})
-        b = qdq.run(names, {feed: image[None]})
-        for row, x, y in zip(rows, a, b):
-            d = x.astype(np.int32) - y.astype(np.int32)
-            row["elements"] += d.size
-            row["differ"] += int(np.count_nonzero(d))
-            row["sum"] += int(d.sum())
-            row["max"] = max(row["max"], int(np.abs(d).max()))
+        _tally(rows, fused.run(names, {feed: image[None]}), qdq.run(names, {feed: image[None]}))
+    return rows
+
+
+def compare_with_keras(qat_model, data: bytes, images: np.ndarray, level: str) -> list[dict]:
+    """Every int8 tensor: onnxruntime at ``level`` minus the QAT Keras model's output of the layer whose fake-quant
+    made it (tf2onnx names each QuantizeLinear after that layer), on the tensor's int8 grid."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgetl._tfenv import keras
+
+    probed, named = int8_tensor_outputs(data)
+    graph = onnx.load_from_string(data).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    quantize = {n.output[0]: n for n in graph.node if n.op_type == "QuantizeLinear"}
+    layer_names = {layer.name for layer in qat_model.layers}
+    kept = []
+    for name, op in named:
+        layer = name.split("/MovingAvgQuantize")[0].split("/")[1:]  # <model>/<layer name, may hold '/'>/...
+        layer = "/".join(layer)
+        if layer in layer_names:
+            kept.append((name, op, layer))
+    outputs = keras().Model(qat_model.input, [qat_model.get_layer(layer).output for _, _, layer in kept])
+    session = _session(probed, level)
+    feed = session.get_inputs()[0].name
+    names = [name for name, _, _ in kept]
+    rows = [{"tensor": layer, "op": op, "elements": 0, "differ": 0, "sum": 0, "max": 0} for _, op, layer in kept]
+    for image in images:
+        ours = outputs.predict(image[None], verbose=0)
+        ours = ours if isinstance(ours, list) else [ours]
+        theirs = session.run(names, {feed: image[None]})
+        on_grid = []
+        for name, value, their in zip(names, ours, theirs):
+            q = quantize[name]
+            step, zero = float(inits[q.input[1]]), int(inits[q.input[2]])
+            k = np.round(value / step).astype(np.int32) + zero
+            on_grid.append(k.transpose(0, 3, 1, 2) if k.ndim == 4 and k.shape != their.shape else k)
+        _tally(rows, theirs, on_grid)
     return rows
 
 
@@ -78,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="an edgetl finetune run directory (with qat.h5)")
     ap.add_argument("--images", type=int, default=8, help="validation images to run (default 8)")
+    ap.add_argument("--against", choices=("qdq", "keras"), default="qdq", help="what onnxruntime is compared with")
+    ap.add_argument("--level", default="ORT_DISABLE_ALL", help="onnxruntime's optimization level for --against keras")
+    ap.add_argument("--snap", action="store_true", help="snap_to_grid first (runs QAT'd before finetune did it)")
     args = ap.parse_args(argv)
 
     from edgetl import qat
@@ -89,10 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     model = qat.load_qat_model(run.qat_model)
     size = int(model.input_shape[1])
     images = load_images(run.split_items("val", None)[: args.images], (size, size)).images.astype(np.float32)
-    rows = compare(qat_to_onnx(model), images)
-    print(
-        f"{len(images)} validation images; int8 tensors in graph order, fused (ORT_ENABLE_ALL) vs QDQ (ORT_DISABLE_ALL)"
-    )
+    if args.snap:
+        print(f"snap_to_grid: {qat.snap_to_grid(model)} layers changed")
+    if args.against == "keras":
+        rows = compare_with_keras(model, qat_to_onnx(model), images, args.level)
+        what = f"onnxruntime ({args.level}) minus the QAT Keras model"
+    else:
+        rows = compare(qat_to_onnx(model), images)
+        what = "fused (ORT_ENABLE_ALL) minus QDQ (ORT_DISABLE_ALL)"
+    print(f"{len(images)} validation images; int8 tensors in graph order, {what}")
     print(f"{'#':>4}  {'op feeding the Q':<20}{'elements':>10}{'differ %':>10}{'mean signed':>13}{'max':>6}")
     for i, r in enumerate(rows):
         share, mean = 100 * r["differ"] / r["elements"], r["sum"] / r["elements"]
