@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
-.PHONY: install demo test test-slow test-all lint bench clean device-test-arm64
+.PHONY: install demo test test-slow test-all lint bench bench-fidelity clean device-test-arm64
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ bench: install
 	  --backbones mobilenet_v3_small mobilenet_v3_large efficientnet_b0
 	EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/python benchmarks/finetune_speed.py
 	EDGETL_WEIGHTS_DIR="$(SHARED)/weights" $(BIN)/python benchmarks/qat_accuracy.py
+
+# int8 fidelity (issue 12), the matrix measured for docs/qat.md: MobileNetV3-Small, trashnet and flowers, 224 px,
+# 3 seeds, default QAT (6 runs, ~35 min here); the issue's full matrix adds 128 px and Large / B0 from scratch (hours).
+bench-fidelity: install
+	EDGETL_WEIGHTS_DIR="$(SHARED)/weights" EDGETL_SHARED_DATA="$(SHARED)/data" $(BIN)/python \
+	  benchmarks/int8_fidelity.py --backbones mobilenet_v3_small --sizes 224
 
 # edgetl verify on emulated arm64 cores (Pi 4 / Pi 5 / Neoverse-N1) vs this host; root, caches under .device/ (ignored).
 device-test-arm64: install

@@ -367,7 +367,7 @@ def qat_phase(cfg, model, train: ImageList, val: ImageList, work: Path, reporter
             "calibrated_val_accuracy": calibrated_acc,
             "val_accuracy": fake_acc,
             "calibration_images": int(len(calib)),
-            "biases_snapped": snapped,
+            "snapped_to_grid": snapped,  # layers whose kernel / bias moved onto the int8 grid
             "seconds": round(time.perf_counter() - t0, 2),
             "metrics": {
                 "qat_val_accuracy": fake_acc,
