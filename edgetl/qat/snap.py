@@ -37,7 +37,7 @@ from edgetl.qat.configs import ChannelWeightsQuantizer
 _OUTPUT_RANGES = (("output_min", "output_max"), ("post_activation_min", "post_activation_max"))
 
 #: Layers an int8 tensor passes through unchanged (same scale in and out): look past them for the quantizer.
-_PASS_THROUGH = ("ZeroPadding2D", "Reshape", "Dropout", "Flatten", "SpaceToDepth")
+_PASS_THROUGH = ("ZeroPadding2D", "MaxPooling2D", "Reshape", "Dropout", "Flatten", "SpaceToDepth")
 
 
 def _weights_by_suffix(layer) -> dict:
