@@ -102,13 +102,19 @@ def held_out(name: str, used: Path, dest: Path) -> Path | None:
     return dest
 
 
+def verify_json(run: Path, report_dir: Path, runs: int, *extra) -> tuple[dict, subprocess.CompletedProcess]:
+    """``edgetl verify RUN --json``: its report when it reached a verdict (exit 0 PASS, 1 FAIL, 4 INCONCLUSIVE),
+    else {}; and the process (exit code, stderr)."""
+    proc = edgetl("verify", run, "--json", *extra, "--runs", runs, "--report", report_dir)
+    return (json.loads(proc.stdout) if proc.returncode in (0, 1, 4) else {}), proc
+
+
 def recheck(run: Path, data: Path | None, runs: int) -> dict:
     """Verify ``run`` again on the held-out images ``data``: an honest FAIL that holds there too is real (the
     artifact really is worse), one that does not is a false FAIL."""
     if data is None:
         return {"verdict": "not rechecked (no held-out images)"}
-    proc = edgetl("verify", run, "--json", "--data", data, "--runs", runs, "--report", run / "verify-held-out")
-    report = json.loads(proc.stdout) if proc.returncode in (0, 1, 4) else {}
+    report, proc = verify_json(run, run / "verify-held-out", runs, "--data", data)
     return {
         "verdict": report.get("verdict", f"exit {proc.returncode}"),
         "n": report.get("samples"),
@@ -350,8 +356,7 @@ def main() -> int:
                         rows.append(row)
                         save(rows)
                         continue
-                    proc = edgetl("verify", run, "--json", "--runs", args.runs, "--report", run / "verify-honest")
-                    report = json.loads(proc.stdout) if proc.returncode in (0, 1, 4) else {}
+                    report, proc = verify_json(run, run / "verify-honest", args.runs)
                     row["honest"] = report.get("verdict", f"exit {proc.returncode}")
                     row["honest_failures"] = report.get("failures", [proc.stderr.strip()[-300:]])
                     row["honest_inconclusive"] = report.get("inconclusive", [])

@@ -201,7 +201,9 @@ def feature_dataset(
 
     targets_t = tf.constant(targets)
     if total * width * 4 <= budget:
-        rows_t = tf.constant(np.concatenate([f.read_all() for f in files]) if total else np.zeros((0, width)))
+        rows_t = tf.constant(
+            np.concatenate([f.read_all() for f in files]) if total else np.zeros((0, width), np.float32)
+        )
         load = load_from_memory
     else:
         load = load_from_disk

@@ -14,9 +14,9 @@ weight is a grid end point, so the scales stay as they were.
 
 **Biases.** An int8 convolution (or dense layer) adds its bias in the int32 accumulator, as
 ``round(b / (s_in * s_w))`` steps of ``s_in * s_w`` (input scale times the channel's weight scale): the TFLite
-converter and onnxruntime's QDQ fusion both round the float bias that way. The fake-quant model adds the float bias itself. The difference is at most
-half a step of ``s_in * s_w``, but wherever a conv output lies that close to an output rounding boundary the int8
-file rounds it the other way, and MobileNetV3's squeeze-excite gates and hard-swish spread those one-step flips
+converter and onnxruntime's QDQ fusion both round the float bias that way. The fake-quant model adds the float
+bias itself. The difference is at most half a step of ``s_in * s_w``, but wherever a conv output lies that close
+to an output rounding boundary the int8 file rounds it the other way, and MobileNetV3's squeeze-excite gates and hard-swish spread those one-step flips
 through the rest of the network (`benchmarks/int8_layers.py` measured 0.08% of the first depthwise conv's outputs
 one step off in onnxruntime, and more than half of the last blocks' values).
 
@@ -139,13 +139,10 @@ def snap_biases(qat_model) -> int:
     all zero (dead squeeze-excite units) keep their bias."""
     changed = 0
     for wrapper in qat_model.layers:
-        inner = getattr(wrapper, "layer", None)
-        bias = _weights_by_suffix(wrapper).get("bias") if inner is not None else None
-        if bias is None:
-            continue
-        s_w = _weight_step(wrapper)
+        bias = _weights_by_suffix(wrapper).get("bias")
+        s_w = _weight_step(wrapper) if bias is not None else None  # None unless a QAT wrapper with edgetl's kernel
         s_in = input_scale(wrapper) if s_w is not None else None
-        if s_w is None or s_in is None:
+        if s_in is None:
             continue
         b = bias.numpy().astype(np.float64)
         step = s_in * np.broadcast_to(s_w, b.shape)

@@ -265,7 +265,8 @@ def to_markdown(report: Report, plots: dict[str, str] | None = None) -> str:
         + (f", p50 {ref.latency.p50:.3f} ms / p99 {ref.latency.p99:.3f} ms (information only)" if ref.latency else ""),
         f"- checks: fidelity vs the model each file was converted from (`<-`); accuracy: paired non-inferiority vs "
         f"the float model, margin {report.thresholds.margin_pp:g} pp, {report.thresholds.confidence:.0%} CI to pass, "
-        f"{report.thresholds.fail_confidence:.1%} CI to fail (Newcombe); latency: int8 p50 / the same runtime's fp32 p50 <= {report.thresholds.latency_limit:g}",
+        f"{report.thresholds.fail_confidence:.1%} CI to fail (Newcombe); latency: int8 p50 / the same runtime's "
+        f"fp32 p50 <= {report.thresholds.latency_limit:g}",
         f"- machine: {report.machine.get('cpu')} ({report.machine.get('arch')}), "
         f"python {report.machine.get('python')}, onnxruntime {report.machine.get('onnxruntime')}, "
         f"ai_edge_litert {report.machine.get('ai_edge_litert')}"
