@@ -10,7 +10,10 @@ on the run's validation split:
   vs the QAT model, PTQ int8 vs the float model);
 * two yardsticks for those distances: the QAT model on every pixel + 0.01 (of 0..255) vs itself ("shift", the
   model's own noise floor), and the QAT int8 TFLite file vs the QAT int8 ONNX file ("cross": two integer runtimes
-  computing the same int8 graph, each rounding its own way).
+  computing the same int8 graph, each rounding its own way);
+* the same distances from the QAT graph computed exactly (float64, `qdq_exact.py`) for the QAT Keras model and both
+  int8 files: the Keras model is one float32 rounding of that graph too, so its own distance from it is the most
+  any file can be asked to agree with it.
 
 Goals per (backbone, data set, size), median over seeds: QAT int8 agreement >= 0.99 and mean |dp| <= 0.01 in each
 runtime; QAT int8 accuracy >= float - 0.5 pp and >= PTQ int8 (same runtime). Printed as PASS/FAIL.
@@ -39,16 +42,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import qdq_exact  # noqa: E402
+
 BACKBONES = ("mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0")
 DATASETS = ("trashnet", "flowers")
 GOAL_AGREEMENT, GOAL_MEAN_DIFF, GOAL_MARGIN_PP = 0.99, 0.01, 0.5
 
 
-def _ort_predict(data: bytes, images: np.ndarray) -> np.ndarray:
+def _ort_predict(data: bytes, images: np.ndarray, level: str = "ORT_ENABLE_ALL") -> np.ndarray:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # what users run
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)  # default: what users run
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.log_severity_level = 3
     session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
@@ -123,7 +129,12 @@ def one_run(
     # the QAT model's own noise floor: the same model on every pixel + 0.01 (of 0..255)
     p_qat_shift = qat_model.predict(images + np.float32(0.01), batch_size=32, verbose=0)
     p_qat_tfl = tflite_predict(qat_to_tflite_int8(qat_model), images)
-    p_qat_onnx = _ort_predict(qat_to_onnx(qat_model), images)
+    qat_onnx = qat_to_onnx(qat_model)
+    p_qat_onnx = _ort_predict(qat_onnx, images)
+    p_exact = qdq_exact.evaluate_apart(qat_onnx, images)  # the QAT graph in float64: what all of them round
+    p_unfused = _ort_predict(qat_onnx, images, "ORT_DISABLE_ALL")  # the same graph in float32
+    if np.mean(p_exact.argmax(1) == p_unfused.argmax(1)) < 0.9:
+        raise RuntimeError("the float64 QAT graph disagrees with onnxruntime's unfused one: not a reference")
     p_ptq_tfl = tflite_predict(ptq_to_tflite_int8(float_model, calib_images), images)
     work = out / "_ort_static"
     work.mkdir(exist_ok=True)
@@ -146,6 +157,9 @@ def one_run(
     }
     for name, p, ref in (
         ("qat_shift", p_qat_shift, p_qat),
+        ("exact_qat", p_qat, p_exact),
+        ("exact_tflite", p_qat_tfl, p_exact),
+        ("exact_onnx", p_qat_onnx, p_exact),
         ("qat_cross", p_qat_tfl, p_qat_onnx),
         ("qat_tflite", p_qat_tfl, p_qat),
         ("qat_onnx", p_qat_onnx, p_qat),
@@ -201,6 +215,15 @@ def report(rows: list[dict]) -> bool:
     for r in rows:
         name = f"{r['backbone']} {r['dataset']} {r['size']} s{r['seed']}"
         print(f"{name:<42}" + "".join(f"{r[c]:>9.4f}" if c in r else f"{'-':>9}" for c in cols))
+    exact_cols = [f"exact_{who}_{m}" for who in ("qat", "tflite", "onnx") for m in ("agree", "mdp")]
+    print(
+        "\nper run, each vs the QAT graph computed exactly (float64, benchmarks/qdq_exact.py): the QAT Keras model"
+        " (float32), the QAT int8 TFLite file, the QAT int8 ONNX file; agree / m|dp|"
+    )
+    print(f"{'run':<42}" + "".join(f"{h:>9}" for h in ("Keras ag", "dp", "tfl ag", "dp", "ort ag", "dp")))
+    for r in rows:
+        name = f"{r['backbone']} {r['dataset']} {r['size']} s{r['seed']}"
+        print(f"{name:<42}" + "".join(f"{r[c]:>9.4f}" if c in r else f"{'-':>9}" for c in exact_cols))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["backbone"], r["dataset"], r["size"]), []).append(r)
@@ -221,6 +244,13 @@ def report(rows: list[dict]) -> bool:
             for text, ok in checks.items():
                 ok_all &= ok
                 print(f"{bb} {ds} {size} ({len(g)} seeds) {rt:<6} {text:<48} {'PASS' if ok else 'FAIL'}")
+        if all("exact_qat_agree" in r for r in g):
+            med = {c: _median(g, c) for c in exact_cols}
+            print(
+                f"{bb} {ds} {size} ({len(g)} seeds) vs the exact QAT graph, agree / m|dp|: Keras QAT model "
+                f"{med['exact_qat_agree']:.4f} / {med['exact_qat_mdp']:.4f}, TFLite {med['exact_tflite_agree']:.4f} / "
+                f"{med['exact_tflite_mdp']:.4f}, ONNX {med['exact_onnx_agree']:.4f} / {med['exact_onnx_mdp']:.4f}"
+            )
     return ok_all
 
 

@@ -13,9 +13,10 @@ as a few one-step differences that later layers then spread.
 
 ``--against keras`` compares the QAT Keras model itself (each quantizing layer's output, put on the ONNX file's grid
 for that tensor) with onnxruntime at ``--level`` instead: where the QAT model and the file compute different
-things.
+things. ``--against exact`` compares onnxruntime (default ORT_ENABLE_ALL) with the QDQ graph computed in float64
+(``qdq_exact.py``): the rounding each of onnxruntime's kernels adds of its own.
 
-    python benchmarks/int8_layers.py RUN_DIR [--images 8] [--against keras --level ORT_DISABLE_ALL] [--snap]
+    python benchmarks/int8_layers.py RUN_DIR [--images 8] [--against keras|exact [--level LEVEL]] [--snap]
 """
 
 from __future__ import annotations
@@ -118,12 +119,114 @@ def compare_with_keras(qat_model, data: bytes, images: np.ndarray, level: str) -
     return rows
 
 
+def compare_with_exact(data: bytes, images: np.ndarray, level: str, local: bool = False) -> list[dict]:
+    """Every int8 tensor: onnxruntime at ``level`` minus the QDQ graph computed in float64 (``qdq_exact``); with
+    ``local``, each tensor of the float64 graph computed from onnxruntime's own int8 inputs (per operator)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import qdq_exact
+
+    probed, named = int8_tensor_outputs(data)
+    names = [name for name, _ in named]
+    session = _session(probed, level)
+    feed = session.get_inputs()[0].name
+    rows = [{"tensor": name, "op": op, "elements": 0, "differ": 0, "sum": 0, "max": 0} for name, op in named]
+    for image in images:
+        theirs = session.run(names, {feed: image[None]})
+        given = dict(zip(names, theirs)) if local else None
+        _, exact = qdq_exact.evaluate(data, image[None], tensors=tuple(names), given=given)
+        _tally(rows, theirs, [np.rint(v).astype(np.int32) for v in exact])
+    return rows
+
+
+def compare_tflite_with_exact(qat_model, images: np.ndarray, xnnpack: bool = True, local: bool = False) -> list[dict]:
+    """Every int8 tensor of the QAT int8 TFLite file as LiteRT computes it (XNNPACK unless ``xnnpack`` is False)
+    minus the same tensor of the QDQ graph in float64, in steps. Each int8 op output of the .tflite is made a graph
+    output; it is paired with the next ONNX QuantizeLinear of the same scale, in graph order (TFLite fuses a
+    ReLU/ReLU6 into its producer, so an ONNX tensor the TFLite graph does not have is skipped). With ``local``,
+    LiteRT's tensors (NHWC) are given to the float64 graph (NCHW) transposed."""
+    import onnx
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from onnx import numpy_helper
+
+    from edgetl import tflite_fb
+    from edgetl.convert.onnx import qat_to_onnx
+    from edgetl.convert.tflite import qat_to_tflite_int8
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import qdq_exact
+
+    data = qat_to_onnx(qat_model)
+    graph = onnx.load_from_string(data).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    quantized = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+
+    obj = tflite_fb.read(qat_to_tflite_int8(qat_model))
+    sub = obj.subgraphs[0]
+    probes = []
+    for op in sub.operators:
+        t = sub.tensors[op.outputs[0]]
+        q = t.quantization
+        if t.type == 9 and q is not None and q.scale is not None and len(q.scale) == 1:  # INT8, per tensor
+            probes.append((op.outputs[0], float(q.scale[0]), int(q.zeroPoint[0]), tflite_fb.op_name(obj, op)))
+    sub.outputs = list(sub.outputs) + [index for index, _, _, _ in probes]
+    kind = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    it = Interpreter(model_content=tflite_fb.write(obj), num_threads=1, experimental_op_resolver_type=kind)
+    it.allocate_tensors()
+    feed = it.get_input_details()[0]
+
+    pairs, start = [], 0  # (tflite tensor, its zero point, op, onnx Q node)
+    for index, scale, zero, op in probes:
+        for k in range(start, len(quantized)):
+            node = quantized[k]
+            if abs(float(inits[node.input[1]]) - scale) <= 1e-7 * scale:
+                pairs.append((index, zero, op, node))
+                start = k + 1
+                break
+    names = tuple(node.output[0] for _, _, _, node in pairs)
+    rows = [
+        {"tensor": node.output[0], "op": op, "elements": 0, "differ": 0, "sum": 0, "max": 0} for _, _, op, node in pairs
+    ]
+    for image in images:
+        it.set_tensor(feed["index"], np.clip(np.round(image[None]), 0, 255).astype(feed["dtype"]))
+        it.invoke()
+        theirs = [it.get_tensor(index).astype(np.int32) - zero for index, zero, _, _ in pairs]  # steps from zero
+        given = None
+        if local:  # LiteRT's int8 tensors in the ONNX graph's layout and zero points
+            given = {}
+            for t, (_, _, _, node) in zip(theirs, pairs):
+                v = t.transpose(0, 3, 1, 2) if t.ndim == 4 else t
+                given[node.output[0]] = v + int(inits[node.input[2]])
+        _, exact = qdq_exact.evaluate(data, image[None], tensors=names, given=given)
+        ours = []
+        for t, (_, _, _, node), value in zip(theirs, pairs, exact):
+            e = np.rint(value).astype(np.int32) - int(inits[node.input[2]])
+            e = e.transpose(0, 2, 3, 1) if e.ndim == 4 else e
+            ours.append(e.reshape(t.shape) if e.shape != t.shape else e)
+        _tally(rows, theirs, ours)
+    print(f"{len(pairs)} of the {len(probes)} int8 tensors of the .tflite paired with the ONNX file's")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="an edgetl finetune run directory (with qat.h5)")
     ap.add_argument("--images", type=int, default=8, help="validation images to run (default 8)")
-    ap.add_argument("--against", choices=("qdq", "keras"), default="qdq", help="what onnxruntime is compared with")
-    ap.add_argument("--level", default="ORT_DISABLE_ALL", help="onnxruntime's optimization level for --against keras")
+    ap.add_argument(
+        "--against",
+        choices=("qdq", "keras", "exact", "tflite"),
+        default="qdq",
+        help="what is compared (tflite: LiteRT with XNNPACK, --level builtin for its own kernels, vs the exact graph)",
+    )
+    ap.add_argument(
+        "--level",
+        default=None,
+        help="onnxruntime's optimization level for --against keras (default ORT_DISABLE_ALL) or exact (ORT_ENABLE_ALL)",
+    )
+    ap.add_argument(
+        "--local",
+        action="store_true",
+        help="exact/tflite: compute each tensor of the float64 graph from the runtime's own int8 inputs (per operator)",
+    )
     ap.add_argument("--snap", action="store_true", help="snap_to_grid first (runs QAT'd before finetune did it)")
     args = ap.parse_args(argv)
 
@@ -139,8 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.snap:
         print(f"snap_to_grid: {qat.snap_to_grid(model)} layers changed")
     if args.against == "keras":
-        rows = compare_with_keras(model, qat_to_onnx(model), images, args.level)
-        what = f"onnxruntime ({args.level}) minus the QAT Keras model"
+        level = args.level or "ORT_DISABLE_ALL"
+        rows = compare_with_keras(model, qat_to_onnx(model), images, level)
+        what = f"onnxruntime ({level}) minus the QAT Keras model"
+    elif args.against == "exact":
+        level = args.level or "ORT_ENABLE_ALL"
+        rows = compare_with_exact(qat_to_onnx(model), images, level, args.local)
+        what = f"onnxruntime ({level}) minus the QDQ graph in float64"
+    elif args.against == "tflite":
+        rows = compare_tflite_with_exact(model, images, xnnpack=args.level != "builtin", local=args.local)
+        what = f"LiteRT ({'builtin kernels' if args.level == 'builtin' else 'XNNPACK'}) minus the QDQ graph in float64"
     else:
         rows = compare(qat_to_onnx(model), images)
         what = "fused (ORT_ENABLE_ALL) minus QDQ (ORT_DISABLE_ALL)"

@@ -83,6 +83,7 @@ QAT_CLASSES = frozenset(
         "SpaceToDepth",
         "FusedReLU",
         "OutputQuantizeConfig",
+        "SigmoidQuantizeConfig",
         "NoOpQuantizeConfig",
         "AffineQuantizeConfig",
         "QATWrapper",

@@ -106,6 +106,11 @@ SCHEME: tuple[Rule, ...] = (
         lambda layer, plan: configs.NoOpQuantizeConfig(),
     ),
     Rule(
+        "sigmoid: its output on TFLite's fixed LOGISTIC grid (one rounding in every runtime, no requantize)",
+        lambda layer, plan: _cls(layer) == "Activation" and activation_name(layer) == "sigmoid",
+        lambda layer, plan: configs.SigmoidQuantizeConfig(),
+    ),
+    Rule(
         "ScaleConst/Multiply/Activation: their output",
         _is("ScaleConst", "Multiply", "Activation"),
         lambda layer, plan: configs.OutputQuantizeConfig(),
