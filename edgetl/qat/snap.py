@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgetl.qat.configs import ChannelWeightsQuantizer, tfmot
-
-FixedQuantizer = tfmot.quantization.keras.quantizers.FixedQuantizer
+from edgetl.qat.configs import ChannelWeightsQuantizer
 
 #: Weights whose names end so hold a quantizer's range of the layer's output (tfmot's ``Default8BitQuantizeConfig``
 #: output quantizer, edgetl's ``OutputQuantizeConfig``; ``post_activation`` for a conv's own activation quantizer).
@@ -54,10 +52,6 @@ def _output_scale(layer) -> float | None:
         if lo_name in weights and hi_name in weights:
             lo, hi = float(weights[lo_name].numpy()), float(weights[hi_name].numpy())
             return (hi - lo) / 255.0
-    config = getattr(layer, "quantize_config", None)
-    for quantizer in config.get_output_quantizers(layer.layer) if config is not None else []:
-        if isinstance(quantizer, FixedQuantizer):  # a constant range (a sigmoid's: SIGMOID_RANGE)
-            return (quantizer.init_max - quantizer.init_min) / 255.0
     return None
 
 
