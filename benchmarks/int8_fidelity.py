@@ -174,6 +174,14 @@ def _median(rows: list[dict], key: str) -> float:
     return float(statistics.median(r[key] for r in rows))
 
 
+def _per_run(rows: list[dict], heads, cols) -> None:
+    """A table: one line per run, the columns ``cols`` under ``heads`` ('-' where a row lacks one)."""
+    print(f"{'run':<42}" + "".join(f"{h:>9}" for h in heads))
+    for r in rows:
+        name = f"{r['backbone']} {r['dataset']} {r['size']} s{r['seed']}"
+        print(f"{name:<42}" + "".join(f"{r[c]:>9.4f}" if c in r else f"{'-':>9}" for c in cols))
+
+
 def report(rows: list[dict]) -> bool:
     cols = (
         "float",
@@ -211,19 +219,13 @@ def report(rows: list[dict]) -> bool:
         "\nper run (accuracy on the validation split; agree / m|dp| = QAT int8 file vs the QAT model;"
         " shift = the QAT model on pixels + 0.01 vs itself: its own noise floor; cross = QAT int8 TFLite vs QAT int8 ONNX)"
     )
-    print(f"{'run':<42}" + "".join(f"{h:>9}" for h in heads))
-    for r in rows:
-        name = f"{r['backbone']} {r['dataset']} {r['size']} s{r['seed']}"
-        print(f"{name:<42}" + "".join(f"{r[c]:>9.4f}" if c in r else f"{'-':>9}" for c in cols))
+    _per_run(rows, heads, cols)
     exact_cols = [f"exact_{who}_{m}" for who in ("qat", "tflite", "onnx") for m in ("agree", "mdp")]
     print(
         "\nper run, each vs the QAT graph computed exactly (float64, benchmarks/qdq_exact.py): the QAT Keras model"
         " (float32), the QAT int8 TFLite file, the QAT int8 ONNX file; agree / m|dp|"
     )
-    print(f"{'run':<42}" + "".join(f"{h:>9}" for h in ("Keras ag", "dp", "tfl ag", "dp", "ort ag", "dp")))
-    for r in rows:
-        name = f"{r['backbone']} {r['dataset']} {r['size']} s{r['seed']}"
-        print(f"{name:<42}" + "".join(f"{r[c]:>9.4f}" if c in r else f"{'-':>9}" for c in exact_cols))
+    _per_run(rows, ("Keras ag", "dp", "tfl ag", "dp", "ort ag", "dp"), exact_cols)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["backbone"], r["dataset"], r["size"]), []).append(r)

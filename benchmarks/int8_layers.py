@@ -30,6 +30,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qdq_exact  # noqa: E402
+
 
 def int8_tensor_outputs(data: bytes) -> tuple[bytes, list[tuple[str, str]]]:
     """The model with every QuantizeLinear output as a graph output; (tensor name, op that feeds its Q) in order."""
@@ -60,6 +63,11 @@ def _session(probed: bytes, level: str):
     return ort.InferenceSession(probed, options, providers=["CPUExecutionProvider"])
 
 
+def _rows(tensors) -> list[dict]:
+    """One empty tally row per (tensor name, op) pair."""
+    return [{"tensor": name, "op": op, "elements": 0, "differ": 0, "sum": 0, "max": 0} for name, op in tensors]
+
+
 def _tally(rows: list[dict], a: list[np.ndarray], b: list[np.ndarray]) -> None:
     for row, x, y in zip(rows, a, b):
         d = x.astype(np.int32) - y.astype(np.int32)
@@ -75,7 +83,7 @@ def compare(data: bytes, images: np.ndarray) -> list[dict]:
     fused, qdq = _session(probed, "ORT_ENABLE_ALL"), _session(probed, "ORT_DISABLE_ALL")
     feed = fused.get_inputs()[0].name
     names = [name for name, _ in named]
-    rows = [{"tensor": name, "op": op, "elements": 0, "differ": 0, "sum": 0, "max": 0} for name, op in named]
+    rows = _rows(named)
     for image in images:
         _tally(rows, fused.run(names, {feed: image[None]}), qdq.run(names, {feed: image[None]}))
     return rows
@@ -104,7 +112,7 @@ def compare_with_keras(qat_model, data: bytes, images: np.ndarray, level: str) -
     session = _session(probed, level)
     feed = session.get_inputs()[0].name
     names = [name for name, _, _ in kept]
-    rows = [{"tensor": layer, "op": op, "elements": 0, "differ": 0, "sum": 0, "max": 0} for _, op, layer in kept]
+    rows = _rows((layer, op) for _, op, layer in kept)
     for image in images:
         ours = outputs.predict(image[None], verbose=0)
         ours = ours if isinstance(ours, list) else [ours]
@@ -122,14 +130,11 @@ def compare_with_keras(qat_model, data: bytes, images: np.ndarray, level: str) -
 def compare_with_exact(data: bytes, images: np.ndarray, level: str, local: bool = False) -> list[dict]:
     """Every int8 tensor: onnxruntime at ``level`` minus the QDQ graph computed in float64 (``qdq_exact``); with
     ``local``, each tensor of the float64 graph computed from onnxruntime's own int8 inputs (per operator)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import qdq_exact
-
     probed, named = int8_tensor_outputs(data)
     names = [name for name, _ in named]
     session = _session(probed, level)
     feed = session.get_inputs()[0].name
-    rows = [{"tensor": name, "op": op, "elements": 0, "differ": 0, "sum": 0, "max": 0} for name, op in named]
+    rows = _rows(named)
     for image in images:
         theirs = session.run(names, {feed: image[None]})
         given = dict(zip(names, theirs)) if local else None
@@ -151,9 +156,6 @@ def compare_tflite_with_exact(qat_model, images: np.ndarray, xnnpack: bool = Tru
     from edgetl import tflite_fb
     from edgetl.convert.onnx import qat_to_onnx
     from edgetl.convert.tflite import qat_to_tflite_int8
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import qdq_exact
 
     data = qat_to_onnx(qat_model)
     graph = onnx.load_from_string(data).graph
@@ -183,9 +185,7 @@ def compare_tflite_with_exact(qat_model, images: np.ndarray, xnnpack: bool = Tru
                 start = k + 1
                 break
     names = tuple(node.output[0] for _, _, _, node in pairs)
-    rows = [
-        {"tensor": node.output[0], "op": op, "elements": 0, "differ": 0, "sum": 0, "max": 0} for _, _, op, node in pairs
-    ]
+    rows = _rows((node.output[0], op) for _, _, op, node in pairs)
     for image in images:
         it.set_tensor(feed["index"], np.clip(np.round(image[None]), 0, 255).astype(feed["dtype"]))
         it.invoke()

@@ -248,7 +248,6 @@ def custom_objects() -> dict:
             "MovingAverageQuantizer": tfmot.quantization.keras.quantizers.MovingAverageQuantizer,
             "LastValueQuantizer": tfmot.quantization.keras.quantizers.LastValueQuantizer,
             "AllValuesQuantizer": tfmot.quantization.keras.quantizers.AllValuesQuantizer,
-            "FixedQuantizer": tfmot.quantization.keras.quantizers.FixedQuantizer,
         }
     )
     return objs

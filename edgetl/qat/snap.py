@@ -12,13 +12,13 @@ rounding of an integer, so all of them agree, and the QAT model's outputs barely
 for 99.8% of the images, mean |dp| 0.0018; numpy's ties-to-even moved them ten times as far). Each channel's largest
 weight is a grid end point, so the scales stay as they were.
 
-**Biases.** An int8 convolution (or dense layer) adds its bias in the int32 accumulator, as
-``round(b / (s_in * s_w))`` steps of ``s_in * s_w`` (input scale times the channel's weight scale): the TFLite
-converter and onnxruntime's QDQ fusion both round the float bias that way. The fake-quant model adds the float
-bias itself. The difference is at most half a step of ``s_in * s_w``, but wherever a conv output lies that close
-to an output rounding boundary the int8 file rounds it the other way, and MobileNetV3's squeeze-excite gates and hard-swish spread those one-step flips
-through the rest of the network (`benchmarks/int8_layers.py` measured 0.08% of the first depthwise conv's outputs
-one step off in onnxruntime, and more than half of the last blocks' values).
+**Biases.** An int8 convolution (or dense layer) adds its bias in the int32 accumulator, as ``round(b / (s_in *
+s_w))`` steps of ``s_in * s_w`` (input scale times the channel's weight scale): the TFLite converter and
+onnxruntime's QDQ fusion both round the float bias that way. The fake-quant model adds the float bias itself. The
+difference is at most half a step of ``s_in * s_w``, but wherever a conv output lies that close to an output
+rounding boundary the int8 file rounds it the other way, and MobileNetV3's squeeze-excite gates and hard-swish
+spread those one-step flips through the rest of the network (`benchmarks/int8_layers.py` measured 0.08% of the first
+depthwise conv's outputs one step off in onnxruntime, and more than half of the last blocks' values).
 
 :func:`snap_biases` rounds each bias to that grid, in the QAT model itself: from then on the
 fake-quant model, the TFLite file and the ONNX file add the same bias. A bias already on the grid survives both
